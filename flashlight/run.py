@@ -1,0 +1,370 @@
+"""Benchmark/correctness runner: one variant, several backends, one tidy CSV.
+
+    python -m flashlight.run variant=diff_attn                       # shape/dtype/device: auto
+    python -m flashlight.run variant=causal shape=tiny backends=[eager,sdpa,flex]
+    python -m flashlight.run -m variant=causal,alibi mode=fwd,fwdbwd  # Hydra multirun
+
+Rows go to <hydra run dir>/results.csv as each case finishes; a summary table is printed at the end.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+
+# The fused kernels run on CPU only under the Triton interpreter, which must be chosen before
+# triton is imported. Without a GPU driver we default to it (an explicit setting wins).
+if shutil.which("nvidia-smi") is None:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import dataclasses
+import math
+import statistics
+import sys
+import time
+import traceback
+import warnings
+from pathlib import Path
+
+import hydra
+import pandas as pd
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from flashlight import variant_registry as registry
+from flashlight.variant_registry import Shape, Unsupported
+
+BACKENDS = ("eager", "compile", "sdpa", "flex", "flashlight")
+COMPILED = {"compile", "flex", "flashlight"}
+MODES = ("fwd", "fwdbwd")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+          "float64": torch.float64}
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
+COLUMNS = ["variant", "backend", "mode", "dtype", "device", "B", "H", "Sq", "Sk", "D", "Dv", "ms", "tflops",
+           "rel_err", "status", "reason", "peak_mem_mb", "compile_s", "torch", "triton", "gpu", "params"]
+FWDBWD_FLOP_FACTOR = 3.5  # MEASURE.md: forward+backward = 3.5 x forward
+
+
+class ConfigError(Exception):
+    pass
+
+
+class NotFused(Exception):
+    pass
+
+
+@dataclasses.dataclass
+class Plan:
+    variant: registry.Variant
+    shape: Shape
+    backends: list[str]
+    mode: str
+    dtype: torch.dtype
+    device: torch.device
+    ref_dtype: torch.dtype
+
+
+# ------------------------------------------------------------------------------------------ config
+def resolve(cfg: DictConfig) -> Plan:
+    """Check the whole config before running anything; ConfigError lists what is known."""
+    name = cfg.variant.name
+    try:
+        variant = registry.get(name)
+    except registry.UnknownVariant as e:
+        raise ConfigError(str(e)) from None
+    backends = list(cfg.backends) if not isinstance(cfg.backends, str) else [cfg.backends]
+    bad = [b for b in backends if b not in BACKENDS]
+    if bad or not backends:
+        raise ConfigError(f"unknown backend(s) {bad}; known backends: {', '.join(BACKENDS)}")
+    mode = cfg.mode.name
+    if mode not in MODES:
+        raise ConfigError(f"unknown mode {mode!r}; known modes: {', '.join(MODES)}")
+
+    device_s = cfg.device
+    if device_s == "auto":
+        device_s = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device_s)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda but CUDA is not available")
+    gpu = device.type == "cuda"
+
+    dtype_s = cfg.dtype
+    if dtype_s == "auto":
+        dtype_s = "bfloat16" if gpu else "float32"
+    if dtype_s not in DTYPES:
+        raise ConfigError(f"unknown dtype {dtype_s!r}; known: auto, {', '.join(DTYPES)}")
+
+    sh = OmegaConf.to_container(cfg.shape, resolve=True)
+    if sh.get("name") == "auto":
+        preset = OmegaConf.load(Path(CONFIG_DIR) / "shape" / ("paper.yaml" if gpu else "tiny.yaml"))
+        sh = {**OmegaConf.to_container(preset), **{k: v for k, v in sh.items() if v is not None and k != "name"}}
+    missing = [k for k in ("B", "H", "Sq", "Sk", "D") if sh.get(k) is None]
+    if missing:
+        raise ConfigError(f"shape is missing {missing}")
+    params = cfg.variant.get("params")
+    params = OmegaConf.to_container(params, resolve=True) if params else {}
+    try:
+        shape = variant.shape(sh["B"], sh["H"], sh["Sq"], sh["Sk"], sh["D"], sh.get("Dv"), **params)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+    ref_s = cfg.get("reference_dtype", "auto")
+    if ref_s == "auto":
+        ref_dtype = torch.float64
+        if gpu:  # the eager reference materialises a few score matrices
+            n = getattr(shape, "N", 1) if isinstance(getattr(shape, "N", 1), int) else 1
+            need = 4 * 8 * shape.B * shape.H * shape.Sq * shape.Sk * n
+            if need > 0.5 * torch.cuda.get_device_properties(device).total_memory:
+                ref_dtype = torch.float32
+    else:
+        ref_dtype = DTYPES[ref_s]
+    return Plan(variant, shape, backends, mode, DTYPES[dtype_s], device, ref_dtype)
+
+
+def tolerance(dtype: torch.dtype, device: torch.device) -> float:
+    if dtype in (torch.bfloat16, torch.float16):
+        return 2e-2
+    return 1e-3 if device.type == "cuda" else 1e-4
+
+
+# ------------------------------------------------------------------------------------------ cases
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.detach().to(torch.float64), ref.detach().to(torch.float64)
+    if out.shape != ref.shape:
+        return math.inf
+    if torch.isnan(out).ne(torch.isnan(ref)).any():
+        return math.nan
+    out, ref = torch.nan_to_num(out), torch.nan_to_num(ref)
+    return float((out - ref).norm() / ref.norm().clamp_min(1e-300))
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _bench(step, plan: Plan, cfg) -> float:
+    """Median ms of step()."""
+    if plan.device.type == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(step, rep=cfg.timing.rep_ms, return_mode="median"))
+    for _ in range(cfg.timing.warmup):
+        step()
+    times = []
+    for _ in range(cfg.timing.repeat):
+        t = time.perf_counter()
+        step()
+        times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
+
+
+class FallbackWatch:
+    """Catch torch.compile(flex_attention) silently running the unfused eager path (MEASURE.md trap)."""
+
+    def __init__(self):
+        self.fell_back = False
+
+    def __enter__(self):
+        self._cm = warnings.catch_warnings(record=True)
+        self._log = self._cm.__enter__()
+        warnings.simplefilter("always")
+        return self
+
+    def __exit__(self, *exc):
+        self._cm.__exit__(*exc)
+        for w in self._log:
+            msg = str(w.message)
+            if "without torch.compile" in msg or "unfused implementation" in msg:
+                self.fell_back = True
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        return False
+
+
+def make_fn(backend: str, plan: Plan, inputs: dict, info: dict):
+    v, shape = plan.variant, plan.shape
+    bound = v.bind(shape)
+    if backend == "eager":
+        return bound
+    if backend == "compile":
+        return torch.compile(bound)
+    if backend == "sdpa":
+        if v.sdpa_note:
+            info["note"] = v.sdpa_note
+        return lambda **x: v.sdpa(x, shape)
+    if backend == "flex":
+        if not v.has_flex:
+            raise Unsupported(f"{v.name}: no FlexAttention formulation")
+        from torch.nn.attention.flex_attention import flex_attention
+
+        compiled = torch.compile(flex_attention)
+        return lambda **x: v.flex(x, shape, attention=compiled)
+    if backend == "flashlight":
+        try:
+            import flashlight
+        except Exception as e:  # the compiler is optional for the other backends
+            raise RuntimeError(f"import flashlight failed: {type(e).__name__}: {e}") from None
+        report = flashlight.explain(bound, **inputs)
+        info["fused"] = bool(report.fused)
+        if not report.fused:
+            reasons = [r.reason for r in getattr(report, "regions", []) if getattr(r, "reason", None)]
+            lines = str(report).strip().splitlines()
+            info["note"] = "; ".join(reasons) or (lines[0] if lines else "no region fused")
+        info["counters"] = flashlight.counters
+        return flashlight.compile(bound)
+    raise ConfigError(backend)
+
+
+def run_case(backend: str, plan: Plan, cfg) -> dict:
+    v, shape, mode, dev = plan.variant, plan.shape, plan.mode, plan.device
+    row = {"status": "ok", "reason": None, "ms": None, "tflops": None, "rel_err": None,
+           "peak_mem_mb": None, "compile_s": None}
+    bwd = mode == "fwdbwd"
+    info: dict = {}
+    try:
+        inputs = v.make_inputs(shape, plan.dtype, dev, requires_grad=bwd, seed=cfg.seed)
+        wrt = [inputs[n] for n in v.learnable]
+
+        # float64 (or fp32 for huge GPU shapes) reference from the same inputs
+        ref_in = {k: (t.detach().to(plan.ref_dtype).requires_grad_(bwd) if t.is_floating_point() else t)
+                  for k, t in inputs.items()}
+        ref_out = v.bind(shape)(**ref_in)
+        refs = [ref_out]
+        if bwd:
+            g = torch.Generator().manual_seed(cfg.seed + 12345)
+            grad_out = torch.randn(ref_out.shape, generator=g, dtype=torch.float32)
+            refs += list(torch.autograd.grad(ref_out, [ref_in[n] for n in v.learnable],
+                                             grad_out.to(dev, plan.ref_dtype)))
+            grad_out = grad_out.to(dev, plan.dtype)
+        ref_out = ref_in = None
+
+        if backend in COMPILED:
+            torch._dynamo.reset()
+        fn = make_fn(backend, plan, inputs, info)
+
+        def step():
+            out = fn(**inputs)
+            if bwd:
+                return [out, *torch.autograd.grad(out, wrt, grad_out)]
+            return [out]
+
+        watch = FallbackWatch()
+        with watch:
+            t0 = time.perf_counter()
+            launches0 = info["counters"]["fused_launches"] if "counters" in info else 0
+            outs = step()
+            _sync(dev)
+            first_s = time.perf_counter() - t0
+            launched = (info["counters"]["fused_launches"] - launches0) if "counters" in info else None
+        if backend in COMPILED:
+            row["compile_s"] = round(first_s, 3)
+
+        err = max(rel_err(o, r) for o, r in zip(outs, refs))
+        row["rel_err"] = err
+        outs = None
+
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+        with watch:
+            ms = _bench(step, plan, cfg)
+        if dev.type == "cuda":
+            row["peak_mem_mb"] = round(torch.cuda.max_memory_allocated(dev) / 2**20, 1)
+        row["ms"] = ms
+        flops = v.flops(shape) * (FWDBWD_FLOP_FACTOR if bwd else 1.0)
+        row["tflops"] = flops / (ms * 1e-3) / 1e12
+
+        if watch.fell_back:
+            row["status"], row["reason"] = "error", "flex_attention fell back to the unfused eager path"
+        elif backend == "flashlight" and not info.get("fused"):
+            row["status"], row["reason"] = "not_fused", info.get("note")
+        elif backend == "flashlight" and not launched:
+            row["status"], row["reason"] = "error", "explain reported a fused region but no fused kernel launched"
+        elif not (err <= tolerance(plan.dtype, dev)):
+            row["status"] = "wrong"
+            row["reason"] = f"rel err {err:.3g} > tol {tolerance(plan.dtype, dev):g}"
+        elif info.get("note"):
+            row["reason"] = info["note"]
+    except Unsupported as e:
+        row["status"], row["reason"] = "unsupported", str(e)
+    except torch.OutOfMemoryError as e:
+        row["status"], row["reason"] = "oom", str(e).splitlines()[0][:300]
+    except ConfigError:
+        raise
+    except Exception as e:  # a broken backend is a row, not the end of the run
+        msg = str(e).strip().splitlines()
+        row["status"], row["reason"] = "error", f"{type(e).__name__}: {msg[0][:300] if msg else ''}"
+        if os.environ.get("FLASHLIGHT_TRACEBACK"):
+            traceback.print_exc()
+    finally:
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    return row
+
+
+# ------------------------------------------------------------------------------------------ main
+def _versions(device) -> dict:
+    try:
+        import triton
+
+        tv = triton.__version__
+    except Exception:
+        tv = None
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    return {"torch": torch.__version__, "triton": tv, "gpu": gpu}
+
+
+def _summary(df: pd.DataFrame, title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=title)
+    for c in ("backend", "status", "ms", "TFLOP/s", "rel_err", "compile_s", "peak MB", "reason"):
+        t.add_column(c, overflow="fold")
+    fmt = lambda x, f: "" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, f)  # noqa: E731
+    style = {"ok": "green", "wrong": "red", "error": "red", "oom": "red", "not_fused": "yellow",
+             "unsupported": "dim"}
+    for r in df.to_dict("records"):
+        t.add_row(r["backend"], f"[{style.get(r['status'], '')}]{r['status']}", fmt(r["ms"], ".3f"),
+                  fmt(r["tflops"], ".3g"), fmt(r["rel_err"], ".2e"), fmt(r["compile_s"], ".1f"),
+                  fmt(r["peak_mem_mb"], ".0f"), "" if not isinstance(r["reason"], str) else r["reason"][:120])
+    Console(width=max(120, shutil.get_terminal_size().columns)).print(t)
+
+
+def run(cfg: DictConfig, out_dir: Path) -> pd.DataFrame:
+    plan = resolve(cfg)
+    from rich.progress import Progress
+
+    s = plan.shape
+    base = {"variant": plan.variant.name, "mode": plan.mode, "dtype": str(plan.dtype).replace("torch.", ""),
+            "device": plan.device.type, "B": s.B, "H": s.H, "Sq": s.Sq, "Sk": s.Sk, "D": s.D, "Dv": s.dv,
+            **_versions(plan.device), "params": repr(dict(s.params)) if s.params else ""}
+    path = out_dir / cfg.results
+    rows = []
+    with Progress(transient=True) as progress:
+        task = progress.add_task(f"{plan.variant.name} {plan.mode}", total=len(plan.backends))
+        for backend in plan.backends:
+            progress.update(task, description=f"{plan.variant.name} {plan.mode}: {backend}")
+            row = {**base, "backend": backend, **run_case(backend, plan, cfg)}
+            df = pd.DataFrame([row], columns=COLUMNS)
+            df.to_csv(path, mode="a", header=not path.exists(), index=False)
+            rows.append(row)
+            progress.advance(task)
+    df = pd.DataFrame(rows, columns=COLUMNS)
+    _summary(df, f"{plan.variant.name} {plan.mode} {base['dtype']} {plan.device.type} "
+                 f"B{s.B} H{s.H} Sq{s.Sq} Sk{s.Sk} D{s.D} Dv{s.dv}  →  {path}")
+    return df
+
+
+@hydra.main(version_base=None, config_path=CONFIG_DIR, config_name="config")
+def main(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        run(cfg, Path(HydraConfig.get().runtime.output_dir))
+    except ConfigError as e:
+        print(f"flashlight.run: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""Causal attention with ALiBi: score += slope_h * (j - i), slope_h = 2^(-8 (h+1) / H)."""
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import flex_attention
+
+from flashlight.variant_registry import cached_block_mask, causal_density, dense_flops, qkv
+
+DESCRIPTION = "causal attention + ALiBi linear position bias per head"
+PARAMS = {}
+INPUTS = ("q", "k", "v")
+SDPA_NOTE = "exact, but materialises an H×Sq×Sk float bias as attn_mask"
+
+
+def slopes(H, device):
+    return torch.exp2(-8.0 * torch.arange(1, H + 1, device=device, dtype=torch.float32) / H)
+
+
+def reference(q, k, v):
+    H, Sq, Sk = q.shape[-3], q.shape[-2], k.shape[-2]
+    scale = q.shape[-1] ** -0.5
+    s = q @ k.transpose(-2, -1) * scale
+    i = torch.arange(Sq, device=q.device)[:, None]
+    j = torch.arange(Sk, device=q.device)[None, :]
+    m = slopes(H, q.device)[:, None, None]
+    s = s + m * (j - i)
+    s = s.masked_fill(j > i, float("-inf"))
+    return torch.softmax(s, dim=-1) @ v
+
+
+def make_inputs(shape, dtype, device, requires_grad=False, seed=0):
+    return qkv(shape, dtype, device, requires_grad, seed)
+
+
+def flops(shape):
+    return dense_flops(shape, causal_density(shape.Sq, shape.Sk))
+
+
+def causal_mask(b, h, q_idx, kv_idx):
+    return q_idx >= kv_idx
+
+
+def flex(inputs, attention=flex_attention):
+    q, k, v = inputs["q"], inputs["k"], inputs["v"]
+    m = slopes(q.shape[-3], q.device)
+
+    def alibi(score, b, h, q_idx, kv_idx):
+        return score + m[h] * (kv_idx - q_idx)
+
+    bm = cached_block_mask("causal", causal_mask, None, None, q.shape[-2], k.shape[-2], q.device)
+    return attention(q, k, v, score_mod=alibi, block_mask=bm)
+
+
+def sdpa(inputs):
+    q, k, v = inputs["q"], inputs["k"], inputs["v"]
+    Sq, Sk = q.shape[-2], k.shape[-2]
+    i = torch.arange(Sq, device=q.device)[:, None]
+    j = torch.arange(Sk, device=q.device)[None, :]
+    bias = slopes(q.shape[-3], q.device)[:, None, None] * (j - i)
+    bias = bias.masked_fill(j > i, float("-inf")).to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
