@@ -165,6 +165,12 @@ class FallbackWatch:
         self.fell_back = False
 
     def __enter__(self):
+        try:  # the eager-path warning is shown once per process; re-arm it for this case
+            import torch.nn.attention.flex_attention as fa
+
+            fa._WARNINGS_SHOWN.clear()
+        except (ImportError, AttributeError):
+            pass
         self._cm = warnings.catch_warnings(record=True)
         self._log = self._cm.__enter__()
         warnings.simplefilter("always")
