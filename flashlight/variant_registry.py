@@ -8,6 +8,7 @@ A variant is one module in the top-level ``variants`` package. It defines:
     LEARNABLE: tuple[str, ...]        # inputs that get gradients in mode=fwdbwd (default q, k, v)
     reference(**inputs, **params)     # plain PyTorch, the thing a compiler should fuse
     make_inputs(shape, dtype, device, requires_grad=False, seed=0) -> dict[str, Tensor]
+    check(shape)                      # optional: raise ValueError if the shape cannot work
     flops(shape) -> float             # useful forward FLOPs (masked-out work not counted)
     flex(inputs, attention=flex_attention, **params) -> Tensor   # or flex = None
     sdpa(inputs, **params) -> Tensor  # may raise Unsupported(reason)
@@ -152,7 +153,11 @@ class Variant:
     def shape(self, B, H, Sq, Sk, D, Dv=None, **params) -> Shape:
         if Dv is None:
             Dv = getattr(self.module, "default_dv", lambda D: D)(D)
-        return Shape(B, H, Sq, Sk, D, Dv, self.params(params))
+        shape = Shape(B, H, Sq, Sk, D, Dv, self.params(params))
+        check = getattr(self.module, "check", None)  # optional: raise ValueError for impossible shapes
+        if check is not None:
+            check(shape)
+        return shape
 
     # the interface, with params taken from the shape
     def reference(self, **inputs) -> torch.Tensor:

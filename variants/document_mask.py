@@ -34,9 +34,15 @@ def document_ids(B, S, docs, equal, seed):
     return torch.stack(ids)
 
 
-def make_inputs(shape, dtype, device, requires_grad=False, seed=0):
+def check(shape):
     if shape.Sq != shape.Sk:
         raise ValueError("document_mask needs Sq == Sk (one doc-id sequence for queries and keys)")
+    if not 1 <= shape.docs <= shape.Sq:
+        raise ValueError(f"document_mask needs 1 <= docs <= S, got docs={shape.docs}")
+
+
+def make_inputs(shape, dtype, device, requires_grad=False, seed=0):
+    check(shape)
     inputs = qkv(shape, dtype, device, requires_grad, seed)
     inputs["doc_ids"] = document_ids(shape.B, shape.Sq, shape.docs, shape.equal, seed).to(device)
     return inputs

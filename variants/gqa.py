@@ -23,9 +23,13 @@ def reference(q, k, v, groups=4):
     return torch.softmax(s, dim=-1) @ v
 
 
-def make_inputs(shape, dtype, device, requires_grad=False, seed=0):
+def check(shape):
     if shape.H % shape.groups:
         raise ValueError(f"gqa: H={shape.H} is not divisible by groups={shape.groups}")
+
+
+def make_inputs(shape, dtype, device, requires_grad=False, seed=0):
+    check(shape)
     return qkv(shape, dtype, device, requires_grad, seed, kv_heads=shape.H // shape.groups)
 
 
