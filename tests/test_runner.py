@@ -1,0 +1,82 @@
+"""The runner end to end on CPU (shape=tiny), as a user runs it: `python -m flashlight.run ...`."""
+import os
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+FAST = ["shape=tiny", "timing.warmup=1", "timing.repeat=2"]
+COLUMNS = {"variant", "backend", "mode", "dtype", "device", "B", "H", "Sq", "Sk", "D", "Dv", "ms", "tflops",
+           "rel_err", "status", "reason", "peak_mem_mb", "compile_s", "torch", "triton", "gpu"}
+
+
+def run(tmp_path, *overrides, check=True):
+    env = {**os.environ, "TRITON_INTERPRET": "1", "HYDRA_FULL_ERROR": "0"}
+    p = subprocess.run([sys.executable, "-m", "flashlight.run", *overrides, f"hydra.run.dir={tmp_path}"],
+                       capture_output=True, text=True, env=env, timeout=600)
+    if check:
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p
+
+
+def rows(tmp_path):
+    df = pd.read_csv(tmp_path / "results.csv")
+    assert COLUMNS <= set(df.columns)
+    return {r["backend"]: r for r in df.to_dict("records")}
+
+
+def test_fwd_baselines_and_flashlight(tmp_path):
+    p = run(tmp_path, "variant=causal", "backends=[eager,sdpa,flex,flashlight]", *FAST)
+    r = rows(tmp_path)
+    assert list(r) == ["eager", "sdpa", "flex", "flashlight"]
+    for b in ("eager", "sdpa", "flex"):
+        assert r[b]["status"] == "ok", r[b]
+        assert r[b]["rel_err"] < 1e-4 and r[b]["ms"] > 0 and r[b]["tflops"] > 0
+        assert (r[b]["variant"], r[b]["mode"], r[b]["dtype"], r[b]["device"]) == ("causal", "fwd", "float32", "cpu")
+    assert r["flex"]["compile_s"] > 0
+    # the compiler is young: any outcome is a row with a status, never a crashed run
+    assert r["flashlight"]["status"] in {"ok", "not_fused", "error", "wrong"}
+    if r["flashlight"]["status"] != "ok":
+        assert isinstance(r["flashlight"]["reason"], str) and r["flashlight"]["reason"]
+    assert "causal fwd" in p.stdout  # summary table
+
+
+def test_compile_unsupported_and_params(tmp_path):
+    run(tmp_path, "variant=softcap", "variant.params.cap=5.0", "backends=[eager,compile,sdpa]", *FAST)
+    r = rows(tmp_path)
+    assert r["eager"]["status"] == "ok" and r["compile"]["status"] == "ok", r
+    assert r["compile"]["rel_err"] < 1e-4 and r["compile"]["compile_s"] > 0
+    assert r["sdpa"]["status"] == "unsupported" and "tanh" in r["sdpa"]["reason"]
+    assert "5.0" in r["eager"]["params"]
+
+
+def test_fwdbwd(tmp_path):
+    run(tmp_path, "variant=diff_attn", "mode=fwdbwd", "backends=[eager,sdpa]", *FAST)
+    r = rows(tmp_path)
+    for b in ("eager", "sdpa"):
+        assert r[b]["status"] == "ok" and r[b]["mode"] == "fwdbwd", r[b]
+        assert r[b]["Dv"] == 2 * r[b]["D"]
+
+
+def test_multirun(tmp_path):
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    p = subprocess.run([sys.executable, "-m", "flashlight.run", "-m", "variant=vanilla,document_mask",
+                        "backends=[eager]", *FAST, f"hydra.sweep.dir={tmp_path}"],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    found = sorted(tmp_path.glob("*/results.csv"))
+    assert len(found) == 2
+    assert {pd.read_csv(f)["variant"][0] for f in found} == {"vanilla", "document_mask"}
+
+
+@pytest.mark.parametrize("overrides, expect", [
+    (["variant=nope"], "diff_attn"),                  # Hydra: no such config; lists the options
+    (["variant.name=nope"], "known variants: alibi"),  # a config without a variant file
+    (["backends=[eager,nope]"], "known backends: eager, compile, sdpa, flex, flashlight"),
+])
+def test_bad_input_exits_nonzero_listing_known(tmp_path, overrides, expect):
+    p = run(tmp_path, *overrides, "shape=tiny", check=False)
+    assert p.returncode != 0
+    assert expect in p.stderr + p.stdout
+    assert not (tmp_path / "results.csv").exists()
