@@ -292,13 +292,14 @@ def run_case(backend: str, plan: Plan, cfg) -> dict:
             row["reason"] = info["note"]
     except Unsupported as e:
         row["status"], row["reason"] = "unsupported", str(e)
+    except NotImplementedError as e:  # e.g. FlexAttention backward on CPU, a missing generated backward
+        row["status"], row["reason"] = "unsupported", f"NotImplementedError: {' '.join(str(e).split())[:300]}"
     except torch.OutOfMemoryError as e:
         row["status"], row["reason"] = "oom", str(e).splitlines()[0][:300]
     except ConfigError:
         raise
     except Exception as e:  # a broken backend is a row, not the end of the run
-        msg = str(e).strip().splitlines()
-        row["status"], row["reason"] = "error", f"{type(e).__name__}: {msg[0][:300] if msg else ''}"
+        row["status"], row["reason"] = "error", f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
         if os.environ.get("FLASHLIGHT_TRACEBACK"):
             traceback.print_exc()
     finally:
