@@ -1,0 +1,398 @@
+"""Find attention regions in a normalised aten graph.
+
+A region ends at a ``·V`` matmul whose left operand ``P`` is computed, through elementwise ops and
+reductions over the key axis, from one or more score matmuls ``Q·Kᵀ``. Every value inside the region
+is given *axes*: for each of its dimensions, which kernel axes it spans (batch axes ``b0, b1, …``,
+query ``m``, key ``n``, the contraction axis ``d<i>`` of each score matmul, and ``e`` for the value
+features), or ``()`` for a broadcast dimension. Tensors read from outside the region (leaves) are
+reached through chains of view ops; those chains become index arithmetic (see indexing.py).
+
+Nothing here decides *how* to compute the region: that is rewrite.py (online reductions) and
+codegen.py (Triton). Anything this module cannot place raises ``NotFusable`` with the reason.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+from flashlight.indexing import VIEW_OPS
+
+aten = torch.ops.aten
+prims = torch.ops.prims
+
+
+class NotFusable(Exception):
+    """The region cannot be fused; the message says why (shown by ``flashlight.explain``)."""
+
+
+# Elementwise ops the kernel can compute, by arity class. The spelling in Triton lives in codegen.
+ELEMENTWISE = {
+    aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.neg.default,
+    aten.exp.default, aten.exp2.default, aten.log.default, aten.tanh.default, aten.sigmoid.default,
+    aten.relu.default, aten.abs.default, aten.sqrt.default, aten.rsqrt.default,
+    aten.reciprocal.default, aten.maximum.default, aten.minimum.default, aten.clamp_min.default,
+    aten.clamp_max.default, aten.clamp.default, aten.pow.Tensor_Scalar, aten.where.self,
+    aten.eq.Tensor, aten.eq.Scalar, aten.ne.Tensor, aten.ne.Scalar, aten.lt.Tensor, aten.lt.Scalar,
+    aten.le.Tensor, aten.le.Scalar, aten.gt.Tensor, aten.gt.Scalar, aten.ge.Tensor, aten.ge.Scalar,
+    aten.logical_and.default, aten.logical_or.default, aten.logical_not.default,
+    aten.bitwise_and.Tensor, aten.bitwise_or.Tensor, aten.bitwise_not.default,
+    aten.add.Scalar, aten.sub.Scalar, aten.mul.Scalar, aten.div.Scalar, aten.erf.default,
+    aten.log1p.default, aten.expm1.default, aten.sin.default, aten.cos.default,
+    aten.sign.default, aten.square.default, prims.where.default,
+}
+WHERE = {aten.where.self, prims.where.default}
+REDUCTIONS = {aten.amax.default, aten.sum.dim_IntList}
+MATMULS = {aten.bmm.default, aten.mm.default}
+CONSTANTS = {aten.scalar_tensor.default, aten.full.default, aten.zeros.default, aten.ones.default,
+             aten.full_like.default, aten.zeros_like.default, aten.ones_like.default}
+IOTAS = {aten.arange.default, aten.arange.start, aten.arange.start_step}
+
+
+def shape_of(node):
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    if val is None:
+        raise NotFusable(f"no shape recorded for {node}")
+    if any(not isinstance(s, int) for s in val.shape):
+        raise NotFusable("dynamic (symbolic) shapes are not supported yet: compile with dynamic=False")
+    return tuple(val.shape)
+
+
+def dtype_of(node):
+    return node.meta["val"].dtype
+
+
+@dataclass
+class Access:
+    """One way the kernel reads a value from outside the region."""
+    source: fx.Node              # the tensor (or arange / constant) the view chain starts from
+    chain: tuple                 # view nodes from source to the consumed value, in order
+    axes: tuple                  # kernel axes of each dim of the consumed value
+    kind: str                    # "tensor" | "iota" | "const"
+    dtype: torch.dtype           # dtype of the consumed value (after casts in the chain)
+
+
+@dataclass
+class ScoreMatmul:
+    node: fx.Node
+    q: Access
+    k: Access
+    axis: str                    # its contraction axis, e.g. "d0"
+
+
+@dataclass
+class Region:
+    pv: fx.Node                              # the ·V matmul (bmm/mm)
+    p: fx.Node                               # the probabilities fed to it
+    value: Access                            # V
+    batch_sizes: tuple
+    sizes: dict                              # axis -> size
+    nodes: list                              # internal nodes, graph order
+    axes: dict                               # internal node -> axes per dim
+    scores: list                             # ScoreMatmul, in graph order
+    accesses: dict = field(default_factory=dict)   # (consumer, arg index) -> Access
+    leaves: list = field(default_factory=list)     # tensor sources, in kernel-argument order
+
+    @property
+    def batch_axes(self):
+        return tuple(f"b{i}" for i in range(len(self.batch_sizes)))
+
+    def leaf_index(self, node):
+        return self.leaves.index(node)
+
+
+def flat_axes(axes):
+    return tuple(a for dim in axes for a in dim)
+
+
+def _source_of(node):
+    """Walk back through view ops: (source node, chain of view nodes from source to node)."""
+    chain = []
+    while isinstance(node, fx.Node) and node.target in VIEW_OPS:
+        chain.append(node)
+        node = node.args[0]
+    return node, tuple(reversed(chain))
+
+
+def _is_computable(node):
+    return isinstance(node, fx.Node) and node.op == "call_function" and (
+        node.target in ELEMENTWISE or node.target in REDUCTIONS)
+
+
+def find_pv_candidates(gm: fx.GraphModule):
+    """Matmuls whose left operand is computed (elementwise or by reductions) from another matmul.
+
+    The search behind P goes through any op, so that a region blocked by e.g. top-k is still found
+    and analyse() can say why it is not fused.
+    """
+    out = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target not in MATMULS:
+            continue
+        src, _ = _source_of(node.args[0])
+        if not _is_computable(src):
+            continue
+        stack, seen = [src], set()
+        while stack:
+            n = stack.pop()
+            if n in seen or not isinstance(n, fx.Node):
+                continue
+            seen.add(n)
+            if n.target in MATMULS and n is not node:
+                out.append(node)
+                break
+            stack.extend(n.all_input_nodes)
+    return out
+
+
+def _regroup(axes, from_shape, to_shape, sizes):
+    """Axes of a tensor of `to_shape` that is a reshape of one of `from_shape` with `axes`."""
+    flat = [(a, sizes[a]) for dim, size in zip(axes, from_shape) if size != 1 for a in dim]
+    out = []
+    for size in to_shape:
+        group, need = [], size
+        while need > 1:
+            if not flat:
+                raise NotFusable(f"reshape {from_shape} -> {to_shape} splits a kernel axis")
+            a, s = flat.pop(0)
+            if need % s:
+                raise NotFusable(f"reshape {from_shape} -> {to_shape} splits a kernel axis")
+            group.append(a)
+            need //= s
+        out.append(tuple(group))
+    if flat:
+        raise NotFusable(f"reshape {from_shape} -> {to_shape} splits a kernel axis")
+    return tuple(out)
+
+
+def _view_input_axes(node, out_axes, sizes):
+    """Axes of a view node's input given the axes of its output (backward propagation)."""
+    t = node.target
+    inp = node.args[0]
+    in_shape, out_shape = shape_of(inp), shape_of(node)
+    if t in (aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.view_copy.default,
+             aten.unsqueeze.default, aten.squeeze.default, aten.squeeze.dim, aten.squeeze.dims):
+        return _regroup(out_axes, out_shape, in_shape, sizes)
+    if t in (aten.expand.default, aten.expand_copy.default):
+        lead = len(out_shape) - len(in_shape)
+        return tuple(ax if s_in == s_out else () for ax, s_in, s_out in
+                     zip(out_axes[lead:], in_shape, out_shape[lead:]))
+    if t in (aten.permute.default, aten.permute_copy.default, aten.transpose.int, aten.t.default):
+        if t is aten.transpose.int:
+            order = list(range(len(out_shape)))
+            a, b = node.args[1] % len(order), node.args[2] % len(order)
+            order[a], order[b] = order[b], order[a]
+        elif t is aten.t.default:
+            order = [1, 0] if len(out_shape) == 2 else [0]
+        else:
+            order = [o % len(out_shape) for o in node.args[1]]
+        inv = [0] * len(order)
+        for i, o in enumerate(order):
+            inv[o] = i
+        return tuple(out_axes[inv[j]] for j in range(len(order)))
+    if t is aten.slice.Tensor:
+        dim = node.args[1] % len(in_shape)
+        if in_shape != out_shape:
+            raise NotFusable("slicing inside the attention region (e.g. extra logits) is not supported yet")
+        return out_axes
+    if t is aten.select.int:
+        raise NotFusable("select inside the attention region is not supported")
+    return out_axes  # clone / alias / dtype casts
+
+
+def _broadcast_input_axes(out_axes, out_shape, in_shape):
+    off = len(out_shape) - len(in_shape)
+    if off < 0:
+        raise NotFusable("elementwise input of higher rank than its output")
+    return tuple(out_axes[off + i] if s == out_shape[off + i] else () for i, s in enumerate(in_shape))
+
+
+def _norm(axes, shape):
+    return tuple(a if s != 1 else () for a, s in zip(axes, shape))
+
+
+def analyse(gm: fx.GraphModule, pv: fx.Node) -> Region:
+    """Build the Region ending at the ·V matmul `pv`, or raise NotFusable."""
+    p, p_chain = _source_of(pv.args[0])
+    p_shape = shape_of(p)
+    if len(p_shape) < 2:
+        raise NotFusable("probabilities of rank < 2")
+    batch_sizes = p_shape[:-2]
+    M, N = p_shape[-2:]
+    batch_axes = tuple(f"b{i}" for i in range(len(batch_sizes)))
+    pv_shape = shape_of(pv)
+    Dv = pv_shape[-1]
+    sizes = {a: s for a, s in zip(batch_axes, batch_sizes)}
+    sizes.update(m=M, n=N, e=Dv)
+    if pv.target is aten.bmm.default:
+        if pv_shape[0] != math.prod(batch_sizes):
+            raise NotFusable("·V batch does not match the probabilities' batch dims")
+        lhs_axes = (batch_axes, ("m",), ("n",))
+        v_axes = (batch_axes, ("n",), ("e",))
+    else:
+        if batch_sizes:
+            raise NotFusable("2-D ·V matmul of batched probabilities")
+        lhs_axes = (("m",), ("n",))
+        v_axes = (("n",), ("e",))
+    lhs_axes = _norm(lhs_axes, shape_of(pv.args[0]))
+
+    axes: dict = {}
+    accesses: dict = {}
+    internal: set = set()
+    scores: list = []
+
+    def assign(node, ax):
+        ax = _norm(ax, shape_of(node))
+        if node in axes and axes[node] != ax:
+            raise NotFusable(f"{node.name} is used with inconsistent broadcasting ({axes[node]} vs {ax})")
+        axes[node] = ax
+
+    def make_access(consumer, idx, arg, ax):
+        src, chain = _source_of(arg)
+        if src in internal:
+            raise NotFusable(f"{arg.name} mixes a region value into an operand")
+        if not isinstance(src, fx.Node):
+            raise NotFusable(f"unsupported operand {arg!r}")
+        if src.op == "call_function" and src.target in IOTAS:
+            kind = "iota"
+        elif src.op == "call_function" and src.target in CONSTANTS:
+            kind = "const"
+        else:
+            kind = "tensor"
+        acc = Access(src, chain, _norm(ax, shape_of(arg)), kind, dtype_of(arg))
+        accesses[(consumer, idx)] = acc
+        return acc
+
+    # Pass 1: collect internal nodes (reachable from P through computable ops and views of them).
+    work = [pv.args[0]]
+    while work:
+        n = work.pop()
+        if n in internal or not isinstance(n, fx.Node):
+            continue
+        src, _ = _source_of(n)
+        if n.target in VIEW_OPS and not (_is_computable(src) or (src.op == "call_function" and src.target in MATMULS)):
+            continue  # a view chain over a leaf: an access, not internal
+        if n.target in MATMULS:
+            if n is pv:
+                raise NotFusable("cyclic region")
+            internal.add(n)  # a score matmul: its operands are leaves
+            continue
+        if not (_is_computable(n) or n.target in VIEW_OPS):
+            continue
+        internal.add(n)
+        work.extend(n.all_input_nodes)
+
+    # Internal values must not escape: the full score matrix is never materialised.
+    for n in internal:
+        for u in n.users:
+            if u not in internal and u is not pv:
+                raise NotFusable(
+                    f"{n.name} ({n.target}) is also used outside the attention ({u.name}); fusing "
+                    "would need the full score matrix")
+
+    # Pass 2: propagate axes backwards, in reverse graph order (consumers before producers).
+    order = [n for n in gm.graph.nodes if n in internal]
+    assign(pv.args[0], lhs_axes)
+    for node in reversed(order):
+        if node not in axes:
+            raise NotFusable(f"{node.name} does not reach the ·V product")
+        out_ax, out_shape = axes[node], shape_of(node)
+        if node.target in MATMULS:
+            if node.target is aten.bmm.default:
+                g, m, n = out_ax
+                if m not in (("m",), ()) or n != ("n",):
+                    raise NotFusable("score matmul is not laid out as (queries, keys) for the key reduction")
+                if shape_of(node)[1] != M:
+                    raise NotFusable("score rows do not match the queries")
+            else:
+                if len(out_ax) != 2 or out_ax[1] != ("n",):
+                    raise NotFusable("score matmul is not laid out as (queries, keys)")
+                g = None
+            axis = f"d{len(scores)}"
+            a, b = node.args[0], node.args[1]
+            D = shape_of(a)[-1]
+            sizes[axis] = D
+            a_ax = ((g,) if g is not None else ()) + (("m",), (axis,))
+            b_ax = ((g,) if g is not None else ()) + ((axis,), ("n",))
+            scores.append(ScoreMatmul(node, make_access(node, 0, a, a_ax), make_access(node, 1, b, b_ax), axis))
+            continue
+        if node.target in VIEW_OPS:
+            in_ax = _view_input_axes(node, out_ax, sizes)
+            inp = node.args[0]
+            if inp in internal:
+                assign(inp, in_ax)
+            else:
+                make_access(node, 0, inp, in_ax)
+            continue
+        if node.target in REDUCTIONS:
+            x = node.args[0]
+            dims = node.args[1]
+            keep = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+            x_shape = shape_of(x)
+            if dims is None or len(dims) != 1:
+                raise NotFusable(f"{node.target} over several dims")
+            d = dims[0] % len(x_shape)
+            if x_shape[d] != N:
+                raise NotFusable(f"{node.target} over dim {d}, which is not the key dim")
+            if "n" in flat_axes(out_ax):
+                raise NotFusable(f"{node.target} over a dim other than the keys")
+            if keep:
+                if out_ax[d] != ():
+                    raise NotFusable(f"{node.target} reduces a dim that is not broadcast back")
+                in_ax = out_ax[:d] + (("n",),) + out_ax[d + 1:]
+            else:
+                in_ax = out_ax[:d] + (("n",),) + out_ax[d:]
+            if x in internal:
+                assign(x, in_ax)
+            else:
+                make_access(node, 0, x, in_ax)
+            continue
+        # elementwise
+        for i, arg in enumerate(node.args):
+            if not isinstance(arg, fx.Node):
+                continue
+            ax = _broadcast_input_axes(out_ax, out_shape, shape_of(arg))
+            if arg in internal:
+                assign(arg, ax)
+            else:
+                make_access(node, i, arg, ax)
+
+    if not scores:
+        blockers = sorted({str(a.source.target) for a in accesses.values()
+                           if a.kind == "tensor" and _reaches_matmul(a.source)})
+        if blockers:
+            raise NotFusable(f"the scores reach the ·V product only through {', '.join(blockers)}, "
+                             "which needs whole rows (or is not elementwise): left to Inductor")
+        raise NotFusable("no score matmul Q·Kᵀ found")
+    value = make_access(pv, 1, pv.args[1], v_axes)
+    region = Region(pv, p, value, batch_sizes, sizes, order, axes, scores, accesses)
+    leaves = []
+    for acc in list(accesses.values()):
+        if acc.kind == "tensor" and acc.source not in leaves:
+            leaves.append(acc.source)
+    region.leaves = leaves
+    _check_access_axes(region)
+    return region
+
+
+def _reaches_matmul(node, limit=200):
+    stack, seen = [node], set()
+    while stack and len(seen) < limit:
+        n = stack.pop()
+        if n in seen or not isinstance(n, fx.Node):
+            continue
+        seen.add(n)
+        if n.target in MATMULS:
+            return True
+        stack.extend(n.all_input_nodes)
+    return False
+
+
+def _check_access_axes(region):
+    allowed_score = set(region.batch_axes) | {"m", "n"}
+    for (consumer, idx), acc in region.accesses.items():
+        used = set(flat_axes(acc.axes))
+        if consumer in region.nodes and consumer.target not in MATMULS and not used <= allowed_score:
+            raise NotFusable(f"{acc.source.name} is read along axes {sorted(used)} inside the score program")

@@ -1,0 +1,40 @@
+"""Public API: compile, explain, counters."""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from flashlight.backend import flashlight_backend, plan
+from flashlight.capture import normalize
+from flashlight.explain import Report
+from flashlight.runtime import counters  # noqa: F401  (re-exported)
+
+
+def compile(fn, *, dump=None, config=None, inductor=True, fullgraph=False, dynamic=False, **kwargs):
+    """torch.compile `fn` with the flashlight backend.
+
+    dump: directory where generated kernels are written (also FLASHLIGHT_DUMP=dir).
+    config: tile config for the fused kernels, e.g. {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8}.
+    inductor: compile the rest of the graph with Inductor (False runs it eagerly: quicker to start).
+    """
+    backend = functools.partial(flashlight_backend, dump=dump, config=config, inductor=inductor)
+    functools.update_wrapper(backend, flashlight_backend)
+    return torch.compile(fn, backend=backend, fullgraph=fullgraph, dynamic=dynamic, **kwargs)
+
+
+def explain(fn, *args, **kwargs) -> Report:
+    """Trace `fn(*args, **kwargs)` and report, per attention region, what fused and why not."""
+    names = list(kwargs)
+
+    def flat(*xs):
+        return fn(*xs[:len(args)], **dict(zip(names, xs[len(args):])))
+
+    training = torch.is_grad_enabled() and any(
+        isinstance(x, torch.Tensor) and x.requires_grad for x in (*args, *kwargs.values()))
+    gm = normalize(flat, [*args, *kwargs.values()])
+    planned = plan(gm, training=training)
+    report = Report([rep for rep, _, _ in planned])
+    if not planned:
+        report.notes.append("no attention region (matmul → row program → matmul) found")
+    return report

@@ -1,0 +1,108 @@
+"""The torch.compile backend: fuse attention regions, hand everything else to Inductor.
+
+``torch.compile(fn, backend="flashlight")`` (entry point ``torch_dynamo_backends``) calls
+``flashlight_backend``. It normalises dynamo's graph (capture), finds regions (analysis), rewrites
+them into online form and generates Triton (rewrite, codegen), replaces each fused region by a call
+to the ``flashlight::fused_attention`` op (runtime), and compiles the resulting graph with Inductor.
+A region that cannot be fused stays as it was and Inductor compiles it as usual.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from flashlight.analysis import NotFusable, analyse, find_pv_candidates, shape_of
+from flashlight.capture import normalize
+from flashlight.codegen import generate
+from flashlight.explain import RegionReport, Report
+from flashlight.runtime import CompiledRegion, interpreting, register
+
+aten = torch.ops.aten
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+last_report: Report | None = None   # the report of the most recent compile, for debugging
+
+
+def _check_device(region):
+    for sm in region.scores:
+        for acc in (sm.q, sm.k):
+            val = acc.source.meta["val"]
+            if acc.dtype not in SUPPORTED_DTYPES:
+                raise NotFusable(f"{acc.source.name} has dtype {acc.dtype}; the fused kernel supports "
+                                 "float32, float16 and bfloat16")
+            if val.device.type != "cuda" and not interpreting():
+                raise NotFusable(f"inputs are on {val.device.type}: Triton kernels need a CUDA device "
+                                 "(set TRITON_INTERPRET=1 to run them on CPU, slowly, for tests)")
+
+
+def plan(gm: fx.GraphModule, training: bool = False, dump=None, config=None):
+    """Analyse every attention region of a normalised graph: [(report, region, compiled | None)]."""
+    out = []
+    for pv in find_pv_candidates(gm):
+        rep = RegionReport(output=pv.name, fused=False)
+        try:
+            region = analyse(gm, pv)
+            rep.matched = {
+                "inputs": [n.name for n in region.leaves],
+                "score matmuls": [sm.node.name for sm in region.scores],
+                "batch dims": tuple(region.batch_sizes),
+                "queries × keys": (region.sizes["m"], region.sizes["n"]),
+                "ops": sorted({str(n.target).replace("aten.", "") for n in region.nodes}),
+            }
+            ks = generate(region)
+            rep.kernel_source = ks.source
+            rep.matched["online form"] = "; ".join(ks.notes)
+            _check_device(region)
+            if training:
+                raise NotFusable("inputs require grad: the fused backward is not implemented yet, so "
+                                 "training graphs stay on Inductor")
+            rep.fused = True
+            out.append((rep, region, CompiledRegion(ks, dict(config or {}), dump)))
+        except NotFusable as e:
+            rep.reason = str(e)
+            out.append((rep, None, None))
+    return out
+
+
+def replace_regions(gm: fx.GraphModule, planned) -> None:
+    g = gm.graph
+    for rep, region, compiled in planned:
+        if compiled is None:
+            continue
+        key = register(compiled)
+        pv = region.pv
+        with g.inserting_before(pv):
+            fused = g.call_function(torch.ops.flashlight.fused_attention.default, (list(region.leaves), key))
+            view = g.call_function(aten.view.default, (fused, list(shape_of(pv))))
+        view.meta = dict(pv.meta)
+        pv.replace_all_uses_with(view)
+        g.erase_node(pv)
+    g.eliminate_dead_code()
+    gm.recompile()
+
+
+def fuse(gm, example_inputs, dump=None, config=None):
+    """Normalise and fuse; returns (graph module to run, report, number of regions fused)."""
+    training = torch.is_grad_enabled() and any(
+        isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs)
+    aten_gm = normalize(gm, example_inputs)
+    planned = plan(aten_gm, training=training, dump=dump, config=config)
+    report = Report([rep for rep, _, _ in planned])
+    if not planned:
+        report.notes.append("no attention region (matmul → row program → matmul) in this graph")
+    n_fused = sum(c is not None for _, _, c in planned)
+    if n_fused:
+        replace_regions(aten_gm, planned)
+    return aten_gm, report, n_fused
+
+
+def flashlight_backend(gm: fx.GraphModule, example_inputs, *, dump=None, config=None, inductor=True):
+    global last_report
+    aten_gm, report, n_fused = fuse(gm, example_inputs, dump=dump, config=config)
+    last_report = report
+    target = aten_gm if n_fused else gm
+    if not inductor:
+        return target
+    from torch._inductor.compile_fx import compile_fx
+    return compile_fx(target, example_inputs)

@@ -1,0 +1,492 @@
+"""Emit the Triton source of one attention region: a loop over key blocks with online reductions.
+
+The kernel reads like the FlashAttention tutorial kernel: load a query tile, loop over key tiles
+(scores = Q·Kᵀ, the user's elementwise program, running max, rescaled accumulators), combine the
+accumulators with the row values after the loop, store once. Every line computing a user op carries
+a comment naming it. Shapes are static per kernel (the cache key holds them); strides are arguments.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import textwrap
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+from flashlight.analysis import (WHERE, CONSTANTS, IOTAS, MATMULS, REDUCTIONS, Access, NotFusable, Region,
+                                 flat_axes, shape_of)
+from flashlight.indexing import VIEW_OPS, GroupedView, apply_view, freeze_chain, split_over_axes
+from flashlight.rewrite import OnlineProgram, build, lname, vname
+
+aten = torch.ops.aten
+
+# largest tile any config may use along m / n: shapes divisible by it need no bounds masks
+MAX_BLOCK = 128
+
+
+def _tl_dtype(dt):
+    return {torch.float32: "tl.float32", torch.float16: "tl.float16", torch.bfloat16: "tl.bfloat16",
+            torch.float64: "tl.float64", torch.bool: "tl.int1", torch.int32: "tl.int32",
+            torch.int64: "tl.int64"}[dt]
+
+
+def _lit(v):
+    if isinstance(v, bool):
+        return "True" if v else "False"
+    if isinstance(v, float):
+        if math.isinf(v):
+            return 'float("inf")' if v > 0 else 'float("-inf")'
+        if math.isnan(v):
+            return 'float("nan")'
+        return repr(v)
+    if isinstance(v, int):
+        return str(v)
+    raise NotFusable(f"unsupported literal {v!r}")
+
+
+@dataclass
+class LoadSlot:
+    """How launch time computes the stride/offset arguments of one access."""
+    leaf: int            # index of the tensor in the kernel's inputs
+    chain: tuple         # view nodes
+    axes: tuple
+    params: list         # [(param name, dim, axis position, sub-dim index) | (name, "offset")]
+
+
+@dataclass
+class KernelSource:
+    source: str
+    name: str
+    slots: list
+    n_leaves: int
+    out_shape: tuple
+    out_dtype: torch.dtype
+    sizes: dict = field(default_factory=dict)
+    batch: int = 1
+    M: int = 0
+    notes: list = field(default_factory=list)
+    config_space: dict = field(default_factory=dict)
+
+
+def access_layout(chain, axes, shape, stride, offset, sizes):
+    """Per (dim, axis): the sub-dims (size, stride) of the access, and its start offset."""
+    gv = GroupedView.of(shape, stride, offset)
+    for v in chain:
+        gv = apply_view(gv, v)
+    out = []
+    for i, dim_axes in enumerate(axes):
+        if not dim_axes:
+            continue
+        parts = split_over_axes(gv.dims[i], [sizes[a] for a in dim_axes])
+        for j, a in enumerate(dim_axes):
+            out.append((i, j, a, parts[j]))
+    return out, gv.offset
+
+
+def _contig(shape):
+    st, acc = [], 1
+    for s in reversed(shape):
+        st.append(acc)
+        acc *= max(s, 1)
+    return tuple(reversed(st))
+
+
+class _Emitter:
+    def __init__(self, region: Region, config):
+        self.r = region
+        self.cfg = config
+        self.sizes = region.sizes
+        self.access_names: dict = {}   # access key -> variable name
+        self.slots: list = []
+        self.params: list = []
+        self.pre: list = []
+        self.loop: list = []
+        self.post: list = []
+        self.k = 0
+        self.internal = set(region.nodes)
+        D = {a: s for a, s in self.sizes.items() if a.startswith("d")}
+        self.block = {"m": "BLOCK_M", "n": "BLOCK_N", "e": "BLOCK_E"}
+        self.block.update({a: f"BLOCK_{a.upper()}" for a in D})
+        self.block_size = {a: 1 << max(4, (s - 1).bit_length()) for a, s in self.sizes.items()
+                           if a == "e" or a.startswith("d")}
+        self.need_mask = {
+            "m": self.sizes["m"] % MAX_BLOCK != 0, "n": self.sizes["n"] % MAX_BLOCK != 0,
+            **{a: self.block_size[a] != self.sizes[a] for a in self.block_size}}
+
+    # ---- indexing -------------------------------------------------------------------------------
+    def index_expr(self, axis, ctx):
+        """How axis `axis` is indexed in a tile whose (row, col) axes are `ctx`."""
+        if axis.startswith("b"):
+            return axis
+        row, col = ctx
+        if axis == row:
+            return f"offs_{axis}[:, None]" if col else f"offs_{axis}"
+        if axis == col:
+            return f"offs_{axis}[None, :]"
+        raise NotFusable(f"axis {axis} read in a tile of ({row}, {col})")
+
+    def mask_expr(self, axes, ctx):
+        parts = []
+        for a in axes:
+            if a in self.need_mask and self.need_mask[a]:
+                row, col = ctx
+                parts.append(f"mask_{a}[:, None]" if a == row and col else
+                             f"mask_{a}" if a == row else f"mask_{a}[None, :]")
+        return " & ".join(parts) if parts else None
+
+    def access(self, acc: Access, ctx, where):
+        key = (acc.source, acc.chain, acc.axes, ctx)
+        if key in self.access_names:
+            return self.access_names[key]
+        if acc.kind == "const":
+            val = _const_value(acc.source)
+            name = _lit(val)
+            self.access_names[key] = name
+            return name
+        src_shape = shape_of(acc.source)
+        name = f"x{self.k}"
+        self.k += 1
+        used_axes = []
+        if acc.kind == "iota":
+            start, step = _iota_params(acc.source)
+            layout, off = access_layout(acc.chain, acc.axes, src_shape, (1,), 0, self.sizes)
+        else:
+            layout, off = access_layout(acc.chain, acc.axes, src_shape, _contig(src_shape), 0, self.sizes)
+        terms, params = [], []
+        for (i, j, a, subdims) in layout:
+            idx = self.index_expr(a, ctx)
+            used_axes.append(a)
+            inner = math.prod(s for s, _ in subdims)
+            for q, (s, st) in enumerate(subdims):
+                inner //= s
+                if s == 1 or st == 0:
+                    continue
+                term = idx if inner == 1 else f"({idx} // {inner})"
+                if q > 0:
+                    term = f"({term} % {s})"
+                if acc.kind == "iota":
+                    terms.append(term if st == 1 else f"{term} * {st}")
+                else:
+                    p = f"{name}_s{len(params)}"
+                    params.append((p, i, j, q))
+                    terms.append(f"{term} * {p}")
+        if acc.kind == "tensor" and off != 0:
+            params.append((f"{name}_off", "offset"))
+            terms.insert(0, f"{name}_off")
+        if acc.kind == "iota":
+            expr = " + ".join(terms) if terms else "0"
+            if off:
+                expr = f"{off} + {expr}"
+            code = f"{name} = {_lit(start)} + {_lit(step)} * ({expr})" if (start, step) != (0, 1) else f"{name} = {expr}"
+            where.append(f"{code}  # {acc.source.name}: positions")
+        else:
+            leaf = self.r.leaf_index(acc.source)
+            self.slots.append(LoadSlot(leaf, freeze_chain(acc.chain), acc.axes, params))
+            self.params += [p[0] for p in params]
+            ptr = f"in{leaf}_ptr"
+            offs = " + ".join(terms) if terms else "0"
+            mask = self.mask_expr(used_axes, ctx)
+            load = f"tl.load({ptr} + {offs}" + (f", mask={mask}, other=0)" if mask else ")")
+            src_dt = acc.source.meta["val"].dtype
+            if acc.dtype != src_dt:
+                load += f".to({_tl_dtype(acc.dtype)})"
+            where.append(f"{name} = {load}  # {acc.source.name}{''.join(' → ' + v.name for v in acc.chain)}")
+        self.access_names[key] = name
+        return name
+
+    # ---- the score program --------------------------------------------------------------------
+    def operand(self, node, i, prog=None):
+        a = node.args[i]
+        if not isinstance(a, fx.Node):
+            return _lit(a)
+        if a in self.internal:
+            kind = self.prog.kind[a]
+            return lname(a) if kind == "late" else vname(a)
+        acc = self.r.accesses[(node, i)]
+        where = self.loop if "n" in flat_axes(acc.axes) else self.pre
+        return self.access(acc, ("m", "n"), where)
+
+    def float_operand(self, node, i):
+        code = self.operand(node, i)
+        a = node.args[i]
+        if isinstance(a, fx.Node) and not a.meta["val"].dtype.is_floating_point and \
+                node.meta["val"].dtype.is_floating_point:
+            return f"({code}).to(tl.float32)"
+        return code
+
+    def expr(self, node):
+        t = node.target
+        f = lambda i: self.float_operand(node, i)  # noqa: E731
+        o = lambda i: self.operand(node, i)  # noqa: E731
+        if t in VIEW_OPS:
+            return o(0)
+        if t in (aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.sub.Scalar):
+            alpha = node.kwargs.get("alpha", 1)
+            op = "+" if t in (aten.add.Tensor, aten.add.Scalar) else "-"
+            rhs = f(1) if alpha == 1 else f"{_lit(alpha)} * {f(1)}"
+            if node in self.prog.stab_max:
+                return f"{f(0)} - mu_{self.prog.stab_max[node].name}"
+            return f"{f(0)} {op} {rhs}"
+        if t in (aten.mul.Tensor, aten.mul.Scalar):
+            return f"{f(0)} * {f(1)}"
+        if t in (aten.div.Tensor, aten.div.Scalar):
+            if node.kwargs.get("rounding_mode"):
+                raise NotFusable("div with rounding_mode")
+            a, b = f(0), f(1)
+            if not node.meta["val"].dtype.is_floating_point:
+                raise NotFusable("integer division")
+            return f"{_as_float(node, 0, a)} / {_as_float(node, 1, b)}"
+        unary = {aten.neg.default: "-({})", aten.exp.default: "tl.exp({})", aten.exp2.default: "tl.exp2({})",
+                 aten.log.default: "tl.log({})", aten.sigmoid.default: "tl.sigmoid({})",
+                 aten.tanh.default: "(2.0 * tl.sigmoid(2.0 * ({})) - 1.0)",
+                 aten.relu.default: "tl.maximum({}, 0.0)", aten.abs.default: "tl.abs({})",
+                 aten.sqrt.default: "tl.sqrt({})", aten.rsqrt.default: "tl.rsqrt({})",
+                 aten.reciprocal.default: "(1.0 / ({}))", aten.erf.default: "tl.erf({})",
+                 aten.log1p.default: "tl.log(1.0 + ({}))", aten.expm1.default: "(tl.exp({}) - 1.0)",
+                 aten.sin.default: "tl.sin({})", aten.cos.default: "tl.cos({})",
+                 aten.square.default: "(({0}) * ({0}))",
+                 aten.sign.default: "tl.where(({0}) > 0, 1.0, tl.where(({0}) < 0, -1.0, 0.0))"}
+        if t in unary:
+            return unary[t].format(f(0))
+        if t in (aten.logical_not.default, aten.bitwise_not.default):
+            if node.args[0].meta["val"].dtype != torch.bool:
+                raise NotFusable("bitwise not of integers")
+            return f"({o(0)} == 0)"
+        binary = {aten.eq.Tensor: "==", aten.eq.Scalar: "==", aten.ne.Tensor: "!=", aten.ne.Scalar: "!=",
+                  aten.lt.Tensor: "<", aten.lt.Scalar: "<", aten.le.Tensor: "<=", aten.le.Scalar: "<=",
+                  aten.gt.Tensor: ">", aten.gt.Scalar: ">", aten.ge.Tensor: ">=", aten.ge.Scalar: ">=",
+                  aten.logical_and.default: "&", aten.logical_or.default: "|",
+                  aten.bitwise_and.Tensor: "&", aten.bitwise_or.Tensor: "|"}
+        if t in binary:
+            return f"({o(0)} {binary[t]} {o(1)})"
+        if t is aten.maximum.default:
+            return f"tl.maximum({f(0)}, {f(1)})"
+        if t is aten.minimum.default:
+            return f"tl.minimum({f(0)}, {f(1)})"
+        if t is aten.clamp_min.default:
+            return f"tl.maximum({f(0)}, {f(1)})"
+        if t is aten.clamp_max.default:
+            return f"tl.minimum({f(0)}, {f(1)})"
+        if t is aten.clamp.default:
+            x = f(0)
+            lo = node.args[1] if len(node.args) > 1 else None
+            hi = node.args[2] if len(node.args) > 2 else None
+            if lo is not None:
+                x = f"tl.maximum({x}, {_lit(lo)})"
+            if hi is not None:
+                x = f"tl.minimum({x}, {_lit(hi)})"
+            return x
+        if t is aten.pow.Tensor_Scalar:
+            p = node.args[1]
+            x = f(0)
+            if p == 2:
+                return f"(({x}) * ({x}))"
+            if p == 0.5:
+                return f"tl.sqrt({x})"
+            if p == -1:
+                return f"(1.0 / ({x}))"
+            if p == 1:
+                return x
+            raise NotFusable(f"pow with exponent {p}")
+        if t in WHERE:
+            return f"tl.where({o(0)}, {f(1)}, {f(2)})"
+        raise NotFusable(f"no Triton spelling for {t}")
+
+
+def _as_float(node, i, code):
+    a = node.args[i]
+    if isinstance(a, fx.Node) and not a.meta["val"].dtype.is_floating_point and "to(tl.float32)" not in code:
+        return f"({code}).to(tl.float32)"
+    if isinstance(a, int) and not isinstance(a, bool):
+        return f"{a}.0"
+    return code
+
+
+def _const_value(node):
+    t = node.target
+    if t is aten.scalar_tensor.default:
+        return node.args[0]
+    if t is aten.full.default:
+        return node.args[1]
+    if t is aten.full_like.default:
+        return node.args[1]
+    if t in (aten.zeros.default, aten.zeros_like.default):
+        return 0.0
+    if t in (aten.ones.default, aten.ones_like.default):
+        return 1.0
+    raise NotFusable(f"unsupported constant {t}")
+
+
+def _iota_params(node):
+    t = node.target
+    if t is aten.arange.default:
+        return 0, 1
+    if t is aten.arange.start:
+        return node.args[0], 1
+    return node.args[0], node.args[2]
+
+
+def _comment(node):
+    trace = node.meta.get("stack_trace")
+    if trace:
+        lines = [ln.strip() for ln in trace.strip().splitlines() if ln.strip()]
+        if lines:
+            return f"{node.target}  ← {lines[-1][:90]}"
+    return str(node.target)
+
+
+def generate(region: Region) -> KernelSource:
+    em = _Emitter(region, None)
+    prog = em.prog = OnlineProgram(region)
+    build(region, em.operand, prog)
+    kinds = prog.kind
+    sizes = region.sizes
+    r = region
+
+    # Q tiles (hoisted) and K tiles (in the loop) of each score matmul
+    for sm in r.scores:
+        q = em.access(sm.q, ("m", sm.axis), em.pre)
+        em.loop.append(f"# scores {sm.node.name} = Q·Kᵀ  (contraction over {sm.axis}, {sizes[sm.axis]} wide)")
+        k = em.access(sm.k, (sm.axis, "n"), em.loop)
+        if sm.q.dtype != sm.k.dtype:
+            q, k = f"{q}.to(tl.float32)", f"{k}.to(tl.float32)"
+        em.loop.append(f"{vname(sm.node)} = tl.dot({q}, {k})")
+
+    # early values: those free of the running max first, then the max updates, then the rest
+    phase_a, phase_c = [], []
+    for node in r.nodes:
+        if node.target in MATMULS or kinds[node] not in ("early", "stabsub"):
+            continue
+        rescaled = kinds[node] == "stabsub" or prog.degree.get(node)
+        (phase_c if rescaled else phase_a).append(node)
+
+    def emit(node, where):
+        code = em.expr(node)
+        where.append(f"{vname(node)} = {code}  # {_comment(node)}")
+
+    for node in phase_a:
+        emit(node, em.loop if "n" in flat_axes(r.axes[node]) else em.pre)
+
+    mask_n = em.need_mask["n"]
+    full = "[BLOCK_M, BLOCK_N]"
+
+    def tile(code):
+        return f"tl.broadcast_to({code}, {full})" if code != "1.0" else f"tl.full({full}, 1.0, tl.float32)"
+
+    for R, x in prog.max_groups.items():
+        nm = R.name
+        xv = em.operand(R, 0)
+        xv = tile(xv)
+        if mask_n:
+            xv = f"tl.where(mask_n[None, :], {xv}, float(\"-inf\"))"
+        em.loop += [
+            f"# running max for {nm} ({_comment(R)})",
+            f"m_new_{nm} = tl.maximum(m_{nm}, tl.max({xv}, 1, keep_dims=True))",
+            f"alpha_{nm} = tl.where(m_new_{nm} == float(\"-inf\"), 1.0, tl.exp(m_{nm} - m_new_{nm}))",
+            f"mu_{nm} = tl.where(m_new_{nm} == float(\"-inf\"), 0.0, m_new_{nm})",
+        ]
+    for node in phase_c:
+        emit(node, em.loop)
+
+    # V tile and accumulator updates
+    v = None
+    if any(a.kind == "dot" for a in prog.accumulators):
+        v = em.access(r.value, ("n", "e"), em.loop)
+    for acc in prog.accumulators:
+        scale = " * ".join(f"alpha_{R}" for R, k in acc.degree for _ in range(k))
+        elem = tile(acc.elem or "1.0")
+        if mask_n:
+            elem = f"tl.where(mask_n[None, :], {elem}, 0.0)"
+        if acc.kind == "sum":
+            contrib = f"tl.sum({elem}, 1, keep_dims=True)"
+        else:
+            contrib = f"tl.dot(({elem}).to({v}.dtype), {v})"
+        prev = f"{acc.name} * {scale}" if scale else acc.name
+        em.loop.append(f"{acc.name} = {prev} + {contrib}")
+    for R in prog.max_groups:
+        em.loop.append(f"m_{R.name} = m_new_{R.name}")
+
+    # after the loop: fully masked rows keep the eager result (NaN), then the row values
+    for acc in prog.accumulators:
+        for R, _ in acc.degree:
+            em.post.append(f"{acc.name} = tl.where(m_{R} == float(\"-inf\"), float(\"nan\"), {acc.name})")
+    for node in r.nodes:
+        if kinds[node] != "late":
+            continue
+        if node.target is aten.amax.default:
+            code = f"m_{node.name}"
+        elif node.target is aten.sum.dim_IntList:
+            code = prog.sum_value[node]
+        else:
+            code = em.expr(node)
+        em.post.append(f"{lname(node)} = {code}  # {_comment(node)}")
+    em.post.append(f"out = {prog.out_expr}")
+
+    return _assemble(em, prog)
+
+
+def _assemble(em: _Emitter, prog: OnlineProgram) -> KernelSource:
+    r = em.r
+    sizes = r.sizes
+    M, N, E = sizes["m"], sizes["n"], sizes["e"]
+    batch = math.prod(r.batch_sizes) if r.batch_sizes else 1
+    lines = []
+    ptrs = [f"in{i}_ptr" for i in range(len(r.leaves))]
+    consts = ["BLOCK_M: tl.constexpr", "BLOCK_N: tl.constexpr"]
+    sig = ", ".join(ptrs + ["out_ptr"] + em.params + consts)
+    body = []
+    body.append("pid = tl.program_id(0)")
+    body.append(f"pid_m = pid % tl.cdiv({M}, BLOCK_M)")
+    body.append(f"pid_b = pid // tl.cdiv({M}, BLOCK_M)")
+    rem = "pid_b"
+    for i in reversed(range(len(r.batch_sizes))):
+        s = r.batch_sizes[i]
+        body.append(f"b{i} = {rem} % {s}" if i > 0 else f"b{i} = {rem}")
+        if i > 0:
+            body.append(f"rem{i} = {rem} // {s}")
+            rem = f"rem{i}"
+    body.append("offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)")
+    body.append(f"mask_m = offs_m < {M}")
+    for a, bs in em.block_size.items():
+        body.append(f"offs_{a} = tl.arange(0, {bs})")
+        body.append(f"mask_{a} = offs_{a} < {sizes[a]}")
+    body.append("")
+    body.append("# loaded once per query tile")
+    body += em.pre
+    for R in prog.max_groups:
+        body.append(f"m_{R.name} = tl.full([BLOCK_M, 1], float(\"-inf\"), tl.float32)  # running max of {R.name}")
+    for acc in prog.accumulators:
+        shape = "[BLOCK_M, 1]" if acc.kind == "sum" else f"[BLOCK_M, {em.block_size['e']}]"
+        what = "running sum" if acc.kind == "sum" else "·V accumulator"
+        body.append(f"{acc.name} = tl.zeros({shape}, tl.float32)  # {what} of {acc.elem}")
+    body.append("")
+    body.append(f"for start_n in range(0, {N}, BLOCK_N):")
+    loop = ["offs_n = start_n + tl.arange(0, BLOCK_N)", f"mask_n = offs_n < {N}"] + em.loop
+    body += ["    " + ln for ln in loop]
+    body.append("")
+    body.append("# combine the accumulators with the row values")
+    body += em.post
+    omask = em.mask_expr(["m", "e"], ("m", "e"))
+    body.append(f"out_offs = pid_b * {M * E} + offs_m[:, None] * {E} + offs_e[None, :]")
+    body.append("tl.store(out_ptr + out_offs, out.to(out_ptr.dtype.element_ty)" +
+                (f", mask={omask})" if omask else ")"))
+    src_body = "\n".join("    " + ln if ln else "" for ln in body)
+    digest = hashlib.sha256((sig + src_body).encode()).hexdigest()[:16]
+    name = f"flashlight_attention_{digest}"
+    header = textwrap.dedent(f'''\
+        # Generated by Flashlight: fused attention region ending at `{r.pv.name}`.
+        # {"; ".join(prog.notes)}
+        # batch dims {tuple(r.batch_sizes)}, queries {M}, keys {N}, value dim {E}
+        import triton
+        import triton.language as tl
+
+
+        @triton.jit
+        def {name}({sig}):
+        ''')
+    source = header + src_body + "\n"
+    out_shape = tuple(r.batch_sizes) + (M, E)
+    return KernelSource(source, name, em.slots, len(r.leaves), out_shape, r.pv.meta["val"].dtype,
+                        sizes=dict(sizes), batch=batch, M=M, notes=list(prog.notes))

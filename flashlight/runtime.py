@@ -1,0 +1,134 @@
+"""The fused op: load generated kernels (cached in-process and on disk), compute launch arguments, launch.
+
+Compiled regions are registered under a key (hash of the kernel source and launch config) and
+called through one custom op, ``flashlight::fused_attention(inputs, key)``. Because it is a
+``torch.library`` op, Inductor treats it as an opaque kernel, and ``register_autograd`` is where the
+generated backward will attach (recompute from the saved log-sum-exp).
+"""
+from __future__ import annotations
+
+import collections
+import hashlib
+import importlib.util
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from flashlight.codegen import KernelSource, access_layout
+
+counters: collections.Counter = collections.Counter()
+
+_REGISTRY: dict = {}        # key -> CompiledRegion
+_MODULES: dict = {}         # source hash -> loaded kernel function
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("FLASHLIGHT_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "flashlight")
+    path = Path(base) / "kernels"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def load_kernel(ks: KernelSource, dump_dir=None):
+    """Write the source to the on-disk cache (Triton needs a real file) and import it once."""
+    digest = hashlib.sha256(ks.source.encode()).hexdigest()[:20]
+    if dump_dir := dump_dir or os.environ.get("FLASHLIGHT_DUMP"):
+        Path(dump_dir).mkdir(parents=True, exist_ok=True)
+        (Path(dump_dir) / f"{ks.name}.py").write_text(ks.source)
+    key = (digest, interpreting())
+    if key in _MODULES:
+        return _MODULES[key]
+    path = cache_dir() / f"{ks.name}.py"
+    if not path.exists() or path.read_text() != ks.source:
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(ks.source)
+        tmp.replace(path)
+    mod_name = f"flashlight_kernels.{ks.name}_{int(interpreting())}"
+    spec = importlib.util.spec_from_file_location(mod_name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[mod_name] = mod
+    spec.loader.exec_module(mod)
+    fn = getattr(mod, ks.name)
+    _MODULES[key] = fn
+    return fn
+
+
+def default_config(ks: KernelSource, device_type: str) -> dict:
+    """A safe starting tile config; tuning (issue: autotuning) replaces it with measured ones."""
+    if device_type != "cuda":
+        return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
+    e = 1 << max(4, (ks.sizes["e"] - 1).bit_length())
+    n_dot = ks.source.count("·V accumulator")
+    d = max((1 << max(4, (s - 1).bit_length())) for a, s in ks.sizes.items() if a.startswith("d"))
+    width = n_dot * e
+    block_m = 128 if width <= 128 and d <= 128 else 64
+    block_n = 64 if d <= 64 else 32
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": 8 if block_m == 128 else 4, "num_stages": 3}
+
+
+@dataclass
+class CompiledRegion:
+    ks: KernelSource
+    config: dict = field(default_factory=dict)
+    dump_dir: str | None = None
+
+    @property
+    def key(self):
+        return hashlib.sha256(self.ks.source.encode()).hexdigest()[:20]
+
+    def launch_args(self, inputs):
+        params = []
+        for slot in self.ks.slots:
+            t = inputs[slot.leaf]
+            layout, off = access_layout(slot.chain, slot.axes, tuple(t.shape), tuple(t.stride()), 0,
+                                        self.ks.sizes)
+            table = {(i, j, q): st for (i, j, a, subdims) in layout for q, (s, st) in enumerate(subdims)}
+            for p in slot.params:
+                params.append(off if p[1] == "offset" else table[(p[1], p[2], p[3])])
+        return params
+
+    def __call__(self, inputs):
+        device = inputs[0].device
+        kernel = load_kernel(self.ks, self.dump_dir)
+        cfg = self.config or default_config(self.ks, device.type)
+        out = torch.empty(self.ks.out_shape, dtype=self.ks.out_dtype, device=device)
+        grid = (math.ceil(self.ks.M / cfg["BLOCK_M"]) * self.ks.batch,)
+        kernel[grid](*inputs, out, *self.launch_args(inputs), BLOCK_M=cfg["BLOCK_M"],
+                     BLOCK_N=cfg["BLOCK_N"], num_warps=cfg.get("num_warps", 4),
+                     num_stages=cfg.get("num_stages", 2))
+        counters["fused_launches"] += 1
+        return out
+
+
+def register(region: CompiledRegion) -> str:
+    key = region.key
+    _REGISTRY[key] = region
+    return key
+
+
+def lookup(key: str) -> CompiledRegion:
+    try:
+        return _REGISTRY[key]
+    except KeyError:
+        raise RuntimeError(f"flashlight: no compiled region {key!r} in this process "
+                           "(was the graph compiled by flashlight in another process?)") from None
+
+
+@torch.library.custom_op("flashlight::fused_attention", mutates_args=())
+def fused_attention(inputs: list[torch.Tensor], key: str) -> torch.Tensor:
+    return lookup(key)(inputs)
+
+
+@fused_attention.register_fake
+def _(inputs, key):
+    ks = lookup(key).ks
+    return inputs[0].new_empty(ks.out_shape, dtype=ks.out_dtype)
