@@ -1,0 +1,257 @@
+"""The compiler on CPU through the Triton interpreter, against float64 eager references.
+
+Every test draws fresh random inputs, runs the fused kernel (checking that it really ran through the
+launch counter) or the fallback (checking that explain says why), and compares with float64 math.
+"""
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import flashlight
+from flashlight import variant_registry as vr
+
+assert os.environ.get("TRITON_INTERPRET") == "1", "conftest sets TRITON_INTERPRET=1 before imports"
+torch._dynamo.config.cache_size_limit = 256
+TOL = 1e-4  # fp32 through the interpreter
+
+
+def rel_err(out, ref):
+    out, ref = out.double(), ref.double()
+    if torch.isnan(ref).any():
+        assert torch.equal(torch.isnan(out), torch.isnan(ref)), "NaN pattern differs from eager"
+        out, ref = out.nan_to_num(), ref.nan_to_num()
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def run_fused(fn, *args, expect_fused=True, **kwargs):
+    """Compile with flashlight, check what fused, return (output, float64 reference, report)."""
+    report = flashlight.explain(fn, *args, **kwargs)
+    assert report.fused == expect_fused, str(report)
+    before = flashlight.counters["fused_launches"]
+    torch._dynamo.reset()
+    out = flashlight.compile(fn, inductor=False)(*args, **kwargs)
+    launched = flashlight.counters["fused_launches"] - before
+    assert (launched > 0) == expect_fused, f"fused kernel launches: {launched}\n{report}"
+    dbl = lambda x: x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x  # noqa: E731
+    ref = fn(*[dbl(a) for a in args], **{k: dbl(v) for k, v in kwargs.items()})
+    return out, ref, report
+
+
+def rand(*shape):
+    return torch.randn(*shape)
+
+
+# ---- every variant of the library ---------------------------------------------------------------
+VARIANT_SHAPES = {
+    "sliding_window": dict(window=20),
+    "evoformer": dict(N=2),
+    "prefix_lm": dict(prefix=17),
+}
+
+
+@pytest.mark.parametrize("name", vr.names())
+def test_variant_fused_and_correct(name):
+    v = vr.get(name)
+    extra = {k: val for k, val in VARIANT_SHAPES.get(name, {}).items() if k in v.defaults}
+    causal_like = name not in ("vanilla", "evoformer", "diff_attn")
+    sq, sk = (72, 72) if causal_like else (40, 72)
+    shape = v.shape(B=2, H=4, Sq=sq, Sk=sk, D=24, **extra)
+    inputs = v.make_inputs(shape, torch.float32, "cpu", seed=torch.randint(0, 10**6, ()).item())
+    out, ref, report = run_fused(v.bind(shape), **inputs)
+    assert rel_err(out, ref) < TOL
+    src = report.regions[0].kernel_source
+    assert "tl.dot" in src and "for start_n in range" in src
+
+
+# ---- spellings of the same attention ------------------------------------------------------------
+def sm_einsum(q, k, v):
+    s = torch.einsum("bhqd,bhkd->bhqk", q, k) / math.sqrt(q.shape[-1])
+    return torch.einsum("bhqk,bhkd->bhqd", s.softmax(-1), v)
+
+
+def sm_bmm3d(q, k, v):
+    B, H, S, D = q.shape
+    q3, k3, v3 = (t.reshape(B * H, t.shape[2], t.shape[3]) for t in (q, k, v))
+    p = F.softmax(torch.bmm(q3, k3.transpose(1, 2)) * D ** -0.5, dim=-1)
+    return torch.bmm(p, v3).view(B, H, S, -1)
+
+
+def sm_handwritten(q, k, v):
+    s = torch.matmul(q, k.mT) * 0.3
+    e = torch.exp(s - s.max(dim=-1, keepdim=True).values)
+    return (e / e.sum(-1, keepdim=True)) @ v
+
+
+def sm_no_max(q, k, v):
+    e = (q @ k.transpose(-2, -1) * 0.2).exp()
+    return e @ v / e.sum(dim=-1, keepdim=True)
+
+
+def sigmoid_attn(q, k, v):
+    return torch.sigmoid(q @ k.transpose(-1, -2) * 0.2 - 1.0) @ v
+
+
+def relu_norm(q, k, v):
+    r = torch.relu(q @ k.transpose(-1, -2))
+    return (r / (r.sum(-1, keepdim=True) + 1e-6)) @ v
+
+
+def projected(x, wq, wk, wv):
+    B, S, _ = x.shape
+    H, D = 2, 12
+    q = (x @ wq).view(B, S, H, D).transpose(1, 2)
+    k = (x @ wk).view(B, S, H, D).transpose(1, 2)
+    v = (x @ wv).view(B, S, H, D).transpose(1, 2)
+    o = torch.softmax(q @ k.transpose(-1, -2) * D ** -0.5, -1) @ v
+    return o.transpose(1, 2).reshape(B, S, H * D)
+
+
+def per_head_bias_and_padding(q, k, v, slopes, keep):
+    i = torch.arange(q.shape[-2])[:, None]
+    j = torch.arange(k.shape[-2])[None, :]
+    s = q @ k.mT * 0.25 - slopes[:, None, None] * (i - j).abs()
+    s = s.masked_fill(~keep[:, None, None, :], float("-inf"))
+    return s.softmax(-1) @ v
+
+
+def gqa_expand(q, k, v):
+    B, H, S, D = q.shape
+    g = H // k.shape[1]
+    k = k[:, :, None].expand(B, k.shape[1], g, S, D).reshape(B, H, S, D)
+    v = v[:, :, None].expand(B, v.shape[1], g, S, v.shape[-1]).reshape(B, H, S, v.shape[-1])
+    return torch.softmax(q @ k.mT, -1) @ v
+
+
+def two_softmax_diff(q1, k1, q2, k2, v, lam):
+    a = torch.softmax(q1 @ k1.mT * 0.3, -1)
+    b = torch.softmax(q2 @ k2.mT * 0.3, -1)
+    return (a - lam * b) @ v * (1 - 0.5)
+
+
+def sinks_free_gate(q, k, v, g):
+    return torch.sigmoid(g) * (torch.softmax(q @ k.mT, -1) @ v)
+
+
+@pytest.mark.parametrize("fn", [sm_einsum, sm_bmm3d, sm_handwritten, sm_no_max, sigmoid_attn, relu_norm,
+                                gqa_expand, sinks_free_gate])
+def test_spellings(fn):
+    B, H, Sq, Sk, D, Dv = 2, 4, 33, 50, 20, 12  # odd sizes, Sq != Sk, head dims not powers of two
+    q, k, v = rand(B, H, Sq, D), rand(B, H, Sk, D), rand(B, H, Sk, Dv)
+    if fn is gqa_expand:
+        q, k, v = rand(B, H, Sk, D), rand(B, 2, Sk, D), rand(B, 2, Sk, Dv)
+    args = (q, k, v) + ((rand(B, H, Sq, Dv),) if fn is sinks_free_gate else ())
+    out, ref, _ = run_fused(fn, *args)
+    assert rel_err(out, ref) < TOL
+
+
+def test_projection_views_are_index_arithmetic():
+    x, wq, wk, wv = rand(2, 37, 16), rand(16, 24), rand(16, 24), rand(16, 24)
+    out, ref, report = run_fused(projected, x, wq, wk, wv)
+    assert rel_err(out, ref) < TOL
+
+
+def test_data_dependent_padding_and_per_head_bias():
+    B, H, S = 2, 3, 45
+    keep = torch.rand(B, S) > 0.3
+    keep[:, 0] = True
+    out, ref, _ = run_fused(per_head_bias_and_padding, rand(B, H, S, 16), rand(B, H, S, 16),
+                            rand(B, H, S, 16), torch.rand(H), keep)
+    assert rel_err(out, ref) < TOL
+
+
+def test_two_softmaxes_share_one_kernel():
+    B, H, S, D = 1, 2, 40, 16
+    args = [rand(B, H, S, D) for _ in range(4)] + [rand(B, H, S, 2 * D), torch.tensor(0.4)]
+    out, ref, report = run_fused(two_softmax_diff, *args)
+    assert rel_err(out, ref) < TOL
+    assert len(report.regions) == 1 and report.regions[0].kernel_source.count("tl.dot(") == 4
+
+
+def test_fully_masked_rows_keep_eager_semantics():
+    def f(q, k, v, keep):
+        s = (q @ k.mT).masked_fill(~keep[:, None, :, None], float("-inf"))
+        return s.softmax(-1) @ v
+
+    def g(q, k, v, keep):  # finfo.min: masked rows become a uniform average, as in eager
+        s = (q @ k.mT).masked_fill(~keep[:, None, :, None], torch.finfo(q.dtype).min)
+        return s.softmax(-1) @ v
+
+    keep = torch.rand(2, 40) > 0.5
+    for fn in (f, g):
+        out, ref, _ = run_fused(fn, rand(2, 2, 40, 16), rand(2, 2, 40, 16), rand(2, 2, 40, 16), keep)
+        assert rel_err(out, ref) < TOL
+    assert torch.isnan(ref).any() is not None
+
+
+# ---- what must not fuse, and still be right -----------------------------------------------------
+def topk_attn(q, k, v):
+    s = q @ k.mT
+    kth = s.topk(8, dim=-1).values[..., -1:]
+    return s.masked_fill(s < kth, float("-inf")).softmax(-1) @ v
+
+
+def softmax_over_heads(q, k, v):
+    return torch.softmax(q @ k.mT, dim=1) @ v
+
+
+def returns_probs(q, k, v):
+    p = torch.softmax(q @ k.mT, -1)
+    return p @ v, p
+
+
+@pytest.mark.parametrize("fn,why", [(topk_attn, "topk"), (softmax_over_heads, "key"),
+                                    (returns_probs, "outside")])
+def test_not_fusable_falls_back_with_reason(fn, why):
+    q, k, v = rand(2, 3, 24, 16), rand(2, 3, 24, 16), rand(2, 3, 24, 16)
+    report = flashlight.explain(fn, q, k, v)
+    assert not report.fused and why in report.regions[0].reason, str(report)
+    torch._dynamo.reset()
+    out = flashlight.compile(fn, inductor=False)(q, k, v)
+    ref = fn(q.double(), k.double(), v.double())
+    out, ref = (out[0], ref[0]) if isinstance(out, tuple) else (out, ref)
+    assert rel_err(out, ref) < TOL
+
+
+def test_training_inputs_stay_on_inductor_with_reason():
+    q, k, v = (rand(1, 2, 24, 16).requires_grad_() for _ in range(3))
+    report = flashlight.explain(sm_handwritten, q, k, v)
+    assert not report.fused and "backward" in report.regions[0].reason
+    torch._dynamo.reset()
+    out = flashlight.compile(sm_handwritten, inductor=False)(q, k, v)
+    out.sum().backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all()
+
+
+def test_explain_reads_well():
+    report = flashlight.explain(sm_handwritten, rand(1, 2, 24, 16), rand(1, 2, 24, 16), rand(1, 2, 24, 16))
+    text = str(report)
+    assert "1/1 attention region(s) fused" in text and "running max" in text
+    assert flashlight.explain(lambda x: x @ x.mT, rand(3, 4)).regions == []
+
+
+def test_dump_and_disk_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLASHLIGHT_CACHE_DIR", str(tmp_path / "cache"))
+    q, k, v = rand(1, 2, 24, 16), rand(1, 2, 24, 16), rand(1, 2, 24, 16)
+    torch._dynamo.reset()
+    out = flashlight.compile(sm_no_max, inductor=False, dump=str(tmp_path / "dump"))(q, k, v)
+    dumped = list((tmp_path / "dump").glob("flashlight_attention_*.py"))
+    assert len(dumped) == 1 and "@triton.jit" in dumped[0].read_text()
+    assert list((tmp_path / "cache" / "kernels").glob("*.py"))
+    assert rel_err(out, sm_no_max(q.double(), k.double(), v.double())) < TOL
+
+
+def test_torch_compile_backend_entry_point_with_inductor():
+    from importlib.metadata import entry_points
+    names = [e.name for e in entry_points(group="torch_dynamo_backends")]
+    assert "flashlight" in names
+    q, k, v = rand(1, 2, 32, 16), rand(1, 2, 32, 16), rand(1, 2, 32, 16)
+    torch._dynamo.reset()
+    before = flashlight.counters["fused_launches"]
+    fn = torch.compile(sinks_free_gate, backend="flashlight")
+    g = rand(1, 2, 32, 16)
+    out = fn(q, k, v, g)
+    assert flashlight.counters["fused_launches"] > before
+    assert rel_err(out, sinks_free_gate(q.double(), k.double(), v.double(), g.double())) < TOL
