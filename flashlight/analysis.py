@@ -94,6 +94,12 @@ class Region:
     scores: list                             # ScoreMatmul, in graph order
     accesses: dict = field(default_factory=dict)   # (consumer, arg index) -> Access
     leaves: list = field(default_factory=list)     # tensor sources, in kernel-argument order
+    epilogue: list = field(default_factory=list)   # elementwise ops after ·V (gating, e @ v / l…)
+
+    @property
+    def output(self):
+        """The node whose value the fused op produces."""
+        return self.epilogue[-1] if self.epilogue else self.pv
 
     @property
     def batch_axes(self):
@@ -209,8 +215,9 @@ def _broadcast_input_axes(out_axes, out_shape, in_shape):
     return tuple(out_axes[off + i] if s == out_shape[off + i] else () for i, s in enumerate(in_shape))
 
 
-def _norm(axes, shape):
-    return tuple(a if s != 1 else () for a, s in zip(axes, shape))
+def _norm(axes, shape, sizes):
+    """Canonical axes: size-1 dims are broadcast (), size-1 axes never index anything."""
+    return tuple(tuple(x for x in a if sizes.get(x, 2) != 1) if s != 1 else () for a, s in zip(axes, shape))
 
 
 def analyse(gm: fx.GraphModule, pv: fx.Node) -> Region:
@@ -236,7 +243,7 @@ def analyse(gm: fx.GraphModule, pv: fx.Node) -> Region:
             raise NotFusable("2-D ·V matmul of batched probabilities")
         lhs_axes = (("m",), ("n",))
         v_axes = (("n",), ("e",))
-    lhs_axes = _norm(lhs_axes, shape_of(pv.args[0]))
+    lhs_axes = _norm(lhs_axes, shape_of(pv.args[0]), sizes)
 
     axes: dict = {}
     accesses: dict = {}
@@ -244,7 +251,7 @@ def analyse(gm: fx.GraphModule, pv: fx.Node) -> Region:
     scores: list = []
 
     def assign(node, ax):
-        ax = _norm(ax, shape_of(node))
+        ax = _norm(ax, shape_of(node), sizes)
         if node in axes and axes[node] != ax:
             raise NotFusable(f"{node.name} is used with inconsistent broadcasting ({axes[node]} vs {ax})")
         axes[node] = ax
@@ -261,12 +268,32 @@ def analyse(gm: fx.GraphModule, pv: fx.Node) -> Region:
             kind = "const"
         else:
             kind = "tensor"
-        acc = Access(src, chain, _norm(ax, shape_of(arg)), kind, dtype_of(arg))
+        acc = Access(src, chain, _norm(ax, shape_of(arg), sizes), kind, dtype_of(arg))
         accesses[(consumer, idx)] = acc
         return acc
 
+    # The epilogue: views and elementwise ops on the ·V result that keep its [batch, m, e] shape.
+    canon = tuple(batch_sizes) + (M, Dv)
+    canon_axes = _norm(tuple((a,) for a in batch_axes) + (("m",), ("e",)), canon, sizes)
+    epilogue, last = [], pv
+    while len(last.users) == 1:
+        u = next(iter(last.users))
+        if u.op != "call_function" or shape_of(u) != canon or not (
+                u.target in VIEW_OPS and u.args[0] is last or u.target in ELEMENTWISE) or \
+                u.target in (aten.slice.Tensor, aten.select.int):
+            break
+        epilogue.append(u)
+        last = u
+    while epilogue and epilogue[-1].target in VIEW_OPS:  # a trailing view is not worth fusing
+        epilogue.pop()
+
     # Pass 1: collect internal nodes (reachable from P through computable ops and views of them).
     work = [pv.args[0]]
+    for u in epilogue:
+        # row values of the score program (e.g. the softmax sum in `e @ v / e.sum(-1)`) are internal;
+        # anything else after ·V (a gate) is a leaf
+        work += [a for a in u.all_input_nodes if a not in epilogue and a is not pv and
+                 _is_computable(_source_of(a)[0]) and _reaches_matmul(a)]
     while work:
         n = work.pop()
         if n in internal or not isinstance(n, fx.Node):
@@ -287,7 +314,7 @@ def analyse(gm: fx.GraphModule, pv: fx.Node) -> Region:
     # Internal values must not escape: the full score matrix is never materialised.
     for n in internal:
         for u in n.users:
-            if u not in internal and u is not pv:
+            if u not in internal and u is not pv and u not in epilogue:
                 raise NotFusable(
                     f"{n.name} ({n.target}) is also used outside the attention ({u.name}); fusing "
                     "would need the full score matrix")
@@ -295,6 +322,18 @@ def analyse(gm: fx.GraphModule, pv: fx.Node) -> Region:
     # Pass 2: propagate axes backwards, in reverse graph order (consumers before producers).
     order = [n for n in gm.graph.nodes if n in internal]
     assign(pv.args[0], lhs_axes)
+    for u in epilogue:
+        axes[u] = canon_axes
+        if u.target in VIEW_OPS:
+            continue
+        for i, arg in enumerate(u.args):
+            if not isinstance(arg, fx.Node) or arg is pv or arg in epilogue:
+                continue
+            ax = _broadcast_input_axes(canon_axes, canon, shape_of(arg))
+            if arg in internal:
+                assign(arg, ax)
+            else:
+                make_access(u, i, arg, ax)
     for node in reversed(order):
         if node not in axes:
             raise NotFusable(f"{node.name} does not reach the ·V product")
@@ -367,7 +406,7 @@ def analyse(gm: fx.GraphModule, pv: fx.Node) -> Region:
                              "which needs whole rows (or is not elementwise): left to Inductor")
         raise NotFusable("no score matmul Q·Kᵀ found")
     value = make_access(pv, 1, pv.args[1], v_axes)
-    region = Region(pv, p, value, batch_sizes, sizes, order, axes, scores, accesses)
+    region = Region(pv, p, value, batch_sizes, sizes, order, axes, scores, accesses, epilogue=epilogue)
     leaves = []
     for acc in list(accesses.values()):
         if acc.kind == "tensor" and acc.source not in leaves:
@@ -392,7 +431,10 @@ def _reaches_matmul(node, limit=200):
 
 def _check_access_axes(region):
     allowed_score = set(region.batch_axes) | {"m", "n"}
+    allowed_out = set(region.batch_axes) | {"m", "e"}
     for (consumer, idx), acc in region.accesses.items():
         used = set(flat_axes(acc.axes))
+        if consumer in region.epilogue and not used <= allowed_out:
+            raise NotFusable(f"{acc.source.name} is read along axes {sorted(used)} after ·V")
         if consumer in region.nodes and consumer.target not in MATMULS and not used <= allowed_score:
             raise NotFusable(f"{acc.source.name} is read along axes {sorted(used)} inside the score program")

@@ -42,6 +42,9 @@ def plan(gm: fx.GraphModule, training: bool = False, dump=None, config=None):
     for pv in find_pv_candidates(gm):
         rep = RegionReport(output=pv.name, fused=False)
         try:
+            if training:
+                raise NotFusable("inputs require grad: the fused backward is not implemented yet, so "
+                                 "training graphs stay on Inductor")
             region = analyse(gm, pv)
             rep.matched = {
                 "inputs": [n.name for n in region.leaves],
@@ -54,9 +57,6 @@ def plan(gm: fx.GraphModule, training: bool = False, dump=None, config=None):
             rep.kernel_source = ks.source
             rep.matched["online form"] = "; ".join(ks.notes)
             _check_device(region)
-            if training:
-                raise NotFusable("inputs require grad: the fused backward is not implemented yet, so "
-                                 "training graphs stay on Inductor")
             rep.fused = True
             out.append((rep, region, CompiledRegion(ks, dict(config or {}), dump)))
         except NotFusable as e:
@@ -71,13 +71,12 @@ def replace_regions(gm: fx.GraphModule, planned) -> None:
         if compiled is None:
             continue
         key = register(compiled)
-        pv = region.pv
-        with g.inserting_before(pv):
+        out = region.output
+        with g.inserting_before(out):
             fused = g.call_function(torch.ops.flashlight.fused_attention.default, (list(region.leaves), key))
-            view = g.call_function(aten.view.default, (fused, list(shape_of(pv))))
-        view.meta = dict(pv.meta)
-        pv.replace_all_uses_with(view)
-        g.erase_node(pv)
+            view = g.call_function(aten.view.default, (fused, list(shape_of(out))))
+        view.meta = dict(out.meta)
+        out.replace_all_uses_with(view)
     g.eliminate_dead_code()
     gm.recompile()
 

@@ -6,6 +6,8 @@ expand + reshape. Node metadata (shapes, the user's source lines) is kept for th
 """
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.fx as fx
 from torch._decomp import get_decompositions
@@ -29,6 +31,27 @@ def decompositions():
     return get_decompositions(ops)
 
 
+def _values_only_max(gm: fx.GraphModule) -> None:
+    """`x.max(dim, keepdim).values` traces to max.dim + getitem; when the indices are unused it is amax."""
+    g = gm.graph
+    g.eliminate_dead_code()
+    for node in list(g.nodes):
+        if node.op != "call_function" or node.target is not aten.max.dim:
+            continue
+        if not all(u.target is operator.getitem and u.args[1] == 0 for u in node.users):
+            continue
+        x, dim = node.args[0], node.args[1]
+        keep = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+        with g.inserting_before(node):
+            amax = g.call_function(aten.amax.default, (x, [dim], keep))
+        for u in list(node.users):
+            amax.meta = dict(u.meta)
+            u.replace_all_uses_with(amax)
+            g.erase_node(u)
+        g.erase_node(node)
+    gm.recompile()
+
+
 def normalize(fn, example_inputs) -> fx.GraphModule:
     """Trace `fn` (a GraphModule from dynamo or any callable) on `example_inputs` into aten ops."""
     if isinstance(fn, fx.GraphModule):
@@ -43,7 +66,10 @@ def normalize(fn, example_inputs) -> fx.GraphModule:
             example_inputs = [fake_mode.from_tensor(x) if isinstance(x, torch.Tensor) and
                               not isinstance(x, FakeTensor) else x for x in example_inputs]
             with fake_mode:
-                return make_fx(fn, decomposition_table=decompositions(), tracing_mode="real",
-                               record_stack_traces=True)(*example_inputs)
-        return make_fx(fn, decomposition_table=decompositions(), tracing_mode="fake",
-                       record_stack_traces=True)(*example_inputs)
+                gm = make_fx(fn, decomposition_table=decompositions(), tracing_mode="real",
+                             record_stack_traces=True)(*example_inputs)
+        else:
+            gm = make_fx(fn, decomposition_table=decompositions(), tracing_mode="fake",
+                         record_stack_traces=True)(*example_inputs)
+    _values_only_max(gm)
+    return gm

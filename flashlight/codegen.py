@@ -201,10 +201,12 @@ class _Emitter:
         a = node.args[i]
         if not isinstance(a, fx.Node):
             return _lit(a)
-        if a in self.internal:
+        if a in self.internal or a is self.r.pv or a in self.r.epilogue:
             kind = self.prog.kind[a]
             return lname(a) if kind == "late" else vname(a)
         acc = self.r.accesses[(node, i)]
+        if node in self.r.epilogue:
+            return self.access(acc, ("m", "e"), self.post)
         where = self.loop if "n" in flat_axes(acc.axes) else self.pre
         return self.access(acc, ("m", "n"), where)
 
@@ -422,7 +424,10 @@ def generate(region: Region) -> KernelSource:
         else:
             code = em.expr(node)
         em.post.append(f"{lname(node)} = {code}  # {_comment(node)}")
-    em.post.append(f"out = {prog.out_expr}")
+    em.post.append(f"{lname(r.pv)} = {prog.out_expr}  # {_comment(r.pv)}")
+    for node in r.epilogue:
+        em.post.append(f"{lname(node)} = {em.expr(node)}  # {_comment(node)}")
+    em.post.append(f"out = {lname(r.output)}")
 
     return _assemble(em, prog)
 
@@ -488,5 +493,5 @@ def _assemble(em: _Emitter, prog: OnlineProgram) -> KernelSource:
         ''')
     source = header + src_body + "\n"
     out_shape = tuple(r.batch_sizes) + (M, E)
-    return KernelSource(source, name, em.slots, len(r.leaves), out_shape, r.pv.meta["val"].dtype,
+    return KernelSource(source, name, em.slots, len(r.leaves), out_shape, r.output.meta["val"].dtype,
                         sizes=dict(sizes), batch=batch, M=M, notes=list(prog.notes))

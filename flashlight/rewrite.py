@@ -232,6 +232,13 @@ def build(region: Region, operand, prog: OnlineProgram | None = None) -> OnlineP
             out.append(_mul(tm.coef, acc.name) if tm.coef else acc.name)
         return " + ".join(out) if out else "0.0"
 
+    for node in region.epilogue:
+        for a in node.all_input_nodes:
+            if a in internal and kind[a] not in ("late",):
+                raise NotFusable(f"{a.name} is used after ·V but varies along the keys")
+        kind[node] = "late"
+    kind[region.pv] = "late"
+
     for node in region.nodes:
         if node.target is aten.sum.dim_IntList:
             x = node.args[0]
