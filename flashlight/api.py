@@ -11,14 +11,17 @@ from flashlight.explain import Report
 from flashlight.runtime import counters  # noqa: F401  (re-exported)
 
 
-def compile(fn, *, dump=None, config=None, inductor=True, fullgraph=False, dynamic=False, **kwargs):
+def compile(fn, *, dump=None, config=None, inductor=True, block_sparse=True, fullgraph=False, dynamic=False,
+            **kwargs):
     """torch.compile `fn` with the flashlight backend.
 
     dump: directory where generated kernels are written (also FLASHLIGHT_DUMP=dir).
     config: tile config for the fused kernels, e.g. {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8}.
     inductor: compile the rest of the graph with Inductor (False runs it eagerly: quicker to start).
+    block_sparse: skip key tiles that a -inf mask provably removes (False computes every tile).
     """
-    backend = functools.partial(flashlight_backend, dump=dump, config=config, inductor=inductor)
+    backend = functools.partial(flashlight_backend, dump=dump, config=config, inductor=inductor,
+                                block_sparse=block_sparse)
     functools.update_wrapper(backend, flashlight_backend)
     return torch.compile(fn, backend=backend, fullgraph=fullgraph, dynamic=dynamic, **kwargs)
 

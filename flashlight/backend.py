@@ -36,7 +36,7 @@ def _check_device(region):
                                  "(set TRITON_INTERPRET=1 to run them on CPU, slowly, for tests)")
 
 
-def plan(gm: fx.GraphModule, training: bool = False, dump=None, config=None):
+def plan(gm: fx.GraphModule, training: bool = False, dump=None, config=None, block_sparse=True):
     """Analyse every attention region of a normalised graph: [(report, region, compiled | None)]."""
     out = []
     for pv in find_pv_candidates(gm):
@@ -53,9 +53,11 @@ def plan(gm: fx.GraphModule, training: bool = False, dump=None, config=None):
                 "queries × keys": (region.sizes["m"], region.sizes["n"]),
                 "ops": sorted({str(n.target).replace("aten.", "") for n in region.nodes}),
             }
-            ks = generate(region)
+            ks = generate(region, block_sparse=block_sparse)
             rep.kernel_source = ks.source
             rep.matched["online form"] = "; ".join(ks.notes)
+            rep.matched["tile skipping"] = "yes (mask proven empty per tile at run time)" \
+                if "tile_empty" in ks.source else "no"
             _check_device(region)
             rep.fused = True
             out.append((rep, region, CompiledRegion(ks, dict(config or {}), dump)))
@@ -81,12 +83,12 @@ def replace_regions(gm: fx.GraphModule, planned) -> None:
     gm.recompile()
 
 
-def fuse(gm, example_inputs, dump=None, config=None):
+def fuse(gm, example_inputs, dump=None, config=None, block_sparse=True):
     """Normalise and fuse; returns (graph module to run, report, number of regions fused)."""
     training = torch.is_grad_enabled() and any(
         isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs)
     aten_gm = normalize(gm, example_inputs)
-    planned = plan(aten_gm, training=training, dump=dump, config=config)
+    planned = plan(aten_gm, training=training, dump=dump, config=config, block_sparse=block_sparse)
     report = Report([rep for rep, _, _ in planned])
     if not planned:
         report.notes.append("no attention region (matmul → row program → matmul) in this graph")
@@ -96,9 +98,10 @@ def fuse(gm, example_inputs, dump=None, config=None):
     return aten_gm, report, n_fused
 
 
-def flashlight_backend(gm: fx.GraphModule, example_inputs, *, dump=None, config=None, inductor=True):
+def flashlight_backend(gm: fx.GraphModule, example_inputs, *, dump=None, config=None, inductor=True,
+                       block_sparse=True):
     global last_report
-    aten_gm, report, n_fused = fuse(gm, example_inputs, dump=dump, config=config)
+    aten_gm, report, n_fused = fuse(gm, example_inputs, dump=dump, config=config, block_sparse=block_sparse)
     last_report = report
     target = aten_gm if n_fused else gm
     if not inductor:

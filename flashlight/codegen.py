@@ -19,6 +19,7 @@ from flashlight.analysis import (WHERE, CONSTANTS, IOTAS, MATMULS, REDUCTIONS, A
                                  flat_axes, shape_of)
 from flashlight.indexing import VIEW_OPS, GroupedView, apply_view, freeze_chain, split_over_axes
 from flashlight.rewrite import OnlineProgram, build, lname, vname
+from flashlight.sparsity import emit_tile_skip
 
 aten = torch.ops.aten
 
@@ -339,9 +340,12 @@ def _comment(node):
     return str(node.target)
 
 
-def generate(region: Region) -> KernelSource:
+def generate(region: Region, block_sparse: bool = True) -> KernelSource:
     em = _Emitter(region, None)
     prog = em.prog = OnlineProgram(region)
+    # tile skipping first, so that the loads it reads come before the guarded body
+    em.guard = []
+    em.skip = emit_tile_skip(region, em, em.guard) if block_sparse else None
     build(region, em.operand, prog)
     kinds = prog.kind
     sizes = region.sizes
@@ -468,7 +472,11 @@ def _assemble(em: _Emitter, prog: OnlineProgram) -> KernelSource:
         body.append(f"{acc.name} = tl.zeros({shape}, tl.float32)  # {what} of {acc.elem}")
     body.append("")
     body.append(f"for start_n in range(0, {N}, BLOCK_N):")
-    loop = ["offs_n = start_n + tl.arange(0, BLOCK_N)", f"mask_n = offs_n < {N}"] + em.loop
+    loop = ["offs_n = start_n + tl.arange(0, BLOCK_N)", f"mask_n = offs_n < {N}"]
+    if em.skip:
+        loop += em.guard + [f"if {em.skip} == 0:"] + ["    " + ln for ln in em.loop]
+    else:
+        loop += em.loop
     body += ["    " + ln for ln in loop]
     body.append("")
     body.append("# combine the accumulators with the row values")

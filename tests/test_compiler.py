@@ -255,3 +255,44 @@ def test_torch_compile_backend_entry_point_with_inductor():
     out = fn(q, k, v, g)
     assert flashlight.counters["fused_launches"] > before
     assert rel_err(out, sinks_free_gate(q.double(), k.double(), v.double(), g.double())) < TOL
+
+
+# ---- block sparsity ---------------------------------------------------------------------------
+@pytest.mark.parametrize("name,skips", [("causal", True), ("sliding_window", True), ("prefix_lm", True),
+                                        ("document_mask", True), ("gqa", True), ("alibi", True),
+                                        ("vanilla", False), ("diff_attn", False)])
+def test_masks_become_tile_skipping(name, skips):
+    v = vr.get(name)
+    extra = {k: val for k, val in VARIANT_SHAPES.get(name, {}).items() if k in v.defaults}
+    shape = v.shape(B=1, H=4, Sq=64, Sk=64, D=16, **extra)
+    report = flashlight.explain(v.bind(shape), **v.make_inputs(shape, torch.float32, "cpu"))
+    assert ("tile_empty" in report.regions[0].kernel_source) == skips
+
+
+def test_finfo_min_mask_is_never_skipped_and_stays_exact():
+    def f(q, k, v):
+        i = torch.arange(q.shape[-2])[:, None]
+        j = torch.arange(k.shape[-2])[None, :]
+        s = (q @ k.mT).masked_fill(j > i + 200, torch.finfo(q.dtype).min)  # rows of queries < 0: none
+        return s.softmax(-1) @ v
+
+    q, k, v = rand(1, 2, 40, 16), rand(1, 2, 300, 16), rand(1, 2, 300, 16)
+    out, ref, report = run_fused(f, q, k, v)
+    assert "tile_empty" not in report.regions[0].kernel_source
+    assert rel_err(out, ref) < TOL
+
+
+def test_tile_skipping_matches_dense_computation():
+    def window(q, k, v):
+        i = torch.arange(q.shape[-2])[:, None]
+        j = torch.arange(k.shape[-2])[None, :]
+        keep = (j <= i) & (i - j < 20)
+        return torch.where(keep, q @ k.mT, float("-inf")).softmax(-1) @ v
+
+    q, k, v = rand(1, 2, 100, 16), rand(1, 2, 100, 16), rand(1, 2, 100, 16)
+    torch._dynamo.reset()
+    sparse = flashlight.compile(window, inductor=False)(q, k, v)
+    torch._dynamo.reset()
+    dense = flashlight.compile(window, inductor=False, block_sparse=False)(q, k, v)
+    ref = window(q.double(), k.double(), v.double())
+    assert rel_err(sparse, ref) < TOL and rel_err(dense, ref) < TOL

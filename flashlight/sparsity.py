@@ -1,0 +1,281 @@
+"""Block sparsity: prove, per key tile, that a -inf mask removes the whole tile, and skip it.
+
+Two analyses, both generic over the user's mask expression:
+
+1. *Kill check* (compile time, abstract interpretation): for each mask ``where(c, x, -inf)`` (or
+   ``where(c, -inf, x)``), force the masked value to -inf and evaluate the region over the values
+   {-inf, 0, unknown finite}. If every running max sees -inf and every running sum / ·V term sees 0,
+   a tile on which the mask holds everywhere contributes nothing and may be skipped. A finfo.min
+   mask is not -inf, so it is never skipped (its fully masked rows average all keys, like eager).
+2. *Tile predicate* (run time, interval arithmetic in the kernel): the mask condition is evaluated
+   over the tile's index ranges (positions from arange are affine in the query/key offsets) and the
+   min/max of any data it reads (document ids, padding) — giving "true everywhere" / "false
+   everywhere" as two scalars. Causal, sliding-window, prefix-LM and document masks all fall out.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.fx as fx
+
+from flashlight.analysis import MATMULS, WHERE, Region, flat_axes
+from flashlight.indexing import VIEW_OPS
+
+aten = torch.ops.aten
+prims = torch.ops.prims
+
+NINF, ZERO, TOP = "-inf", "0", "?"
+
+
+def _literal(a):
+    return a if isinstance(a, (int, float)) and not isinstance(a, bool) else None
+
+
+def _const_of(region, node, i):
+    """The literal value of argument i of node, if it is a literal or a constant tensor."""
+    a = node.args[i]
+    if not isinstance(a, fx.Node):
+        return _literal(a)
+    acc = region.accesses.get((node, i))
+    if acc is not None and acc.kind == "const":
+        t = acc.source.target
+        if t is aten.scalar_tensor.default:
+            return acc.source.args[0]
+        if t in (aten.full.default, aten.full_like.default):
+            return acc.source.args[1]
+    return None
+
+
+def _ninf_branch(region, w):
+    """For a where node: 1 if its true branch is -inf, 2 if its false branch is, else None."""
+    for i in (1, 2):
+        v = _const_of(region, w, i)
+        if v is not None and v == float("-inf"):
+            return i
+    return None
+
+
+def _abstract(region: Region, forced: set):
+    """Abstract value of every internal node with the `forced` where nodes set to -inf."""
+    val: dict = {}
+
+    def arg(node, i):
+        a = node.args[i]
+        if isinstance(a, fx.Node) and a in val:
+            return val[a]
+        c = _const_of(region, node, i)
+        if c is not None:
+            return NINF if c == float("-inf") else ZERO if c == 0 else TOP
+        return TOP
+
+    def pos(node, i):
+        c = _const_of(region, node, i)
+        return c is not None and c > 0 and not math.isinf(c)
+
+    for n in region.nodes:
+        t = n.target
+        if n in forced:
+            val[n] = NINF
+        elif t in MATMULS or t in (aten.amax.default, aten.sum.dim_IntList):
+            val[n] = TOP
+        elif t in VIEW_OPS:
+            val[n] = arg(n, 0)
+        elif t in WHERE:
+            a, b = arg(n, 1), arg(n, 2)
+            val[n] = a if a == b else TOP
+        elif t in (aten.add.Tensor, aten.sub.Tensor):
+            a, b = arg(n, 0), arg(n, 1)
+            if a == ZERO and b == ZERO:
+                val[n] = ZERO
+            elif a == NINF and b != NINF or t is aten.add.Tensor and b == NINF and a != NINF:
+                val[n] = NINF
+            else:
+                val[n] = TOP
+        elif t in (aten.mul.Tensor, aten.mul.Scalar):
+            a, b = arg(n, 0), arg(n, 1)
+            if ZERO in (a, b) and NINF not in (a, b):
+                val[n] = ZERO
+            elif a == NINF and pos(n, 1) or b == NINF and pos(n, 0):
+                val[n] = NINF
+            else:
+                val[n] = TOP
+        elif t in (aten.div.Tensor, aten.div.Scalar):
+            a = arg(n, 0)
+            val[n] = ZERO if a == ZERO and arg(n, 1) not in (ZERO,) else NINF if a == NINF and pos(n, 1) else TOP
+        elif t in (aten.exp.default, aten.exp2.default, aten.sigmoid.default, aten.relu.default):
+            a = arg(n, 0)
+            val[n] = ZERO if a in (NINF, ZERO) and t is aten.relu.default or a == NINF else TOP
+        else:
+            val[n] = TOP
+    return val
+
+
+def skippable_masks(region: Region):
+    """[(cond node, where-arg index of -inf)] whose -inf alone empties a tile, grouped by condition."""
+    groups: dict = {}
+    for n in region.nodes:
+        if n.target in WHERE and isinstance(n.args[0], fx.Node):
+            br = _ninf_branch(region, n)
+            if br is not None:
+                groups.setdefault((n.args[0], br), set()).add(n)
+    out = []
+    for (cond, br), ws in groups.items():
+        val = _abstract(region, ws)
+        maxes = [n.args[0] for n in region.nodes if n.target is aten.amax.default]
+        sums = [n.args[0] for n in region.nodes if n.target is aten.sum.dim_IntList]
+        ok = all(val.get(x) == NINF for x in maxes) and all(val.get(x) == ZERO for x in sums) and \
+            val.get(region.pv.args[0]) == ZERO
+        if ok:
+            out.append((cond, br, ws))
+    return out
+
+
+class IntervalEmitter:
+    """Emits scalar Triton code bounding a node's value over the current tile."""
+
+    def __init__(self, region, emitter, lines):
+        self.r = region
+        self.em = emitter
+        self.lines = lines
+        self.memo: dict = {}
+        self.k = 0
+
+    def fresh(self):
+        self.k += 1
+        return f"iv{self.k}"
+
+    def operand(self, node, i):
+        a = node.args[i]
+        if not isinstance(a, fx.Node):
+            v = _literal(a)
+            if v is None and isinstance(a, bool):
+                v = int(a)
+            if v is None:
+                return None
+            return ("num", repr(v), repr(v))
+        if a in set(self.r.nodes):
+            return self.value(a)
+        acc = self.r.accesses.get((node, i))
+        if acc is None:
+            return None
+        if acc.kind == "const":
+            c = _const_of(self.r, node, i)
+            return None if c is None else ("num", repr(c), repr(c))
+        axes = set(flat_axes(acc.axes))
+        where = self.em.loop if "n" in axes else self.em.pre
+        lines = self.lines if "n" in axes else self.em.pre
+        x = self.em.access(acc, ("m", "n"), lines)
+        if acc.kind == "iota":
+            return self._iota_interval(x, acc)
+        xs = f"{x}.to(tl.int32)" if acc.dtype == torch.bool else x
+        name = self.fresh()
+        lines.append(f"{name}_lo = tl.min({xs})  # smallest {acc.source.name} on this tile")
+        lines.append(f"{name}_hi = tl.max({xs})")
+        if acc.dtype == torch.bool:
+            return ("bool", f"({name}_lo == 1)", f"({name}_hi == 0)")
+        return ("num", f"{name}_lo", f"{name}_hi")
+
+    def _iota_interval(self, x, acc):
+        # positions are monotone in each tile offset: their extremes sit at the tile's corners
+        name = self.fresh()
+        lines = self.lines if "n" in flat_axes(acc.axes) else self.em.pre
+        lines.append(f"{name}_lo = tl.min({x})")
+        lines.append(f"{name}_hi = tl.max({x})")
+        return ("num", f"{name}_lo", f"{name}_hi")
+
+    def value(self, node):
+        if node in self.memo:
+            return self.memo[node]
+        res = self._value(node)
+        self.memo[node] = res
+        return res
+
+    def _value(self, n):
+        t = n.target
+        if t in VIEW_OPS:
+            return self.value(n.args[0]) if n.args[0] in set(self.r.nodes) else self.operand(n, 0)
+        ops = [self.operand(n, i) if isinstance(n.args[i], fx.Node) or _literal(n.args[i]) is not None
+               else None for i in range(len(n.args))]
+        if any(o is None for o in ops):
+            return None
+        cmp = {aten.lt.Tensor: "<", aten.lt.Scalar: "<", aten.le.Tensor: "<=", aten.le.Scalar: "<=",
+               aten.gt.Tensor: ">", aten.gt.Scalar: ">", aten.ge.Tensor: ">=", aten.ge.Scalar: ">=",
+               aten.eq.Tensor: "==", aten.eq.Scalar: "==", aten.ne.Tensor: "!=", aten.ne.Scalar: "!="}
+        if t in cmp:
+            (ka, alo, ahi), (kb, blo, bhi) = ops
+            if ka != "num" or kb != "num":
+                return None
+            op = cmp[t]
+            if op in (">", ">="):  # a > b  is  b < a
+                alo, ahi, blo, bhi = blo, bhi, alo, ahi
+                op = "<" if op == ">" else "<="
+            if op == "<":
+                T, F = f"({ahi} < {blo})", f"({alo} >= {bhi})"
+            elif op == "<=":
+                T, F = f"({ahi} <= {blo})", f"({alo} > {bhi})"
+            else:
+                T = f"(({alo} == {ahi}) & ({blo} == {bhi}) & ({alo} == {blo}))"
+                F = f"(({ahi} < {blo}) | ({bhi} < {alo}))"
+                if op == "!=":
+                    T, F = F, T
+            return self._emit("bool", T, F)
+        if t in (aten.logical_and.default, aten.bitwise_and.Tensor, aten.logical_or.default,
+                 aten.bitwise_or.Tensor):
+            (ka, at, af), (kb, bt, bf) = ops
+            if ka != "bool" or kb != "bool":
+                return None
+            if t in (aten.logical_and.default, aten.bitwise_and.Tensor):
+                return self._emit("bool", f"({at} & {bt})", f"({af} | {bf})")
+            return self._emit("bool", f"({at} | {bt})", f"({af} & {bf})")
+        if t in (aten.logical_not.default, aten.bitwise_not.default):
+            (ka, at, af), = ops
+            return ("bool", af, at) if ka == "bool" else None
+        if any(o[0] != "num" for o in ops):
+            return None
+        if t in (aten.add.Tensor, aten.add.Scalar) and n.kwargs.get("alpha", 1) == 1:
+            (_, alo, ahi), (_, blo, bhi) = ops
+            return self._emit("num", f"{alo} + {blo}", f"{ahi} + {bhi}")
+        if t in (aten.sub.Tensor, aten.sub.Scalar) and n.kwargs.get("alpha", 1) == 1:
+            (_, alo, ahi), (_, blo, bhi) = ops
+            return self._emit("num", f"{alo} - {bhi}", f"{ahi} - {blo}")
+        if t is aten.neg.default:
+            (_, alo, ahi), = ops
+            return self._emit("num", f"-({ahi})", f"-({alo})")
+        if t is aten.abs.default:
+            (_, alo, ahi), = ops
+            return self._emit("num", f"tl.where({alo} >= 0, {alo}, tl.where({ahi} <= 0, -({ahi}), 0))",
+                              f"tl.maximum(-({alo}), {ahi})")
+        if t in (aten.mul.Tensor, aten.mul.Scalar):
+            c = _literal(n.args[1]) if not isinstance(n.args[1], fx.Node) else _literal(n.args[0]) \
+                if not isinstance(n.args[0], fx.Node) else None
+            if c is None:
+                return None
+            (_, lo, hi) = ops[0] if isinstance(n.args[0], fx.Node) else ops[1]
+            if c >= 0:
+                return self._emit("num", f"{lo} * {c!r}", f"{hi} * {c!r}")
+            return self._emit("num", f"{hi} * {c!r}", f"{lo} * {c!r}")
+        return None
+
+    def _emit(self, kind, lo, hi):
+        name = self.fresh()
+        a, b = ("T", "F") if kind == "bool" else ("lo", "hi")
+        self.lines.append(f"{name}_{a} = {lo}")
+        self.lines.append(f"{name}_{b} = {hi}")
+        return (kind, f"{name}_{a}", f"{name}_{b}")
+
+
+def emit_tile_skip(region: Region, emitter, lines):
+    """Emit the guard; returns the name of a scalar that is true when the tile can be skipped."""
+    conds = []
+    iv = IntervalEmitter(region, emitter, lines)
+    for cond, br, ws in skippable_masks(region):
+        res = iv.value(cond) if cond in set(region.nodes) else iv.operand(next(iter(ws)), 0)
+        if res is None or res[0] != "bool":
+            continue
+        # -inf in the true branch: skip where cond is true everywhere; else where it is false
+        conds.append(res[1] if br == 1 else res[2])
+    if not conds:
+        return None
+    lines.append(f"tile_empty = {' | '.join(conds)}  # the mask removes every score of this tile")
+    return "tile_empty"
