@@ -471,13 +471,22 @@ def _assemble(em: _Emitter, prog: OnlineProgram) -> KernelSource:
         what = "running sum" if acc.kind == "sum" else "·V accumulator"
         body.append(f"{acc.name} = tl.zeros({shape}, tl.float32)  # {what} of {acc.elem}")
     body.append("")
-    body.append(f"for start_n in range(0, {N}, BLOCK_N):")
-    loop = ["offs_n = start_n + tl.arange(0, BLOCK_N)", f"mask_n = offs_n < {N}"]
+    tile = ["offs_n = start_n + tl.arange(0, BLOCK_N)", f"mask_n = offs_n < {N}"] + em.guard
     if em.skip:
-        loop += em.guard + [f"if {em.skip} == 0:"] + ["    " + ln for ln in em.loop]
+        # a cheap first pass finds the key tiles the mask leaves; the main loop then runs over that
+        # range with no branch inside (a branch would stop Triton from pipelining the loads)
+        body.append("# key tiles left by the mask (interval bounds of the mask over each tile)")
+        body.append(f"lo_n = tl.full([], {N}, tl.int32)")
+        body.append("hi_n = tl.full([], 0, tl.int32)")
+        body.append(f"for start_n in range(0, {N}, BLOCK_N):")
+        body += ["    " + ln for ln in tile]
+        body.append(f"    lo_n = tl.minimum(lo_n, tl.where({em.skip}, {N}, start_n))")
+        body.append(f"    hi_n = tl.maximum(hi_n, tl.where({em.skip}, 0, start_n + BLOCK_N))")
+        body.append("")
+        body.append("for start_n in range(lo_n, hi_n, BLOCK_N):")
     else:
-        loop += em.loop
-    body += ["    " + ln for ln in loop]
+        body.append(f"for start_n in range(0, {N}, BLOCK_N):")
+    body += ["    " + ln for ln in tile + em.loop]
     body.append("")
     body.append("# combine the accumulators with the row values")
     body += em.post

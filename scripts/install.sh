@@ -19,6 +19,8 @@ import importlib, sys, pathlib
 mods = ["torch", "hydra", "optuna", "pandas", "matplotlib", "rich", "variants", "flashlight.variant_registry"]
 if sys.argv[1:] == ["test"]:
     mods += ["pytest", "hypothesis"]
+    import numpy  # the Triton interpreter needs numpy<2.4 (see pyproject's test extra)
+    assert tuple(int(x) for x in numpy.__version__.split(".")[:2]) < (2, 4)
 for m in mods:
     importlib.import_module(m)
 import variants
