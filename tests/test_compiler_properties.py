@@ -1,0 +1,80 @@
+"""Property tests: random attention programs from a grammar of score ops, masks, normalisations and
+epilogues, on random shapes and layouts. Each must be fused-and-correct or fallen-back-and-correct."""
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import flashlight
+
+from test_compiler import TOL, rel_err
+
+SCORE_OPS = ["scale", "head_bias", "softcap", "alibi"]
+MASKS = ["none", "causal", "window", "padding", "finfo_causal"]
+NORMS = ["softmax", "handwritten", "no_max", "sigmoid", "relu_sum"]
+EPILOGUES = ["none", "gate"]
+
+
+def build(score_op, mask, norm, epilogue):
+    def attn(q, k, v, hb, keep, gate):
+        s = q @ k.transpose(-1, -2)
+        i = torch.arange(q.shape[-2])[:, None]
+        j = torch.arange(k.shape[-2])[None, :]
+        if score_op == "scale":
+            s = s * 0.3
+        elif score_op == "head_bias":
+            s = s + hb[:, None, None]
+        elif score_op == "softcap":
+            s = torch.tanh(s / 5.0) * 5.0
+        else:
+            s = s - hb[:, None, None].abs() * (i - j).abs()
+        if mask == "causal":
+            s = s.masked_fill(j > i, float("-inf"))
+        elif mask == "window":
+            s = torch.where((j <= i) & (i - j < 7), s, float("-inf"))
+        elif mask == "padding":
+            s = s.masked_fill(~keep[:, None, None, :], float("-inf"))
+        elif mask == "finfo_causal":
+            s = s.masked_fill(j > i, torch.finfo(s.dtype).min)
+        if norm == "softmax":
+            p = s.softmax(-1)
+        elif norm == "handwritten":
+            e = (s - s.amax(-1, keepdim=True)).exp()
+            p = e / e.sum(-1, keepdim=True)
+        elif norm == "no_max":
+            e = s.clamp_max(30.0).exp()
+            p = e / e.sum(-1, keepdim=True)
+        elif norm == "sigmoid":
+            p = torch.sigmoid(s)
+        else:
+            r = torch.relu(s)
+            p = r / (r.sum(-1, keepdim=True) + 1.0)
+        o = p @ v
+        return o * torch.sigmoid(gate) if epilogue == "gate" else o
+    return attn
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=list(HealthCheck))
+@given(score_op=st.sampled_from(SCORE_OPS), mask=st.sampled_from(MASKS), norm=st.sampled_from(NORMS),
+       epilogue=st.sampled_from(EPILOGUES), B=st.integers(1, 2), H=st.integers(1, 3),
+       Sq=st.integers(1, 40), Sk=st.integers(1, 40), D=st.sampled_from([8, 12, 16, 20]),
+       Dv=st.sampled_from([8, 12, 16]), transposed=st.booleans(), seed=st.integers(0, 2**16))
+def test_random_programs_fuse_or_fall_back_correctly(score_op, mask, norm, epilogue, B, H, Sq, Sk, D, Dv,
+                                                     transposed, seed):
+    g = torch.Generator().manual_seed(seed)
+    rn = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    if transposed:  # views as they come out of a projection: [B, S, H, D] -> [B, H, S, D]
+        q, k, v = rn(B, Sq, H, D).transpose(1, 2), rn(B, Sk, H, D).transpose(1, 2), rn(B, Sk, H, Dv).transpose(1, 2)
+    else:
+        q, k, v = rn(B, H, Sq, D), rn(B, H, Sk, D), rn(B, H, Sk, Dv)
+    hb, keep, gate = rn(H), torch.rand(B, Sk, generator=g) > 0.3, rn(B, H, Sq, Dv)
+    fn = build(score_op, mask, norm, epilogue)
+    args = (q, k, v, hb, keep, gate)
+    report = flashlight.explain(fn, *args)
+    assert report.regions, "every program here has one attention region"
+    assert report.fused or report.regions[0].reason
+    torch._dynamo.reset()
+    before = flashlight.counters["fused_launches"]
+    out = flashlight.compile(fn, inductor=False)(*args)
+    assert (flashlight.counters["fused_launches"] > before) == report.fused
+    ref = fn(*(a.double() if a.is_floating_point() else a for a in args))
+    assert rel_err(out, ref) < TOL, str(report)
