@@ -113,6 +113,19 @@ def flat_axes(axes):
     return tuple(a for dim in axes for a in dim)
 
 
+def constant_value(node):
+    """The value of a constant tensor (scalar_tensor, full, zeros…, through views), else None."""
+    src, _ = _source_of(node) if isinstance(node, fx.Node) else (None, ())
+    if not isinstance(src, fx.Node) or src.op != "call_function" or src.target not in CONSTANTS:
+        return None
+    t = src.target
+    if t is aten.scalar_tensor.default:
+        return src.args[0]
+    if t in (aten.full.default, aten.full_like.default):
+        return src.args[1]
+    return 0.0 if t in (aten.zeros.default, aten.zeros_like.default) else 1.0
+
+
 def _source_of(node):
     """Walk back through view ops: (source node, chain of view nodes from source to node)."""
     chain = []
@@ -199,7 +212,6 @@ def _view_input_axes(node, out_axes, sizes):
             inv[o] = i
         return tuple(out_axes[inv[j]] for j in range(len(order)))
     if t is aten.slice.Tensor:
-        dim = node.args[1] % len(in_shape)
         if in_shape != out_shape:
             raise NotFusable("slicing inside the attention region (e.g. extra logits) is not supported yet")
         return out_axes
@@ -322,18 +334,20 @@ def analyse(gm: fx.GraphModule, pv: fx.Node) -> Region:
     # Pass 2: propagate axes backwards, in reverse graph order (consumers before producers).
     order = [n for n in gm.graph.nodes if n in internal]
     assign(pv.args[0], lhs_axes)
-    for u in epilogue:
-        axes[u] = canon_axes
-        if u.target in VIEW_OPS:
-            continue
-        for i, arg in enumerate(u.args):
-            if not isinstance(arg, fx.Node) or arg is pv or arg in epilogue:
+    def elementwise_inputs(node, out_ax, out_shape, skip=()):
+        for i, arg in enumerate(node.args):
+            if not isinstance(arg, fx.Node) or arg in skip:
                 continue
-            ax = _broadcast_input_axes(canon_axes, canon, shape_of(arg))
+            ax = _broadcast_input_axes(out_ax, out_shape, shape_of(arg))
             if arg in internal:
                 assign(arg, ax)
             else:
-                make_access(u, i, arg, ax)
+                make_access(node, i, arg, ax)
+
+    for u in epilogue:
+        axes[u] = canon_axes
+        if u.target not in VIEW_OPS:
+            elementwise_inputs(u, canon_axes, canon, skip={pv, *epilogue})
     for node in reversed(order):
         if node not in axes:
             raise NotFusable(f"{node.name} does not reach the ·V product")
@@ -388,15 +402,7 @@ def analyse(gm: fx.GraphModule, pv: fx.Node) -> Region:
             else:
                 make_access(node, 0, x, in_ax)
             continue
-        # elementwise
-        for i, arg in enumerate(node.args):
-            if not isinstance(arg, fx.Node):
-                continue
-            ax = _broadcast_input_axes(out_ax, out_shape, shape_of(arg))
-            if arg in internal:
-                assign(arg, ax)
-            else:
-                make_access(node, i, arg, ax)
+        elementwise_inputs(node, out_ax, out_shape)
 
     if not scores:
         blockers = sorted({str(a.source.target) for a in accesses.values()

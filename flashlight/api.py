@@ -5,7 +5,7 @@ import functools
 
 import torch
 
-from flashlight.backend import flashlight_backend, plan
+from flashlight.backend import flashlight_backend, is_training, plan
 from flashlight.capture import normalize
 from flashlight.explain import Report
 from flashlight.runtime import counters  # noqa: F401  (re-exported)
@@ -33,10 +33,9 @@ def explain(fn, *args, **kwargs) -> Report:
     def flat(*xs):
         return fn(*xs[:len(args)], **dict(zip(names, xs[len(args):])))
 
-    training = torch.is_grad_enabled() and any(
-        isinstance(x, torch.Tensor) and x.requires_grad for x in (*args, *kwargs.values()))
-    gm = normalize(flat, [*args, *kwargs.values()])
-    planned = plan(gm, training=training)
+    inputs = [*args, *kwargs.values()]
+    gm = normalize(flat, inputs)
+    planned = plan(gm, training=is_training(inputs))
     report = Report([rep for rep, _, _ in planned])
     if not planned:
         report.notes.append("no attention region (matmul → row program → matmul) found")

@@ -83,12 +83,14 @@ def replace_regions(gm: fx.GraphModule, planned) -> None:
     gm.recompile()
 
 
+def is_training(inputs) -> bool:
+    return torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in inputs)
+
+
 def fuse(gm, example_inputs, dump=None, config=None, block_sparse=True):
     """Normalise and fuse; returns (graph module to run, report, number of regions fused)."""
-    training = torch.is_grad_enabled() and any(
-        isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs)
     aten_gm = normalize(gm, example_inputs)
-    planned = plan(aten_gm, training=training, dump=dump, config=config, block_sparse=block_sparse)
+    planned = plan(aten_gm, training=is_training(example_inputs), dump=dump, config=config, block_sparse=block_sparse)
     report = Report([rep for rep, _, _ in planned])
     if not planned:
         report.notes.append("no attention region (matmul → row program → matmul) in this graph")

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from flashlight.analysis import (WHERE, CONSTANTS, IOTAS, MATMULS, REDUCTIONS, Access, NotFusable, Region,
+from flashlight.analysis import (MATMULS, WHERE, Access, NotFusable, Region, constant_value,
                                  flat_axes, shape_of)
 from flashlight.indexing import VIEW_OPS, GroupedView, apply_view, freeze_chain, split_over_axes
 from flashlight.rewrite import OnlineProgram, build, lname, vname
@@ -67,8 +67,8 @@ class KernelSource:
     sizes: dict = field(default_factory=dict)
     batch: int = 1
     M: int = 0
+    n_dot: int = 1               # ·V accumulators (register pressure: picks BLOCK_M)
     notes: list = field(default_factory=list)
-    config_space: dict = field(default_factory=dict)
 
 
 def access_layout(chain, axes, shape, stride, offset, sizes):
@@ -142,7 +142,7 @@ class _Emitter:
         if key in self.access_names:
             return self.access_names[key]
         if acc.kind == "const":
-            val = _const_value(acc.source)
+            val = constant_value(acc.source)
             name = _lit(val)
             self.access_names[key] = name
             return name
@@ -307,21 +307,6 @@ def _as_float(node, i, code):
     return code
 
 
-def _const_value(node):
-    t = node.target
-    if t is aten.scalar_tensor.default:
-        return node.args[0]
-    if t is aten.full.default:
-        return node.args[1]
-    if t is aten.full_like.default:
-        return node.args[1]
-    if t in (aten.zeros.default, aten.zeros_like.default):
-        return 0.0
-    if t in (aten.ones.default, aten.ones_like.default):
-        return 1.0
-    raise NotFusable(f"unsupported constant {t}")
-
-
 def _iota_params(node):
     t = node.target
     if t is aten.arange.default:
@@ -441,7 +426,6 @@ def _assemble(em: _Emitter, prog: OnlineProgram) -> KernelSource:
     sizes = r.sizes
     M, N, E = sizes["m"], sizes["n"], sizes["e"]
     batch = math.prod(r.batch_sizes) if r.batch_sizes else 1
-    lines = []
     ptrs = [f"in{i}_ptr" for i in range(len(r.leaves))]
     consts = ["BLOCK_M: tl.constexpr", "BLOCK_N: tl.constexpr"]
     sig = ", ".join(ptrs + ["out_ptr"] + em.params + consts)
@@ -511,4 +495,5 @@ def _assemble(em: _Emitter, prog: OnlineProgram) -> KernelSource:
     source = header + src_body + "\n"
     out_shape = tuple(r.batch_sizes) + (M, E)
     return KernelSource(source, name, em.slots, len(r.leaves), out_shape, r.output.meta["val"].dtype,
-                        sizes=dict(sizes), batch=batch, M=M, notes=list(prog.notes))
+                        sizes=dict(sizes), batch=batch, M=M,
+                        n_dot=sum(a.kind == "dot" for a in prog.accumulators), notes=list(prog.notes))

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from flashlight.analysis import MATMULS, WHERE, REDUCTIONS, NotFusable, Region, flat_axes
+from flashlight.analysis import MATMULS, WHERE, NotFusable, Region, constant_value, flat_axes
 from flashlight.indexing import VIEW_OPS
 
 aten = torch.ops.aten
@@ -209,7 +209,7 @@ def build(region: Region, operand, prog: OnlineProgram | None = None) -> OnlineP
             out = []
             for i, keep in ((1, True), (2, False)):
                 a = node.args[i]
-                if _is_zero(a) or (isinstance(a, fx.Node) and _const_value(a) == 0):
+                if _is_zero(a) or (isinstance(a, fx.Node) and constant_value(a) == 0):
                     continue
                 for tm in arg_terms(node, i):
                     e = tm.elem or "1.0"
@@ -279,19 +279,11 @@ def _early_degree(node, infos, arg_info):
         ds = [arg_info(node, i + 1)[1] if isinstance(a, fx.Node) else () for i, a in enumerate(vals)]
         if arg_info(node, 0)[1]:
             raise NotFusable("mask computed from a rescaled value")
-        nonzero = [d for a, d in zip(vals, ds) if not (_is_zero(a) or (isinstance(a, fx.Node) and _const_value(a) == 0))]
+        nonzero = [d for a, d in zip(vals, ds) if not (_is_zero(a) or (isinstance(a, fx.Node) and constant_value(a) == 0))]
         if len(set(nonzero)) > 1:
             raise NotFusable("where() between values with different exp(-row max) scales")
         return nonzero[0] if nonzero else ()
     raise NotFusable(f"{t} of a value scaled by exp(-row max) cannot be rescaled online")
-
-
-def _const_value(node):
-    if node.op == "call_function" and node.target in (aten.scalar_tensor.default, aten.full.default):
-        return node.args[-1] if node.target is aten.full.default else node.args[0]
-    if node.op == "call_function" and node.target in (aten.zeros.default, aten.zeros_like.default):
-        return 0
-    return None
 
 
 def _mul(a, b):

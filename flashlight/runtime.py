@@ -67,7 +67,7 @@ def default_config(ks: KernelSource, device_type: str) -> dict:
     if device_type != "cuda":
         return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
     e = 1 << max(4, (ks.sizes["e"] - 1).bit_length())
-    n_dot = ks.source.count("·V accumulator")
+    n_dot = ks.n_dot
     d = max((1 << max(4, (s - 1).bit_length())) for a, s in ks.sizes.items() if a.startswith("d"))
     width = n_dot * e
     block_m = 128 if width <= 128 and d <= 128 else 64
@@ -80,12 +80,21 @@ class CompiledRegion:
     ks: KernelSource
     config: dict = field(default_factory=dict)
     dump_dir: str | None = None
+    _kernel: object = field(default=None, repr=False)
+    _args: dict = field(default_factory=dict, repr=False)   # input layouts -> stride arguments
 
     @property
     def key(self):
         return hashlib.sha256(self.ks.source.encode()).hexdigest()[:20]
 
     def launch_args(self, inputs):
+        """Stride/offset arguments, replayed from the view chains once per input layout."""
+        layout = tuple((tuple(t.shape), tuple(t.stride())) for t in inputs)
+        if layout not in self._args:
+            self._args[layout] = self._compute_args(inputs)
+        return self._args[layout]
+
+    def _compute_args(self, inputs):
         params = []
         for slot in self.ks.slots:
             t = inputs[slot.leaf]
@@ -98,7 +107,9 @@ class CompiledRegion:
 
     def __call__(self, inputs):
         device = inputs[0].device
-        kernel = load_kernel(self.ks, self.dump_dir)
+        if self._kernel is None:
+            self._kernel = load_kernel(self.ks, self.dump_dir)
+        kernel = self._kernel
         cfg = self.config or default_config(self.ks, device.type)
         out = torch.empty(self.ks.out_shape, dtype=self.ks.out_dtype, device=device)
         grid = (math.ceil(self.ks.M / cfg["BLOCK_M"]) * self.ks.batch,)

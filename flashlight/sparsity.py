@@ -19,7 +19,7 @@ import math
 import torch
 import torch.fx as fx
 
-from flashlight.analysis import MATMULS, WHERE, Region, flat_axes
+from flashlight.analysis import MATMULS, WHERE, Region, constant_value, flat_axes
 from flashlight.indexing import VIEW_OPS
 
 aten = torch.ops.aten
@@ -38,13 +38,7 @@ def _const_of(region, node, i):
     if not isinstance(a, fx.Node):
         return _literal(a)
     acc = region.accesses.get((node, i))
-    if acc is not None and acc.kind == "const":
-        t = acc.source.target
-        if t is aten.scalar_tensor.default:
-            return acc.source.args[0]
-        if t in (aten.full.default, aten.full_like.default):
-            return acc.source.args[1]
-    return None
+    return constant_value(a) if acc is not None and acc.kind == "const" else None
 
 
 def _ninf_branch(region, w):
@@ -163,7 +157,6 @@ class IntervalEmitter:
             c = _const_of(self.r, node, i)
             return None if c is None else ("num", repr(c), repr(c))
         axes = set(flat_axes(acc.axes))
-        where = self.em.loop if "n" in axes else self.em.pre
         lines = self.lines if "n" in axes else self.em.pre
         x = self.em.access(acc, ("m", "n"), lines)
         if acc.kind == "iota":
