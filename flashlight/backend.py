@@ -56,8 +56,7 @@ def plan(gm: fx.GraphModule, training: bool = False, dump=None, config=None, blo
             ks = generate(region, block_sparse=block_sparse)
             rep.kernel_source = ks.source
             rep.matched["online form"] = "; ".join(ks.notes)
-            rep.matched["tile skipping"] = "yes (mask proven empty per tile at run time)" \
-                if "tile_empty" in ks.source else "no"
+            rep.matched["tile skipping"] = ks.tile_skipping
             _check_device(region)
             rep.fused = True
             out.append((rep, region, CompiledRegion(ks, dict(config or {}), dump)))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 import textwrap
 from dataclasses import dataclass, field
 
@@ -69,6 +70,10 @@ class KernelSource:
     M: int = 0
     n_dot: int = 1               # ·V accumulators (register pressure: picks BLOCK_M)
     notes: list = field(default_factory=list)
+    N: int = 0
+    classifier: str | None = None  # name of the tile classification kernel (data-dependent masks)
+    range_rows: int = 1            # batch rows of its table (product of the batch axes the mask reads)
+    tile_skipping: str = "no"      # how key tiles are skipped, for explain
 
 
 def access_layout(chain, axes, shape, stride, offset, sizes):
@@ -328,9 +333,9 @@ def _comment(node):
 def generate(region: Region, block_sparse: bool = True) -> KernelSource:
     em = _Emitter(region, None)
     prog = em.prog = OnlineProgram(region)
-    # tile skipping first, so that the loads it reads come before the guarded body
-    em.guard = []
-    em.skip = emit_tile_skip(region, em, em.guard) if block_sparse else None
+    # tile classification first, so that the loads it reads come before the loop bodies using them
+    em.guard, em.guard_pre = [], []
+    em.tiles = emit_tile_skip(region, em, em.guard, em.guard_pre) if block_sparse else None
     build(region, em.operand, prog)
     kinds = prog.kind
     sizes = region.sizes
@@ -353,9 +358,14 @@ def generate(region: Region, block_sparse: bool = True) -> KernelSource:
         rescaled = kinds[node] == "stabsub" or prog.degree.get(node)
         (phase_c if rescaled else phase_a).append(node)
 
+    em.full_tile_lines = {}  # index in em.loop -> the line used instead on tiles the masks keep whole
+
     def emit(node, where):
         code = em.expr(node)
         where.append(f"{vname(node)} = {code}  # {_comment(node)}")
+        if em.tiles and node in em.tiles.dropped and where is em.loop:
+            kept = em.float_operand(node, em.tiles.dropped[node])
+            em.full_tile_lines[len(where) - 1] = f"{vname(node)} = {kept}  # mask dropped: the tile is kept whole"
 
     for node in phase_a:
         emit(node, em.loop if "n" in flat_axes(r.axes[node]) else em.pre)
@@ -421,25 +431,68 @@ def generate(region: Region, block_sparse: bool = True) -> KernelSource:
     return _assemble(em, prog)
 
 
+_ASSIGN = re.compile(r"\s*([A-Za-z_]\w*) = (.*)")
+
+
+def _prune(lines, live_out):
+    """Drop assignments whose value nothing reads (e.g. the mask on tiles kept whole): the loop
+    bodies are built once and specialised, and dead lines would only obscure the kernel."""
+    live, keep = set(live_out), []
+    for ln in reversed(lines):
+        m = _ASSIGN.match(ln)
+        if m is None:
+            keep.append(ln)
+            continue
+        name, rhs = m.group(1), m.group(2).split("  #")[0]
+        if name in live:
+            keep.append(ln)
+            live |= set(re.findall(r"[A-Za-z_]\w*", rhs))
+    keep.reverse()
+    # a comment heading nothing (its section was pruned) goes too
+    return [ln for i, ln in enumerate(keep)
+            if not (ln.startswith("#") and (i + 1 == len(keep) or keep[i + 1].startswith("#")))]
+
+
+def _batch_decomposition(index, axes, sizes):
+    """Lines splitting a flat program index into batch indices (row-major over `axes`)."""
+    lines, rem = [], index
+    for i in reversed(range(len(axes))):
+        a = axes[i]
+        if i == 0:
+            lines.append(f"{a} = {rem}")
+        else:
+            lines.append(f"{a} = {rem} % {sizes[a]}")
+            lines.append(f"rem_{a} = {rem} // {sizes[a]}")
+            rem = f"rem_{a}"
+    return lines
+
+
+def _batch_row(axes, sizes):
+    """The flat row-major index of `axes` (inverse of _batch_decomposition)."""
+    row = "0"
+    for a in axes:
+        row = a if row == "0" else f"({row}) * {sizes[a]} + {a}"
+    return row
+
+
 def _assemble(em: _Emitter, prog: OnlineProgram) -> KernelSource:
     r = em.r
+    tiles = em.tiles
     sizes = r.sizes
     M, N, E = sizes["m"], sizes["n"], sizes["e"]
     batch = math.prod(r.batch_sizes) if r.batch_sizes else 1
     ptrs = [f"in{i}_ptr" for i in range(len(r.leaves))]
     consts = ["BLOCK_M: tl.constexpr", "BLOCK_N: tl.constexpr"]
-    sig = ", ".join(ptrs + ["out_ptr"] + em.params + consts)
-    body = []
-    body.append("pid = tl.program_id(0)")
-    body.append(f"pid_m = pid % tl.cdiv({M}, BLOCK_M)")
-    body.append(f"pid_b = pid // tl.cdiv({M}, BLOCK_M)")
-    rem = "pid_b"
-    for i in reversed(range(len(r.batch_sizes))):
-        s = r.batch_sizes[i]
-        body.append(f"b{i} = {rem} % {s}" if i > 0 else f"b{i} = {rem}")
-        if i > 0:
-            body.append(f"rem{i} = {rem} // {s}")
-            rem = f"rem{i}"
+    classified = tiles is not None and tiles.reads_tensors
+    sig = ", ".join(ptrs + ["out_ptr"] + (["ranges_ptr"] if classified else []) + em.params + consts)
+    carried = {a.name for a in prog.accumulators} | {f"m_{R.name}" for R in prog.max_groups}
+    offs_n = ["offs_n = start_n + tl.arange(0, BLOCK_N)", f"mask_n = offs_n < {N}"]
+    masked_body = _prune(offs_n + em.guard + em.loop, carried)
+
+    body = ["pid = tl.program_id(0)",
+            f"pid_m = pid % tl.cdiv({M}, BLOCK_M)",
+            f"pid_b = pid // tl.cdiv({M}, BLOCK_M)"]
+    body += _batch_decomposition("pid_b", r.batch_axes, sizes)
     body.append("offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)")
     body.append(f"mask_m = offs_m < {M}")
     for a, bs in em.block_size.items():
@@ -447,7 +500,7 @@ def _assemble(em: _Emitter, prog: OnlineProgram) -> KernelSource:
         body.append(f"mask_{a} = offs_{a} < {sizes[a]}")
     body.append("")
     body.append("# loaded once per query tile")
-    body += em.pre
+    pre_at = len(body)
     for R in prog.max_groups:
         body.append(f"m_{R.name} = tl.full([BLOCK_M, 1], float(\"-inf\"), tl.float32)  # running max of {R.name}")
     for acc in prog.accumulators:
@@ -455,22 +508,61 @@ def _assemble(em: _Emitter, prog: OnlineProgram) -> KernelSource:
         what = "running sum" if acc.kind == "sum" else "·V accumulator"
         body.append(f"{acc.name} = tl.zeros({shape}, tl.float32)  # {what} of {acc.elem}")
     body.append("")
-    tile = ["offs_n = start_n + tl.arange(0, BLOCK_N)", f"mask_n = offs_n < {N}"] + em.guard
-    if em.skip:
-        # a cheap first pass finds the key tiles the mask leaves; the main loop then runs over that
-        # range with no branch inside (a branch would stop Triton from pipelining the loads)
-        body.append("# key tiles left by the mask (interval bounds of the mask over each tile)")
-        body.append(f"lo_n = tl.full([], {N}, tl.int32)")
-        body.append("hi_n = tl.full([], 0, tl.int32)")
+    classifier_src = None
+    if tiles is None:
         body.append(f"for start_n in range(0, {N}, BLOCK_N):")
-        body += ["    " + ln for ln in tile]
-        body.append(f"    lo_n = tl.minimum(lo_n, tl.where({em.skip}, {N}, start_n))")
-        body.append(f"    hi_n = tl.maximum(hi_n, tl.where({em.skip}, 0, start_n + BLOCK_N))")
-        body.append("")
-        body.append("for start_n in range(lo_n, hi_n, BLOCK_N):")
+        body += ["    " + ln for ln in masked_body]
     else:
-        body.append(f"for start_n in range(0, {N}, BLOCK_N):")
-    body += ["    " + ln for ln in tile + em.loop]
+        if classified:
+            row = _batch_row(tiles.batch_axes, sizes)
+            row = "pid_m" if row == "0" else f"({row}) * tl.cdiv({M}, BLOCK_M) + pid_m"
+            body += [
+                "# key tiles the masks leave, and those they keep whole: from the classification kernel",
+                f"ranges = ranges_ptr + ({row}) * 5",
+                f"lo_n = {N} - tl.load(ranges + 0)",
+                "hi_n = tl.load(ranges + 1)",
+                f"full_lo = {N} - tl.load(ranges + 2)",
+                "full_hi = tl.load(ranges + 3)",
+                "n_full = tl.load(ranges + 4)",
+            ]
+            classifier_src = _classifier(em, ptrs, consts)
+        else:
+            # a cheap pass of index arithmetic (no loads) finds the key tiles the masks leave
+            body += [
+                "# key tiles the masks leave, and those they keep whole (interval bounds per tile)",
+                f"lo_n = tl.full([], {N}, tl.int32)",
+                "hi_n = tl.full([], 0, tl.int32)",
+                f"full_lo = tl.full([], {N}, tl.int32)",
+                "full_hi = tl.full([], 0, tl.int32)",
+                "n_full = tl.full([], 0, tl.int32)",
+                f"for start_n in range(0, {N}, BLOCK_N):",
+            ]
+            body += ["    " + ln for ln in _prune(offs_n + em.guard, {"tile_empty", "tile_full"})]
+            body += [
+                f"    lo_n = tl.minimum(lo_n, tl.where(tile_empty, {N}, start_n))",
+                "    hi_n = tl.maximum(hi_n, tl.where(tile_empty, 0, start_n + BLOCK_N))",
+                f"    full_lo = tl.minimum(full_lo, tl.where(tile_full, start_n, {N}))",
+                "    full_hi = tl.maximum(full_hi, tl.where(tile_full, start_n + BLOCK_N, 0))",
+                "    n_full += tl.where(tile_full, 1, 0)",
+            ]
+        full_loop = [em.full_tile_lines.get(i, ln) for i, ln in enumerate(em.loop)]
+        full_body = _prune(offs_n + em.guard + full_loop, carried)
+        body += [
+            "# tiles kept whole run without the mask math, if they form one run (no branch in the loop)",
+            "one_run = (n_full > 0) & (full_hi - full_lo == n_full * BLOCK_N)",
+            "full_lo = tl.where(one_run, full_lo, hi_n)",
+            "full_hi = tl.where(one_run, full_hi, hi_n)",
+            "",
+            "for start_n in range(full_lo, full_hi, BLOCK_N):",
+        ]
+        body += ["    " + ln for ln in full_body]
+        body += [
+            "",
+            "# the other tiles the masks leave, [lo_n, full_lo) and [full_hi, hi_n), with the mask",
+            "for j in range(lo_n, hi_n - (full_hi - full_lo), BLOCK_N):",
+            "    start_n = tl.where(j < full_lo, j, j + (full_hi - full_lo))",
+        ]
+        body += ["    " + ln for ln in masked_body]
     body.append("")
     body.append("# combine the accumulators with the row values")
     body += em.post
@@ -478,8 +570,11 @@ def _assemble(em: _Emitter, prog: OnlineProgram) -> KernelSource:
     body.append(f"out_offs = pid_b * {M * E} + offs_m[:, None] * {E} + offs_e[None, :]")
     body.append("tl.store(out_ptr + out_offs, out.to(out_ptr.dtype.element_ty)" +
                 (f", mask={omask})" if omask else ")"))
+    # the per-query-tile lines, less those only the classification kernel needed
+    used = set(re.findall(r"[A-Za-z_]\w*", "\n".join(body[pre_at:])))
+    body[pre_at:pre_at] = _prune(em.guard_pre + em.pre, used)
     src_body = "\n".join("    " + ln if ln else "" for ln in body)
-    digest = hashlib.sha256((sig + src_body).encode()).hexdigest()[:16]
+    digest = hashlib.sha256((sig + src_body + (classifier_src or "")).encode()).hexdigest()[:16]
     name = f"flashlight_attention_{digest}"
     header = textwrap.dedent(f'''\
         # Generated by Flashlight: fused attention region ending at `{r.pv.name}`.
@@ -487,13 +582,52 @@ def _assemble(em: _Emitter, prog: OnlineProgram) -> KernelSource:
         # batch dims {tuple(r.batch_sizes)}, queries {M}, keys {N}, value dim {E}
         import triton
         import triton.language as tl
-
-
-        @triton.jit
-        def {name}({sig}):
         ''')
-    source = header + src_body + "\n"
+    source = header
+    classifier = None
+    if classifier_src:
+        classifier = f"classify_tiles_{digest}"
+        source += "\n\n" + classifier_src.format(name=classifier)
+    source += f"\n\n@triton.jit\ndef {name}({sig}):\n" + src_body + "\n"
     out_shape = tuple(r.batch_sizes) + (M, E)
+    range_rows = math.prod(sizes[a] for a in tiles.batch_axes) if classified else 1
+    skipping = "no" if tiles is None else (
+        "key tiles classified per call by a kernel of their own (the mask reads data)" if classified
+        else "key tiles classified by index arithmetic in the kernel")
     return KernelSource(source, name, em.slots, len(r.leaves), out_shape, r.output.meta["val"].dtype,
                         sizes=dict(sizes), batch=batch, M=M,
-                        n_dot=sum(a.kind == "dot" for a in prog.accumulators), notes=list(prog.notes))
+                        n_dot=sum(a.kind == "dot" for a in prog.accumulators), notes=list(prog.notes),
+                        N=N, classifier=classifier, range_rows=range_rows, tile_skipping=skipping)
+
+
+def _classifier(em: _Emitter, ptrs, consts) -> str:
+    """A kernel that classifies every (query tile, key tile) for masks that read data.
+
+    One program per tile pair, over only the batch axes the masks read; each folds its tile into the
+    query tile's row of the ranges table with atomics: [N - lowest live start, highest live end,
+    N - lowest full start, highest full end, number of full tiles] (all start at zero).
+    """
+    r, tiles, sizes = em.r, em.tiles, em.r.sizes
+    M, N = sizes["m"], sizes["n"]
+    sig = ", ".join(ptrs + ["ranges_ptr"] + em.params + consts)
+    body = [f"pid = tl.program_id(0)",
+            f"pid_n = pid % tl.cdiv({N}, BLOCK_N)",
+            f"pid_m = (pid // tl.cdiv({N}, BLOCK_N)) % tl.cdiv({M}, BLOCK_M)",
+            f"pid_b = pid // (tl.cdiv({N}, BLOCK_N) * tl.cdiv({M}, BLOCK_M))"]
+    body += _batch_decomposition("pid_b", tiles.batch_axes, sizes)
+    body += ["offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)",
+             f"mask_m = offs_m < {M}",
+             "start_n = pid_n * BLOCK_N",
+             "offs_n = start_n + tl.arange(0, BLOCK_N)",
+             f"mask_n = offs_n < {N}"]
+    body += _prune(em.guard_pre + em.guard, {"tile_empty", "tile_full"})
+    body += [f"ranges = ranges_ptr + (pid_b * tl.cdiv({M}, BLOCK_M) + pid_m) * 5",
+             f"tl.atomic_max(ranges + 0, tl.where(tile_empty, 0, {N} - start_n))",
+             "tl.atomic_max(ranges + 1, tl.where(tile_empty, 0, start_n + BLOCK_N))",
+             f"tl.atomic_max(ranges + 2, tl.where(tile_full, {N} - start_n, 0))",
+             "tl.atomic_max(ranges + 3, tl.where(tile_full, start_n + BLOCK_N, 0))",
+             "tl.atomic_add(ranges + 4, tl.where(tile_full, 1, 0))"]
+    text = "\n".join("    " + ln for ln in body)
+    return ("@triton.jit\ndef {name}(" + sig.replace("{", "{{").replace("}", "}}") + "):\n"
+            "    # which key tiles of this query tile the masks remove, and which they keep whole\n"
+            + text.replace("{", "{{").replace("}", "}}") + "\n")

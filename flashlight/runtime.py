@@ -39,7 +39,10 @@ def interpreting() -> bool:
 
 
 def load_kernel(ks: KernelSource, dump_dir=None):
-    """Write the source to the on-disk cache (Triton needs a real file) and import it once."""
+    """Write the source to the on-disk cache (Triton needs a real file) and import it once.
+
+    Returns the module: it holds the attention kernel and, for data-dependent masks, the tile
+    classification kernel."""
     digest = hashlib.sha256(ks.source.encode()).hexdigest()[:20]
     if dump_dir := dump_dir or os.environ.get("FLASHLIGHT_DUMP"):
         Path(dump_dir).mkdir(parents=True, exist_ok=True)
@@ -57,9 +60,8 @@ def load_kernel(ks: KernelSource, dump_dir=None):
     mod = importlib.util.module_from_spec(spec)
     sys.modules[mod_name] = mod
     spec.loader.exec_module(mod)
-    fn = getattr(mod, ks.name)
-    _MODULES[key] = fn
-    return fn
+    _MODULES[key] = mod
+    return mod
 
 
 def default_config(ks: KernelSource, device_type: str) -> dict:
@@ -109,13 +111,22 @@ class CompiledRegion:
         device = inputs[0].device
         if self._kernel is None:
             self._kernel = load_kernel(self.ks, self.dump_dir)
-        kernel = self._kernel
-        cfg = self.config or default_config(self.ks, device.type)
-        out = torch.empty(self.ks.out_shape, dtype=self.ks.out_dtype, device=device)
-        grid = (math.ceil(self.ks.M / cfg["BLOCK_M"]) * self.ks.batch,)
-        kernel[grid](*inputs, out, *self.launch_args(inputs), BLOCK_M=cfg["BLOCK_M"],
-                     BLOCK_N=cfg["BLOCK_N"], num_warps=cfg.get("num_warps", 4),
-                     num_stages=cfg.get("num_stages", 2))
+        ks, module = self.ks, self._kernel
+        cfg = self.config or default_config(ks, device.type)
+        bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+        args = self.launch_args(inputs)
+        out = torch.empty(ks.out_shape, dtype=ks.out_dtype, device=device)
+        ranges = []
+        if ks.classifier:
+            # which key tiles each query tile needs: a data-dependent mask, classified on this call
+            m_tiles, n_tiles = math.ceil(ks.M / bm), math.ceil(ks.N / bn)
+            table = torch.zeros(ks.range_rows * m_tiles * 5, dtype=torch.int32, device=device)
+            getattr(module, ks.classifier)[(ks.range_rows * m_tiles * n_tiles,)](
+                *inputs, table, *args, BLOCK_M=bm, BLOCK_N=bn, num_warps=4, num_stages=1)
+            ranges = [table]
+        grid = (math.ceil(ks.M / bm) * ks.batch,)
+        getattr(module, ks.name)[grid](*inputs, out, *ranges, *args, BLOCK_M=bm, BLOCK_N=bn,
+                                       num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2))
         counters["fused_launches"] += 1
         return out
 

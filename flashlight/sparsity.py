@@ -11,10 +11,17 @@ Two analyses, both generic over the user's mask expression:
    over the tile's index ranges (positions from arange are affine in the query/key offsets) and the
    min/max of any data it reads (document ids, padding) — giving "true everywhere" / "false
    everywhere" as two scalars. Causal, sliding-window, prefix-LM and document masks all fall out.
+
+A tile is *empty* when some -inf mask removes all of it (skipped), *full* when every analysed mask
+keeps all of it (its mask math is dropped: the kernel runs a second loop body without it). Masks over
+positions only are classified by a scan inside the kernel (pure index arithmetic, no loads); masks
+that read data are classified once per call by a small kernel of their own, one program per
+(query tile, key tile), over only the batch axes the mask reads (document ids do not vary by head).
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
@@ -128,12 +135,15 @@ def skippable_masks(region: Region):
 class IntervalEmitter:
     """Emits scalar Triton code bounding a node's value over the current tile."""
 
-    def __init__(self, region, emitter, lines):
+    def __init__(self, region, emitter, lines, pre_lines):
         self.r = region
         self.em = emitter
-        self.lines = lines
+        self.lines = lines            # per key tile
+        self.pre = pre_lines          # per query tile (no key axis)
         self.memo: dict = {}
         self.k = 0
+        self.reads_tensors = False    # does the predicate load data (not only positions)?
+        self.batch_axes: set = set()  # batch axes the predicate depends on
 
     def fresh(self):
         self.k += 1
@@ -157,10 +167,12 @@ class IntervalEmitter:
             c = _const_of(self.r, node, i)
             return None if c is None else ("num", repr(c), repr(c))
         axes = set(flat_axes(acc.axes))
-        lines = self.lines if "n" in axes else self.em.pre
+        self.batch_axes |= {a for a in axes if a.startswith("b")}
+        lines = self.lines if "n" in axes else self.pre
         x = self.em.access(acc, ("m", "n"), lines)
         if acc.kind == "iota":
             return self._iota_interval(x, acc)
+        self.reads_tensors = True
         xs = f"{x}.to(tl.int32)" if acc.dtype == torch.bool else x
         name = self.fresh()
         lines.append(f"{name}_lo = tl.min({xs})  # smallest {acc.source.name} on this tile")
@@ -172,7 +184,7 @@ class IntervalEmitter:
     def _iota_interval(self, x, acc):
         # positions are monotone in each tile offset: their extremes sit at the tile's corners
         name = self.fresh()
-        lines = self.lines if "n" in flat_axes(acc.axes) else self.em.pre
+        lines = self.lines if "n" in flat_axes(acc.axes) else self.pre
         lines.append(f"{name}_lo = tl.min({x})")
         lines.append(f"{name}_hi = tl.max({x})")
         return ("num", f"{name}_lo", f"{name}_hi")
@@ -258,17 +270,32 @@ class IntervalEmitter:
         return (kind, f"{name}_{a}", f"{name}_{b}")
 
 
-def emit_tile_skip(region: Region, emitter, lines):
-    """Emit the guard; returns the name of a scalar that is true when the tile can be skipped."""
-    conds = []
-    iv = IntervalEmitter(region, emitter, lines)
+@dataclass
+class TileClassifier:
+    """Scalar predicates over one (query tile, key tile), emitted as lines of Triton."""
+    empty: str                       # name of a scalar: the masks remove every score of the tile
+    full: str                        # name of a scalar: the masks keep every score of the tile
+    dropped: dict = field(default_factory=dict)   # where node -> index of the branch kept on full tiles
+    reads_tensors: bool = False      # classified by a separate kernel (True) or a scan in the kernel
+    batch_axes: tuple = ()           # batch axes the classification depends on
+
+
+def emit_tile_skip(region: Region, emitter, lines, pre_lines):
+    """Emit the tile predicates into `lines` (per key tile) and `pre_lines` (per query tile)."""
+    empty, full, dropped = [], [], {}
+    iv = IntervalEmitter(region, emitter, lines, pre_lines)
     for cond, br, ws in skippable_masks(region):
         res = iv.value(cond) if cond in set(region.nodes) else iv.operand(next(iter(ws)), 0)
         if res is None or res[0] != "bool":
             continue
-        # -inf in the true branch: skip where cond is true everywhere; else where it is false
-        conds.append(res[1] if br == 1 else res[2])
-    if not conds:
+        _, true_everywhere, false_everywhere = res
+        # -inf in the true branch: the tile is removed where cond is true everywhere, kept where false
+        empty.append(true_everywhere if br == 1 else false_everywhere)
+        full.append(false_everywhere if br == 1 else true_everywhere)
+        dropped.update({w: 3 - br for w in ws})
+    if not empty:
         return None
-    lines.append(f"tile_empty = {' | '.join(conds)}  # the mask removes every score of this tile")
-    return "tile_empty"
+    lines.append(f"tile_empty = {' | '.join(empty)}  # the masks remove every score of this tile")
+    lines.append(f"tile_full = {' & '.join(full)}  # the masks keep every score of this tile")
+    return TileClassifier("tile_empty", "tile_full", dropped, iv.reads_tensors,
+                          tuple(a for a in region.batch_axes if a in iv.batch_axes))
