@@ -105,6 +105,7 @@ class _Emitter:
         self.cfg = config
         self.sizes = region.sizes
         self.access_names: dict = {}   # access key -> variable name
+        self.iota_code: dict = {}      # variable name -> expression of a positions access
         self.slots: list = []
         self.params: list = []
         self.pre: list = []
@@ -185,8 +186,9 @@ class _Emitter:
             expr = " + ".join(terms) if terms else "0"
             if off:
                 expr = f"{off} + {expr}"
-            code = f"{name} = {_lit(start)} + {_lit(step)} * ({expr})" if (start, step) != (0, 1) else f"{name} = {expr}"
-            where.append(f"{code}  # {acc.source.name}: positions")
+            rhs = f"{_lit(start)} + {_lit(step)} * ({expr})" if (start, step) != (0, 1) else expr
+            where.append(f"{name} = {rhs}  # {acc.source.name}: positions")
+            self.iota_code[name] = rhs
         else:
             leaf = self.r.leaf_index(acc.source)
             self.slots.append(LoadSlot(leaf, freeze_chain(acc.chain), acc.axes, params))

@@ -21,6 +21,7 @@ that read data are classified once per call by a small kernel of their own, one 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -181,12 +182,28 @@ class IntervalEmitter:
             return ("bool", f"({name}_lo == 1)", f"({name}_hi == 0)")
         return ("num", f"{name}_lo", f"{name}_hi")
 
+    # a tile's first and last query / key offsets (out-of-range offsets included: a wider interval
+    # only makes the classification more conservative)
+    FIRST = {"m": "(pid_m * BLOCK_M)", "n": "start_n"}
+    LAST = {"m": "(pid_m * BLOCK_M + BLOCK_M - 1)", "n": "(start_n + BLOCK_N - 1)"}
+
     def _iota_interval(self, x, acc):
-        # positions are monotone in each tile offset: their extremes sit at the tile's corners
         name = self.fresh()
         lines = self.lines if "n" in flat_axes(acc.axes) else self.pre
-        lines.append(f"{name}_lo = tl.min({x})")
-        lines.append(f"{name}_hi = tl.max({x})")
+        code = self.em.iota_code.get(x, "")
+        tile_axes = set(re.findall(r"offs_([mn])\b", code))
+        if len(tile_axes) == 1 and "//" not in code and "%" not in code:
+            # affine in one tile offset: the extremes are at its first and last value (scalar math,
+            # no reduction across the tile)
+            (a,) = tile_axes
+            at = lambda end: re.sub(rf"offs_{a}(\[[^\]]*\])?", end[a], code)  # noqa: E731
+            lines.append(f"{name}_a = {at(self.FIRST)}  # {acc.source.name} at the tile's first {a}")
+            lines.append(f"{name}_b = {at(self.LAST)}")
+            lines.append(f"{name}_lo = tl.minimum({name}_a, {name}_b)")
+            lines.append(f"{name}_hi = tl.maximum({name}_a, {name}_b)")
+        else:
+            lines.append(f"{name}_lo = tl.min({x})")
+            lines.append(f"{name}_hi = tl.max({x})")
         return ("num", f"{name}_lo", f"{name}_hi")
 
     def value(self, node):
