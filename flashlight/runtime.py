@@ -23,6 +23,7 @@ from flashlight.codegen import KernelSource, access_layout
 counters: collections.Counter = collections.Counter()
 
 _REGISTRY: dict = {}        # key -> CompiledRegion
+launch_configs: dict = {}   # kernel name -> the config of its latest launch (the runner reports it)
 _MODULES: dict = {}         # source hash -> loaded kernel function
 
 
@@ -84,6 +85,7 @@ class CompiledRegion:
     dump_dir: str | None = None
     _kernel: object = field(default=None, repr=False)
     _args: dict = field(default_factory=dict, repr=False)   # input layouts -> stride arguments
+    _tuned: tuple | None = field(default=None, repr=False)  # (tune.generation, stored best config or None)
 
     @property
     def key(self):
@@ -107,12 +109,23 @@ class CompiledRegion:
                 params.append(off if p[1] == "offset" else table[(p[1], p[2], p[3])])
         return params
 
+    def launch_config(self, device: torch.device) -> dict:
+        """The explicit config, else the best one tuning stored for this kernel on this device (looked
+        up once, and again after tune() runs in this process; never tunes), else the default."""
+        if self.config:
+            return self.config
+        from flashlight import tune  # imported here: tune imports this module
+
+        if self._tuned is None or self._tuned[0] != tune.generation:
+            self._tuned = (tune.generation, tune.best_config(self.ks, device))
+        return self._tuned[1] or default_config(self.ks, device.type)
+
     def __call__(self, inputs):
         device = inputs[0].device
         if self._kernel is None:
             self._kernel = load_kernel(self.ks, self.dump_dir)
         ks, module = self.ks, self._kernel
-        cfg = self.config or default_config(ks, device.type)
+        cfg = launch_configs[ks.name] = self.launch_config(device)
         bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
         args = self.launch_args(inputs)
         out = torch.empty(ks.out_shape, dtype=ks.out_dtype, device=device)
