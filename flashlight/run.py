@@ -17,6 +17,7 @@ if shutil.which("nvidia-smi") is None:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import dataclasses
+import json
 import math
 import statistics
 import sys
@@ -40,7 +41,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
           "float64": torch.float64}
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
 COLUMNS = ["variant", "backend", "mode", "dtype", "device", "B", "H", "Sq", "Sk", "D", "Dv", "ms", "tflops",
-           "rel_err", "status", "reason", "peak_mem_mb", "compile_s", "torch", "triton", "gpu", "params"]
+           "rel_err", "status", "reason", "peak_mem_mb", "compile_s", "torch", "triton", "gpu", "params",
+           "config"]  # config: the flashlight tile config(s) launched (JSON), last so older readers keep working
 FWDBWD_FLOP_FACTOR = 3.5  # MEASURE.md: forward+backward = 3.5 x forward
 
 
@@ -61,6 +63,7 @@ class Plan:
     dtype: torch.dtype
     device: torch.device
     ref_dtype: torch.dtype
+    tune: dict = dataclasses.field(default_factory=dict)  # cfg.tune (configs/tune/false.yaml)
 
 
 # ------------------------------------------------------------------------------------------ config
@@ -117,7 +120,10 @@ def resolve(cfg: DictConfig) -> Plan:
                 ref_dtype = torch.float32
     else:
         ref_dtype = DTYPES[ref_s]
-    return Plan(variant, shape, backends, mode, DTYPES[dtype_s], device, ref_dtype)
+    tune = OmegaConf.to_container(cfg.tune, resolve=True) if cfg.get("tune") else {}
+    if tune.get("enabled") and tune.get("config"):
+        raise ConfigError("tune=true searches for a tile config and tune.config sets one: drop one of them")
+    return Plan(variant, shape, backends, mode, DTYPES[dtype_s], device, ref_dtype, tune)
 
 
 def tolerance(dtype: torch.dtype, device: torch.device) -> float:
@@ -217,11 +223,16 @@ def make_fn(backend: str, plan: Plan, inputs: dict, info: dict):
             lines = str(report).strip().splitlines()
             info["note"] = "; ".join(reasons) or (lines[0] if lines else "no region fused")
         info["counters"] = flashlight.counters
-        return flashlight.compile(bound)
+        from flashlight import runtime, tune
+
+        info["launch_configs"] = runtime.launch_configs
+        if plan.tune.get("storage"):  # compile-time lookups of tuned configs read this storage
+            tune.set_storage(plan.tune["storage"])
+        return flashlight.compile(bound, config=plan.tune.get("config") or None)
     raise ConfigError(backend)
 
 
-def run_case(backend: str, plan: Plan, cfg) -> dict:
+def run_case(backend: str, plan: Plan, cfg, out_dir: Path | None = None) -> dict:
     v, shape, mode, dev = plan.variant, plan.shape, plan.mode, plan.device
     row = {"status": "ok", "reason": None, "ms": None, "tflops": None, "rel_err": None,
            "peak_mem_mb": None, "compile_s": None}
@@ -247,6 +258,8 @@ def run_case(backend: str, plan: Plan, cfg) -> dict:
         if backend in COMPILED:
             torch._dynamo.reset()
         fn = make_fn(backend, plan, inputs, info)
+        if backend == "flashlight" and plan.tune.get("enabled") and info.get("fused"):
+            info["note"] = "; ".join(filter(None, [info.get("note"), tune_case(plan, inputs, out_dir)]))
 
         def step():
             out = fn(**inputs)
@@ -258,10 +271,13 @@ def run_case(backend: str, plan: Plan, cfg) -> dict:
         with watch:
             t0 = time.perf_counter()
             launches0 = info["counters"]["fused_launches"] if "counters" in info else 0
+            info.get("launch_configs", {}).clear()
             outs = step()
             _sync(dev)
             first_s = time.perf_counter() - t0
             launched = (info["counters"]["fused_launches"] - launches0) if "counters" in info else None
+        if info.get("launch_configs"):
+            row["config"] = json.dumps(list(info["launch_configs"].values()))
         if backend in COMPILED:
             row["compile_s"] = round(first_s, 3)
 
@@ -308,6 +324,51 @@ def run_case(backend: str, plan: Plan, cfg) -> dict:
     return row
 
 
+# ------------------------------------------------------------------------------------------ tuning
+def tune_case(plan: Plan, inputs: dict, out_dir: Path | None) -> str:
+    """tune=true: tune the case's fused regions (flashlight.tune) before it is timed; the note for its row.
+
+    The study's trial table and pictures go to <run dir>/tune. A failure is noted; the case still runs."""
+    from flashlight import tune
+
+    t = plan.tune
+    try:
+        results = tune.tune(plan.variant.bind(plan.shape), n_trials=t.get("n_trials", 20),
+                            storage=t.get("storage"), timeout=t.get("timeout"),
+                            trial_timeout=t.get("trial_timeout", 120), rep_ms=t.get("rep_ms", 25),
+                            seed=t.get("seed"), **inputs)
+    except Exception as e:
+        return f"tuning failed: {type(e).__name__}: {' '.join(str(e).split())[:200]}"
+    notes = []
+    for r in results:
+        if out_dir is not None:
+            tune.save_report(r, Path(out_dir) / "tune")
+        c = r.counts()
+        notes.append(f"tuned ({c['trials']} trials in study, {c['pruned']} pruned): default {r.default_ms:.3g} ms "
+                     f"→ best {r.best_ms:.3g} ms")
+    return "; ".join(notes)
+
+
+def objective(df: pd.DataFrame) -> float:
+    """What a Hydra Optuna sweep (tune=sweep) minimises: the flashlight row's ms; inf unless it is ok."""
+    rows = df[df["backend"] == "flashlight"]
+    if rows.empty or rows.iloc[0]["status"] != "ok":
+        return math.inf
+    return float(rows.iloc[0]["ms"])
+
+
+def quote_bool_overrides(argv: list[str]) -> list[str]:
+    """`tune=true` picks configs/tune/true.yaml, but Hydra's grammar reads true as a bool, which cannot
+    name a config: quote it (tune='true'), so the spelling users expect works (sweeps too: true,false)."""
+    out = []
+    for a in argv:
+        head, _, values = a.partition("=")
+        if head == "tune" and values and all(v.lower() in ("true", "false") for v in values.split(",")):
+            a = "tune=" + ",".join(f"'{v.lower()}'" for v in values.split(","))
+        out.append(a)
+    return out
+
+
 # ------------------------------------------------------------------------------------------ main
 def _versions(device) -> dict:
     try:
@@ -351,7 +412,7 @@ def run(cfg: DictConfig, out_dir: Path) -> pd.DataFrame:
         task = progress.add_task(f"{plan.variant.name} {plan.mode}", total=len(plan.backends))
         for backend in plan.backends:
             progress.update(task, description=f"{plan.variant.name} {plan.mode}: {backend}")
-            row = {**base, "backend": backend, **run_case(backend, plan, cfg)}
+            row = {**base, "backend": backend, **run_case(backend, plan, cfg, out_dir)}
             df = pd.DataFrame([row], columns=COLUMNS)
             df.to_csv(path, mode="a", header=not path.exists(), index=False)
             rows.append(row)
@@ -363,15 +424,17 @@ def run(cfg: DictConfig, out_dir: Path) -> pd.DataFrame:
 
 
 @hydra.main(version_base=None, config_path=CONFIG_DIR, config_name="config")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
 
     try:
-        run(cfg, Path(HydraConfig.get().runtime.output_dir))
+        df = run(cfg, Path(HydraConfig.get().runtime.output_dir))
     except ConfigError as e:
         print(f"flashlight.run: {e}", file=sys.stderr)
         sys.exit(2)
+    return objective(df)
 
 
 if __name__ == "__main__":
+    sys.argv = quote_bool_overrides(sys.argv)
     main()

@@ -306,6 +306,7 @@ class _Objective:
     ks: KernelSource
     inputs: list
     ref: torch.Tensor
+    default: dict
     space: dict
     device: torch.device
     tol: float
@@ -329,7 +330,8 @@ class _Objective:
             if earlier.state == optuna.trial.TrialState.COMPLETE:
                 return earlier.value
             self.fail(trial, earlier.user_attrs.get("failure", "failed before"))
-        reason = check_config(self.ks, cfg, self.device)
+        # the default is known to work: never judged by the estimate, only by running it
+        reason = check_config(self.ks, cfg, self.device) if cfg != self.default else None
         if reason:
             self.fail(trial, reason)
         region = CompiledRegion(self.ks, cfg)
@@ -396,7 +398,8 @@ def tune_region(ks: KernelSource, inputs: list, *, n_trials: int = 20, storage=N
     # the known-good default first, then any given configs (each once per study)
     for cfg in [default, *map(complete_config, extra_configs)]:
         study.enqueue_trial(cfg, user_attrs={"config": cfg}, skip_if_exists=True)
-    objective = _Objective(ks, inputs, ref, space, device, tolerance(ks.out_dtype, device), rep_ms, trial_timeout)
+    objective = _Objective(ks, inputs, ref, default, space, device, tolerance(ks.out_dtype, device), rep_ms,
+                           trial_timeout)
     study.optimize(objective, n_trials=n_trials, timeout=timeout)
     try:
         best = study.best_trial.user_attrs["config"]
@@ -429,7 +432,8 @@ def fused_regions(fn, *args, **kwargs) -> list:
     """[(CompiledRegion, its input tensors)] for each region flashlight fuses in fn(*args, **kwargs).
 
     fn is compiled exactly as flashlight.compile does it (the same kernels, hence the same study keys)
-    and run once, without gradients (the fused kernels are forward only)."""
+    and run once, without gradients (the fused kernels are forward only). torch.compile's caches are
+    reset first (torch.compiler.reset), so that fn is captured afresh however often it was compiled."""
     from flashlight.backend import fuse
 
     found: dict = {}
@@ -438,6 +442,7 @@ def fused_regions(fn, *args, **kwargs) -> list:
         fused_gm, _, _ = fuse(gm, example_inputs)
         return lambda *xs: _Recorder(fused_gm, found).run(*xs)
 
+    torch.compiler.reset()
     with torch.no_grad():
         torch.compile(fn, backend=backend, dynamic=False)(*args, **kwargs)
     return list(found.values())
