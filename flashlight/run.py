@@ -426,12 +426,19 @@ def run(cfg: DictConfig, out_dir: Path) -> pd.DataFrame:
 @hydra.main(version_base=None, config_path=CONFIG_DIR, config_name="config")
 def main(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        df = run(cfg, Path(HydraConfig.get().runtime.output_dir))
+        df = run(cfg, out_dir)
     except ConfigError as e:
         print(f"flashlight.run: {e}", file=sys.stderr)
         sys.exit(2)
+    # report=true: a report of this run; a multirun gets one of its sweep dir (report.SweepReport callback)
+    if cfg.get("report") and HydraConfig.get().mode == RunMode.RUN:
+        from flashlight.report import report_after_run
+
+        report_after_run(out_dir)
     return objective(df)
 
 

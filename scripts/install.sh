@@ -16,7 +16,8 @@ target="."
 # Skip the pip call when everything is already importable from this checkout.
 if "$PY" - "$extra" <<'PYEOF' 2>/dev/null; then
 import importlib, sys, pathlib
-mods = ["torch", "hydra", "optuna", "pandas", "matplotlib", "rich", "variants", "flashlight.variant_registry"]
+mods = ["torch", "hydra", "optuna", "pandas", "matplotlib", "rich", "variants", "flashlight.variant_registry",
+        "tabulate", "markdown", "nbformat", "nbclient", "ipykernel"]  # + the report's
 if sys.argv[1:] == ["test"]:
     mods += ["pytest", "hypothesis"]
     import numpy  # the Triton interpreter needs numpy<2.4 (see pyproject's test extra)

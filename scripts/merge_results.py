@@ -1,20 +1,27 @@
-"""Merge every results.csv below the given dirs into one table (printed, and written with -o)."""
+"""Merge every results table below the given dirs into one table (printed, and written with -o).
+
+The reading rules are the report's (flashlight.report.gather): schema checks, one row per case (a case
+measured again: the later row). For figures, a summary and a notebook: python -m flashlight.report DIR.
+"""
 import argparse
-from pathlib import Path
+import sys
 
 import pandas as pd
+
+from flashlight.report import gather
 
 ap = argparse.ArgumentParser()
 ap.add_argument("dirs", nargs="+")
 ap.add_argument("-o", "--out")
 args = ap.parse_args()
-frames = [pd.read_csv(p) for d in args.dirs for p in sorted(Path(d).rglob("results.csv"))]
-if not frames:
-    raise SystemExit(f"no results.csv below {args.dirs}")
-df = pd.concat(frames, ignore_index=True)
+inputs = gather(args.dirs)
+for note in inputs.notes:
+    print(f"merge_results: {note}", file=sys.stderr)
+df = inputs.results
+if df.empty:
+    raise SystemExit(f"no results table below {args.dirs}")
 if args.out:
     df.to_csv(args.out, index=False)
-cols = [c for c in ("variant", "backend", "Sq", "D", "Dv", "status", "ms", "tflops", "rel_err", "compile_s", "reason")
-        if c in df.columns]
+cols = ["variant", "backend", "Sq", "D", "Dv", "status", "ms", "tflops", "rel_err", "compile_s", "reason"]
 with pd.option_context("display.width", 250, "display.max_colwidth", 70, "display.max_rows", 500):
     print(df[cols].to_string(index=False))
