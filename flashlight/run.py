@@ -12,9 +12,15 @@ import os
 import shutil
 
 # The fused kernels run on CPU only under the Triton interpreter, which must be chosen before
-# triton is imported. Without a GPU driver we default to it (an explicit setting wins).
+# triton is imported. Without a GPU driver we default to it (an explicit setting wins). Our own choice
+# is marked: a Slurm job submitted from a GPU-less login node inherits this environment, and on a GPU
+# node it must not run under the interpreter.
+_AUTO_INTERPRET = "FLASHLIGHT_AUTO_INTERPRET"
 if shutil.which("nvidia-smi") is None:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+    if "TRITON_INTERPRET" not in os.environ:
+        os.environ["TRITON_INTERPRET"] = os.environ[_AUTO_INTERPRET] = "1"
+elif os.environ.pop(_AUTO_INTERPRET, None):
+    os.environ.pop("TRITON_INTERPRET", None)
 
 import dataclasses
 import json
@@ -324,6 +330,71 @@ def run_case(backend: str, plan: Plan, cfg, out_dir: Path | None = None) -> dict
     return row
 
 
+# ------------------------------------------------------------------------------------------ sweeps
+# A case is one row: a re-launched run or sweep skips the cases whose row already exists (resume=true),
+# and merged tables keep one row per case (the last one written: resume=false measures again).
+CASE_KEY = ["variant", "backend", "mode", "dtype", "device", "gpu", "B", "H", "Sq", "Sk", "D", "Dv", "params"]
+
+
+def _key_text(v) -> str:
+    """One spelling per value whether it comes from a row or back from a CSV (NaN/None → '', 16.0 → '16')."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return ""
+    if isinstance(v, float) and v.is_integer():
+        return str(int(v))
+    return str(v)
+
+
+def case_keys(df: pd.DataFrame) -> pd.Series:
+    cols = df.reindex(columns=CASE_KEY).astype(object)
+    return cols.apply(lambda col: col.map(_key_text)).agg("|".join, axis=1)
+
+
+def read_results(*dirs) -> pd.DataFrame:
+    """Every results.csv below dirs, oldest file first, each file's rows in the order written."""
+    files = sorted({p for d in dirs for p in Path(d).rglob("results.csv")}, key=lambda p: (p.stat().st_mtime, p))
+    frames = []
+    for p in files:
+        try:  # a job may be appending to its file right now: a torn last line is skipped, not fatal
+            frames.append(pd.read_csv(p, on_bad_lines="skip").reindex(columns=COLUMNS))
+        except pd.errors.EmptyDataError:
+            continue
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=COLUMNS)
+
+
+def merge_results(*dirs) -> pd.DataFrame:
+    """One table of every job's rows below dirs, one row per case (the last measured)."""
+    df = read_results(*dirs)
+    return df[~case_keys(df).duplicated(keep="last")].reset_index(drop=True)
+
+
+def _resume_dir(cfg, out_dir: Path) -> Path:
+    if cfg.get("resume_dir"):
+        return Path(cfg.resume_dir)
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        return Path(HydraConfig.get().sweep.dir)  # the whole sweep: a case may have moved to another job dir
+    return out_dir
+
+
+def _lock_run_dir(out_dir: Path):
+    """One run per run dir at a time: a sweep re-launched while a job of the earlier launch still runs in
+    this dir waits for it, then skips what it measured, so no case is measured twice."""
+    import fcntl
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    f = open(out_dir / ".flashlight.lock", "w")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        print(f"flashlight.run: {out_dir} is in use by another run (a job of an earlier launch?): "
+              f"waiting for it to finish", file=sys.stderr, flush=True)
+        fcntl.flock(f, fcntl.LOCK_EX)
+    return f
+
+
 # ------------------------------------------------------------------------------------------ tuning
 def tune_case(plan: Plan, inputs: dict, out_dir: Path | None) -> str:
     """tune=true: tune the case's fused regions (flashlight.tune) before it is timed; the note for its row.
@@ -407,16 +478,32 @@ def run(cfg: DictConfig, out_dir: Path) -> pd.DataFrame:
             "device": plan.device.type, "B": s.B, "H": s.H, "Sq": s.Sq, "Sk": s.Sk, "D": s.D, "Dv": s.dv,
             **_versions(plan.device), "params": repr(dict(s.params)) if s.params else ""}
     path = out_dir / cfg.results
-    rows = []
+    lock = _lock_run_dir(out_dir)
+    done = {}
+    if cfg.get("resume", True):
+        resume_dir = _resume_dir(cfg, out_dir)
+        prev = read_results(resume_dir)
+        done = dict(zip(case_keys(prev), prev.to_dict("records")))
+    rows, skipped = [], []
     with Progress(transient=True) as progress:
         task = progress.add_task(f"{plan.variant.name} {plan.mode}", total=len(plan.backends))
         for backend in plan.backends:
+            key = case_keys(pd.DataFrame([{**base, "backend": backend}]))[0]
+            if key in done:  # measured by an earlier launch: keep that row, measure nothing
+                rows.append(done[key])
+                skipped.append(backend)
+                progress.advance(task)
+                continue
             progress.update(task, description=f"{plan.variant.name} {plan.mode}: {backend}")
             row = {**base, "backend": backend, **run_case(backend, plan, cfg, out_dir)}
             df = pd.DataFrame([row], columns=COLUMNS)
             df.to_csv(path, mode="a", header=not path.exists(), index=False)
             rows.append(row)
             progress.advance(task)
+    if skipped:
+        print(f"resume: {', '.join(skipped)} already measured below {resume_dir}, not run again "
+              f"(resume=false measures again)")
+    lock.close()
     df = pd.DataFrame(rows, columns=COLUMNS)
     _summary(df, f"{plan.variant.name} {plan.mode} {base['dtype']} {plan.device.type} "
                  f"B{s.B} H{s.H} Sq{s.Sq} Sk{s.Sk} D{s.D} Dv{s.dv}  →  {path}")
@@ -443,5 +530,9 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    # Run the importable flashlight.run.main, not this __main__ copy: a Slurm job (hydra/launcher=slurm)
+    # gets the task function pickled by reference to its module, which a job can import.
+    from flashlight.run import main as _main
+
     sys.argv = quote_bool_overrides(sys.argv)
-    main()
+    _main()

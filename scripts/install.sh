@@ -19,7 +19,7 @@ import importlib, sys, pathlib
 mods = ["torch", "hydra", "optuna", "pandas", "matplotlib", "rich", "variants", "flashlight.variant_registry",
         "tabulate", "markdown", "nbformat", "nbclient", "ipykernel"]  # + the report's
 if sys.argv[1:] == ["test"]:
-    mods += ["pytest", "hypothesis"]
+    mods += ["pytest", "hypothesis", "hydra_plugins.hydra_submitit_launcher", "psycopg2"]  # + the cluster extra
     import numpy  # the Triton interpreter needs numpy<2.4 (see pyproject's test extra)
     assert tuple(int(x) for x in numpy.__version__.split(".")[:2]) < (2, 4)
 for m in mods:
