@@ -388,7 +388,9 @@ def analyse(gm: fx.GraphModule, pv: fx.Node) -> Region:
                 raise NotFusable(f"{node.target} over several dims")
             d = dims[0] % len(x_shape)
             if x_shape[d] != N:
-                raise NotFusable(f"{node.target} over dim {d}, which is not the key dim")
+                raise NotFusable(f"{node.target} over dim {d} (size {x_shape[d]}), which is not the key dim "
+                                 f"({N} keys); extra logits concatenated to the scores (attention sinks) "
+                                 "are fused one column at a time")
             if "n" in flat_axes(out_ax):
                 raise NotFusable(f"{node.target} over a dim other than the keys")
             if keep:

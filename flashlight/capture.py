@@ -3,6 +3,12 @@
 Decompositions make the matcher see few spellings: every softmax becomes amax/sub/exp/sum/div,
 masked_fill becomes where, einsum/matmul become bmm with views, repeat_interleave becomes
 expand + reshape. Node metadata (shapes, the user's source lines) is kept for the later stages.
+
+Concatenations along a dim are split where the program only computes elementwise on them, reduces
+over that dim or slices whole pieces back out (attention sinks: extra logits concatenated to the
+scores, normalised together, sliced off). Then every piece is an ordinary value again:
+``amax(cat([s, x]))`` is ``maximum(amax(s), amax(x))``, ``sum`` likewise with ``add``, and
+``cat([s, x])[..., :N]`` is ``s``.
 """
 from __future__ import annotations
 
@@ -52,6 +58,94 @@ def _values_only_max(gm: fx.GraphModule) -> None:
     gm.recompile()
 
 
+def _dim_of(node, dim):
+    return dim % len(node.meta["val"].shape)
+
+
+def _width(node, dim):
+    """Size of `node` along `dim` counted from the right (its rank may be lower: broadcasting)."""
+    shape = node.meta["val"].shape
+    return shape[dim] if -dim <= len(shape) else 1
+
+
+def _emit(g, before, target, args, kwargs=None):
+    with g.inserting_before(before):
+        node = g.call_function(target, tuple(args), kwargs or {})
+    val = lambda a: a.meta["val"] if isinstance(a, fx.Node) else [val(x) for x in a] \
+        if isinstance(a, (list, tuple)) else a  # noqa: E731
+    node.meta["val"] = target(*[val(a) for a in args], **(kwargs or {}))
+    node.meta["stack_trace"] = before.meta.get("stack_trace")
+    return node
+
+
+def _split_one_use(g, cat, use):
+    """Rewrite one user of `cat` over its pieces; returns False when it cannot (left as it is)."""
+    from flashlight.analysis import ELEMENTWISE
+
+    pieces, dim = cat.args[0], cat.args[1] if len(cat.args) > 1 else 0
+    rank = len(cat.meta["val"].shape)
+    neg = _dim_of(cat, dim) - rank                      # the cat dim, counted from the right
+    widths = [p.meta["val"].shape[neg] for p in pieces]
+    starts = [sum(widths[:i]) for i in range(len(widths))]
+    total = sum(widths)
+    t = use.target
+    if t in ELEMENTWISE and rank == len(use.meta["val"].shape):
+        parts = []
+        for piece, start, width in zip(pieces, starts, widths):
+            args = []
+            for a in use.args:
+                if a is cat:
+                    args.append(piece)
+                elif isinstance(a, fx.Node) and _width(a, neg) == total and total != 1:
+                    args.append(_emit(g, use, aten.slice.Tensor, [a, neg, start, start + width]))
+                elif isinstance(a, fx.Node) and _width(a, neg) != 1:
+                    return False
+                else:
+                    args.append(a)
+            parts.append(_emit(g, use, t, args, dict(use.kwargs)))
+        new = _emit(g, use, aten.cat.default, [parts, dim])
+    elif t in (aten.amax.default, aten.sum.dim_IntList) and len(use.args) > 1 and \
+            list(use.args[1] or []) and len(use.args[1]) == 1 and _dim_of(cat, use.args[1][0]) - rank == neg:
+        keep = use.args[2] if len(use.args) > 2 else use.kwargs.get("keepdim", False)
+        combine = aten.maximum.default if t is aten.amax.default else aten.add.Tensor
+        new = None
+        for piece, width in zip(pieces, widths):
+            if width == 1:   # a reduction over one element is the element
+                part = piece if keep else _emit(g, use, aten.squeeze.dim, [piece, neg])
+            else:
+                part = _emit(g, use, t, [piece, [neg], keep])
+            new = part if new is None else _emit(g, use, combine, [new, part])
+    elif t is aten.slice.Tensor and _dim_of(cat, use.args[1]) - rank == neg and \
+            (len(use.args) < 5 or use.args[4] == 1):
+        lo = use.args[2] if len(use.args) > 2 and use.args[2] is not None else 0
+        hi = use.args[3] if len(use.args) > 3 and use.args[3] is not None else total
+        lo, hi = (max(0, min(x + total if x < 0 else x, total)) for x in (lo, hi))
+        chosen = [p for p, s0, w in zip(pieces, starts, widths) if lo <= s0 and s0 + w <= hi]
+        if sum(_width(p, neg) for p in chosen) != hi - lo or not chosen:
+            return False   # the slice cuts through a piece
+        new = chosen[0] if len(chosen) == 1 else _emit(g, use, aten.cat.default, [chosen, dim])
+    else:
+        return False
+    use.replace_all_uses_with(new)
+    g.erase_node(use)
+    return True
+
+
+def _split_concats(gm: fx.GraphModule) -> None:
+    """Push elementwise ops, reductions over the cat dim and slices of whole pieces through cat."""
+    g = gm.graph
+    changed = True
+    while changed:
+        changed = False
+        for node in list(g.nodes):
+            if node.op == "call_function" and node.target is aten.cat.default and node.users and \
+                    all(isinstance(p, fx.Node) for p in node.args[0]):
+                for use in list(node.users):
+                    changed |= _split_one_use(g, node, use)
+        g.eliminate_dead_code()
+    gm.recompile()
+
+
 def normalize(fn, example_inputs) -> fx.GraphModule:
     """Trace `fn` (a GraphModule from dynamo or any callable) on `example_inputs` into aten ops."""
     if isinstance(fn, fx.GraphModule):
@@ -72,4 +166,5 @@ def normalize(fn, example_inputs) -> fx.GraphModule:
             gm = make_fx(fn, decomposition_table=decompositions(), tracing_mode="fake",
                          record_stack_traces=True)(*example_inputs)
     _values_only_max(gm)
+    _split_concats(gm)
     return gm

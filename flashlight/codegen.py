@@ -164,12 +164,13 @@ class _Emitter:
         terms, params = [], []
         for (i, j, a, subdims) in layout:
             idx = self.index_expr(a, ctx)
-            used_axes.append(a)
             inner = math.prod(s for s, _ in subdims)
             for q, (s, st) in enumerate(subdims):
                 inner //= s
                 if s == 1 or st == 0:
-                    continue
+                    continue   # broadcast (expand): this axis does not move the address
+                if a not in used_axes:
+                    used_axes.append(a)
                 term = idx if inner == 1 else f"({idx} // {inner})"
                 if q > 0:
                     term = f"({term} % {s})"
@@ -411,10 +412,9 @@ def generate(region: Region, block_sparse: bool = True) -> KernelSource:
     for R in prog.max_groups:
         em.loop.append(f"m_{R.name} = m_new_{R.name}")
 
-    # after the loop: fully masked rows keep the eager result (NaN), then the row values
-    for acc in prog.accumulators:
-        for R, _ in acc.degree:
-            em.post.append(f"{acc.name} = tl.where(m_{R} == float(\"-inf\"), float(\"nan\"), {acc.name})")
+    # after the loop: the row values (mu: the max, 0 where a row saw only -inf, as in the loop)
+    for R in prog.max_groups:
+        em.post.append(f"mu_{R.name} = tl.where(m_{R.name} == float(\"-inf\"), 0.0, m_{R.name})")
     for node in r.nodes:
         if kinds[node] != "late":
             continue

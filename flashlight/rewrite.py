@@ -7,6 +7,10 @@ Every internal value is classified:
   row max ``R`` that is only known at the end. Such values are computed against the running max and
   every accumulator they feed is rescaled by ``exp(m_old - m_new)^k`` when the running max moves.
   This is the one rule for ``amax``: it holds for softmax, several softmaxes, unnormalised exp…
+  ``exp(x - c)`` for any row value ``c`` (the row max, or the max of it and extra logits such as
+  attention sinks) is computed as ``exp(x - mu_R)`` with ``R`` a row max of ``x``; its true value
+  carries the late coefficient ``exp(mu_R - c)`` per degree. ``mu_R`` is the row max, or 0 on rows
+  where it is -inf, so eager's NaN for softmax over a fully masked row comes out as ``0 · inf``.
 * **late** — a row value that needs whole rows (a max, a sum, anything computed from them). Late
   values are only known after the loop.
 * **mixed** — a tile value that depends on late values (``exp(s - m) / l``, ``p1 - λ·p2``). It is
@@ -52,6 +56,7 @@ class OnlineProgram:
     degree: dict = field(default_factory=dict)   # early node -> tuple((max name, k), ...)
     max_groups: dict = field(default_factory=dict)  # amax node -> its argument node
     stab_max: dict = field(default_factory=dict)    # stabsub node -> amax node
+    group_ref: dict = field(default_factory=dict)   # amax name -> the row value subtracted in exp(x - c)
     accumulators: list = field(default_factory=list)
     sum_value: dict = field(default_factory=dict)   # sum node -> late expression over accumulators
     out_expr: str = ""
@@ -141,10 +146,15 @@ def build(region: Region, operand, prog: OnlineProgram | None = None) -> OnlineP
         if t is aten.sub.Tensor and isinstance(node.args[1], fx.Node) and node.args[1] in internal:
             r = _through_views(node.args[1], internal)
             k0, d0 = arg_info(node, 0)
-            if r.target is aten.amax.default and k0 == "early" and not d0 and has_axis(region, node, "n"):
-                kind[node] = "stabsub"
-                prog.stab_max[node] = r
-                continue
+            if kind.get(r) == "late" and k0 == "early" and not d0 and has_axis(region, node, "n"):
+                # x - c: c a row max (any), or another row value while x has a row max of its own
+                R = r if r.target is aten.amax.default else _row_max_of(prog, node.args[0], internal)
+                if R is not None:
+                    if prog.group_ref.setdefault(R.name, r) is not r:
+                        raise NotFusable(f"exp(x - c) with two different row values c for the row max {R.name}")
+                    kind[node] = "stabsub"
+                    prog.stab_max[node] = R
+                    continue
         kind[node] = "mixed" if has_axis(region, node, "n") else "late"
 
     # --- factor the linear reductions into accumulators ----------------------------------------
@@ -157,7 +167,12 @@ def build(region: Region, operand, prog: OnlineProgram | None = None) -> OnlineP
             return memo[node]
         k = kind[node]
         if k == "early":
-            res = [Term(None, vname(node), degree.get(node, ()))]
+            deg = degree.get(node, ())
+            coef = None
+            for R, power in deg:  # exp(x - mu_R) · exp(mu_R - c) = exp(x - c)
+                for _ in range(power):
+                    coef = _mul(coef, f"tl.exp(mu_{R} - {lname(prog.group_ref[R])})")
+            res = [Term(coef, vname(node), deg)]
         elif k == "late":
             res = [Term(lname(node), None, ())]
         elif k == "stabsub":
@@ -251,6 +266,15 @@ def build(region: Region, operand, prog: OnlineProgram | None = None) -> OnlineP
                       f"{sum(a.kind == 'sum' for a in prog.accumulators)} running sum(s); "
                       f"{sum(a.kind == 'dot' for a in prog.accumulators)} ·V accumulator(s)")
     return prog
+
+
+def _row_max_of(prog, x, internal):
+    """The row max (amax over keys) of x already in the program, if any."""
+    x = _through_views(x, internal)
+    for R, arg in prog.max_groups.items():
+        if _through_views(arg, internal) is x:
+            return R
+    return None
 
 
 def _early_degree(node, infos, arg_info):

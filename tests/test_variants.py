@@ -73,6 +73,11 @@ def independent(name, x, shape):
         g = p["groups"]
         heads = [attend(x["q"][:, h], x["k"][:, h // g], x["v"][:, h // g], keep=tril(Sq, Sk)) for h in range(H)]
         return torch.stack(heads, 1)
+    if name == "sinks":  # softmax over the row's scores and one sink logit: p_j = e^s_j / (Σ e^s + e^sink)
+        s = torch.einsum("bhid,bhjd->bhij", x["q"], x["k"]) / math.sqrt(x["q"].shape[-1])
+        e = torch.exp(s).masked_fill(~tril(Sq, Sk), 0.0)
+        den = e.sum(-1, keepdim=True) + torch.exp(x["sink"])[None, :, None, None]
+        return torch.einsum("bhij,bhjd->bhid", e / den, x["v"])
     raise AssertionError(f"no independent formulation for {name}: add one to tests/test_variants.py")
 
 
