@@ -496,8 +496,6 @@ def best_config(ks: KernelSource, device: torch.device) -> dict | None:
 
 
 def _stored_best(url: str, key: str) -> dict | None:
-    import optuna
-
     storage = open_storage(url)
     try:
         study_id = storage.get_study_id_from_name(key)
