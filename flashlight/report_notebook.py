@@ -58,12 +58,24 @@ def _leading_comments(source: str, node) -> str:
     return "".join(line + "\n" for line in found)
 
 
+def _join(texts) -> str:
+    """Definitions spaced as in a file: two blank lines around functions, none between constants."""
+    parts, after_def = [], False
+    for text in texts:
+        is_def = any(line.startswith(("def ", "class ")) for line in text.splitlines())
+        if parts:
+            parts.append("\n\n\n" if is_def or after_def else "\n")
+        parts.append(text)
+        after_def = is_def
+    return "".join(parts)
+
+
 def build(table: str, tuning: str, tolerances: dict, command: str):
     import nbformat.v4 as nbf
 
     defs = _definitions()
     shown = {name for _, _, names, _ in SECTIONS for name in names} | {"plot_tuning", "<imports>"}
-    helpers = "\n\n\n".join(text for name, text in defs.items() if name not in shown)
+    helpers = _join(text for name, text in defs.items() if name not in shown)
     cells = [
         nbf.new_markdown_cell(
             "# Flashlight report\n\nReloads the report's table and redraws each of its figures; the code that "
