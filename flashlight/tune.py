@@ -48,7 +48,7 @@ JOURNAL_PREFIX = "journal://"
 generation = 0
 _TUNED: dict = {}        # study key -> best config tuned in this process
 _LOOKED_UP: dict = {}    # (storage url, study key) -> stored best config or None
-_STORAGES: dict = {}     # storage url -> Optuna storage object (one engine per url and process)
+_STORAGES: dict = {}     # (url, sqlite wait) -> Optuna storage object (one engine each per process)
 _lookup_storage: str | None = None
 _warned: set = set()
 
@@ -59,27 +59,29 @@ def default_storage_url() -> str:
     return f"sqlite:///{runtime.cache_dir().parent / 'tune.db'}"
 
 
-def open_storage(storage=None):
-    """An Optuna storage from None (the default SQLite file), a URL, journal:///path, or a storage object."""
+def open_storage(storage=None, sqlite_wait_s: float = 30):
+    """An Optuna storage from None (the default SQLite file), a URL, journal:///path, or a storage object.
+
+    sqlite_wait_s: how long SQLite waits for another process's write before "database is locked"."""
     import optuna
 
     if storage is None:
         storage = default_storage_url()
     if not isinstance(storage, str):
         return storage
-    if storage not in _STORAGES:
+    key = (storage, sqlite_wait_s)
+    if key not in _STORAGES:
         if storage.startswith(JOURNAL_PREFIX):
             path = Path(storage[len(JOURNAL_PREFIX):])  # journal:///abs/file.log, journal://rel/file.log
             path.parent.mkdir(parents=True, exist_ok=True)
             backend = optuna.storages.journal.JournalFileBackend(str(path))
-            _STORAGES[storage] = optuna.storages.JournalStorage(backend)
+            _STORAGES[key] = optuna.storages.JournalStorage(backend)
         elif storage.startswith("sqlite:"):
-            # wait for another process's write instead of failing with "database is locked"
-            _STORAGES[storage] = optuna.storages.RDBStorage(
-                storage, engine_kwargs={"connect_args": {"timeout": 30}})
+            _STORAGES[key] = optuna.storages.RDBStorage(
+                storage, engine_kwargs={"connect_args": {"timeout": sqlite_wait_s}})
         else:
-            _STORAGES[storage] = optuna.storages.RDBStorage(storage)
-    return _STORAGES[storage]
+            _STORAGES[key] = optuna.storages.RDBStorage(storage)
+    return _STORAGES[key]
 
 
 def set_storage(storage: str | None) -> None:
@@ -488,7 +490,8 @@ def best_config(ks: KernelSource, device: torch.device) -> dict | None:
     except Exception as e:  # a broken storage must never break a launch
         if url not in _warned:
             _warned.add(url)
-            warnings.warn(f"flashlight: cannot read tuned configs from {url} ({type(e).__name__}: {e}); "
+            why = (str(e).splitlines() or [""])[0][:200]
+            warnings.warn(f"flashlight: cannot read tuned configs from {url} ({type(e).__name__}: {why}); "
                           "using the default config", stacklevel=2)
         if key is not None:
             _LOOKED_UP[(url, key)] = None
@@ -496,7 +499,7 @@ def best_config(ks: KernelSource, device: torch.device) -> dict | None:
 
 
 def _stored_best(url: str, key: str) -> dict | None:
-    storage = open_storage(url)
+    storage = open_storage(url, sqlite_wait_s=2)  # a launch does not wait long for a busy file
     try:
         study_id = storage.get_study_id_from_name(key)
     except KeyError:
