@@ -278,20 +278,10 @@ def write_report(paths, out, notebook=None, command: str = "", make_notebook: bo
     (out / MARKER).write_text("written by flashlight.report; later reports do not read this folder\n")
     inp.results.to_csv(out / TABLE, index=False)
 
-    df, tols = inp.results, tolerances(inp.results)
-    figures = []
-    for heading, figs, why in [  # why a figure may be absent
-        ("TFLOP/s vs sequence length", rp.plot_tflops(df), "no row has status ok"),
-        ("Speedup over FlexAttention", rp.plot_speedup(df),
-         "no case has ok rows of both flex and another backend: run with flex among the backends"),
-        ("Peak memory vs sequence length", rp.plot_memory(df), "no peak memory recorded (CPU runs record none)"),
-        ("Compile time", rp.plot_compile_time(df), "no compile time recorded: no compiled backend has an ok row"),
-        ("Correctness", rp.plot_correctness(df, tols), "no finite relative error recorded"),
-    ]:
-        for stem, fig in figs.items():
-            save(fig, out / "figures" / stem)
-        figures.append((heading, list(figs), why))
-    tuning_md = _write_tuning(inp, out)
+    tols = tolerances(inp.results)
+    with plt.style.context("default"):  # the runner's process may have changed the style (Optuna's plots do)
+        figures = _draw(inp.results, tols, out)
+        tuning_md = _write_tuning(inp, out)
 
     nb_path = Path(notebook) if notebook else out / "report.ipynb"
     if make_notebook:
@@ -305,6 +295,23 @@ def write_report(paths, out, notebook=None, command: str = "", make_notebook: bo
     body = markdown.markdown(text, extensions=["tables"])
     (out / "report.html").write_text(HTML.format(body=body))
     return out / "report.md"
+
+
+def _draw(df: pd.DataFrame, tols: dict, out: Path) -> list:
+    """Every figure into out/figures; per section: (heading, file stems, why there are none)."""
+    figures = []
+    for heading, figs, why in [
+        ("TFLOP/s vs sequence length", rp.plot_tflops(df), "no row has status ok"),
+        ("Speedup over FlexAttention", rp.plot_speedup(df),
+         "no case has ok rows of both flex and another backend: run with flex among the backends"),
+        ("Peak memory vs sequence length", rp.plot_memory(df), "no peak memory recorded (CPU runs record none)"),
+        ("Compile time", rp.plot_compile_time(df), "no compile time recorded: no compiled backend has an ok row"),
+        ("Correctness", rp.plot_correctness(df, tols), "no finite relative error recorded"),
+    ]:
+        for stem, fig in figs.items():
+            save(fig, out / "figures" / stem)
+        figures.append((heading, list(figs), why))
+    return figures
 
 
 def _relative(target: Path, start: Path) -> str:

@@ -285,16 +285,20 @@ def plot_tuning(trials, title):
     """An Optuna study's history (study.trials_dataframe()): each trial's value and the best so far."""
     trials = trials.sort_values("number")
     done = trials[(trials["state"] == "COMPLETE") & trials["value"].notna()]
-    fig, ax = plt.subplots(figsize=(6.5, 3.8), layout="constrained")
+    fig, ax = plt.subplots(figsize=(7.5, 3.8), layout="constrained")
     ax.scatter(done["number"], done["value"], s=18, color="tab:blue", label="complete trial")
     ax.step(done["number"], done["value"].cummin(), where="post", color="tab:red", label="best so far")
     failed = trials[~trials.index.isin(done.index)]
+    ax.margins(y=0.15)  # room at the bottom for the trials without a value
     for state, f in failed.groupby("state"):  # no value to plot: a mark along the bottom of the axes
-        ax.scatter(f["number"], np.full(len(f), 0.03), transform=ax.get_xaxis_transform(), marker="x",
+        ax.scatter(f["number"], np.full(len(f), 0.04), transform=ax.get_xaxis_transform(), marker="x",
+                   color={"FAIL": "black", "PRUNED": "tab:orange"}.get(state, "tab:gray"),
                    label=f"{state.lower()} ({len(f)})")
+    ax.set_xlim(trials["number"].min() - 0.5, trials["number"].max() + 0.5)
+    ax.xaxis.set_major_locator(mticker.MaxNLocator(integer=True))
     ax.set_xlabel("trial")
-    ax.set_ylabel("objective (lower is better)")
+    ax.set_ylabel("value (time: lower is better)")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return fig
