@@ -6,7 +6,6 @@ The daemons are started by scripts/cluster/slurm.sh and scripts/cluster/postgres
 binaries, root (slurmd) or the `cluster` extra these tests skip and say why -- except under CI=true or
 FLASHLIGHT_REQUIRE_CLUSTER=1, where that is a failure: CI must not go green without running them.
 """
-import json
 import os
 import shutil
 import subprocess
@@ -45,11 +44,12 @@ def missing_modules(names) -> list:
     return [n for n in names if importlib.util.find_spec(n) is None]
 
 
-def start(script: str, what: str, needs_root: bool, binaries, modules):
+def start(script: str, what: str, packages: str, needs_root: bool, binaries, modules):
     """Start a daemon set with scripts/cluster/SCRIPT in a fresh dir; returns (dir, stop function)."""
     gone = missing_binaries(binaries)
     if gone:
-        unavailable(f"{what}: {', '.join(gone)} not installed (Debian: see scripts/cluster/{script})")
+        unavailable(f"{what}: {', '.join(gone)} not installed (Debian: apt-get install {packages}; "
+                    f"`bash .ci/run` does it)")
     if needs_root and os.geteuid() != 0:
         unavailable(f"{what}: needs root (slurmd starts jobs as the submitting user)")
     gone = missing_modules(modules)
@@ -76,7 +76,7 @@ def start(script: str, what: str, needs_root: bool, binaries, modules):
 @pytest.fixture(scope="module")
 def slurm():
     """A running single-node cluster; yields the environment that points Slurm's commands at it."""
-    d, stop = start("slurm.sh", "Slurm test cluster", True,
+    d, stop = start("slurm.sh", "Slurm test cluster", "slurm-wlm slurmdbd munge mariadb-server", True,
                     ["munged", "slurmctld", "slurmd", "slurmdbd", "mariadbd", "mariadb-install-db", "sbatch",
                      "sacct", "scancel", "squeue"],
                     ["hydra_plugins.hydra_submitit_launcher", "submitit"])
@@ -92,7 +92,7 @@ def postgres_url():
 
     # Debian keeps initdb and postgres in /usr/lib/postgresql/<version>/bin, off PATH
     binaries = [] if shutil.which("initdb") or glob.glob("/usr/lib/postgresql/*/bin/initdb") else ["initdb"]
-    d, stop = start("postgres.sh", "PostgreSQL test server", False, binaries, ["psycopg2"])
+    d, stop = start("postgres.sh", "PostgreSQL test server", "postgresql", False, binaries, ["psycopg2"])
     try:
         yield (d / "url").read_text().strip()
     finally:
@@ -185,43 +185,42 @@ def test_sweep_on_slurm_resumes_after_a_killed_job(slurm, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ shared Optuna study
-WORKER = r"""
-import json, sys, time
-import torch
-from flashlight import tune, variant_registry as registry
-
-url, n_trials, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-v = registry.get("causal")
-shape = v.shape(1, 2, 64, 64, 16, None)
-inputs = v.make_inputs(shape, torch.float32, torch.device("cpu"), requires_grad=False, seed=0)
-start = time.time()
-(result,) = tune.tune(v.bind(shape), n_trials=n_trials, storage=url, seed=seed, **inputs)
-print(json.dumps({"key": result.key, "start": start, "end": time.time()}))
-"""
-
-
-def test_two_workers_share_one_optuna_study_on_postgres(postgres_url):
+def test_two_slurm_workers_tune_one_optuna_study_on_postgres(slurm, postgres_url, tmp_path):
+    """Two Slurm jobs of one sweep tune the same case (hence the same study) through the runner's
+    tune=true, sharing the PostgreSQL storage: the study holds every trial of both, each once."""
     import optuna
 
-    # A fresh database gets Optuna's tables once, before the workers start (README): PostgreSQL fails one
-    # of two concurrent CREATE TYPE/TABLE statements of a first use.
+    # A fresh database gets Optuna's tables once before the workers start (README): PostgreSQL fails one
+    # of two concurrent first uses (CREATE TYPE ... duplicate key in pg_type).
     optuna.storages.RDBStorage(postgres_url)
-    n = (3, 4)
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    workers = [subprocess.Popen([sys.executable, "-c", WORKER, postgres_url, str(k), str(seed)], env=env,
-                                text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-               for seed, k in enumerate(n)]
-    outs = [w.communicate(timeout=300) for w in workers]
-    for w, (out, err) in zip(workers, outs):
-        assert w.returncode == 0, err[-3000:]
-    done = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
-    assert done[0]["key"] == done[1]["key"]  # the project's study name: same kernel, shape, dtype, machine
-    assert max(d["start"] for d in done) < min(d["end"] for d in done), "the workers did not overlap"
+    n_trials = 3
+    sweep = tmp_path / "tune-sweep"
+    p = subprocess.run(
+        [sys.executable, "-m", "flashlight.run", "-m", *ON_TEST_CLUSTER, "hydra.launcher.array_parallelism=2",
+         f"hydra.sweep.dir={sweep}", "variant=causal", "shape=tiny", "shape.Sq=64", "shape.Sk=64",
+         "backends=[flashlight]", "timing.warmup=1", "timing.repeat=2", "tune=true",
+         f"tune.n_trials={n_trials}", f"tune.storage={postgres_url}", "tune.seed=0,1"],
+        env={**slurm, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=400)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
 
-    study = optuna.load_study(study_name=done[0]["key"], storage=postgres_url)
+    rows = read_results(sweep)
+    assert len(rows) == 2 and set(rows["status"]) == {"ok"}, rows[["status", "reason"]]
+    assert all(str(r).startswith("tuned (") for r in rows["reason"]), list(rows["reason"])
+    # the two jobs ran at the same time (the accounting database has their start and end)
+    (job,) = {d.name.split("_")[0] for d in sweep.glob(".submitit/*_*") if d.is_dir()}  # <array job>_<task>
+    for _ in range(60):  # slurmctld hands finished jobs to slurmdbd a moment later
+        acct = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "JobID,Start,End", "-j", job], env=slurm,
+                              capture_output=True, text=True, timeout=30).stdout.split()
+        spans = [line.split("|")[1:] for line in acct]
+        if len(spans) == 2 and all(e[:1].isdigit() for _, e in spans):
+            break
+        time.sleep(0.5)
+    assert len(spans) == 2 and max(s for s, _ in spans) < min(e for _, e in spans), acct
+
+    (summary,) = optuna.get_all_study_summaries(postgres_url)  # one case, one kernel: one study
+    study = optuna.load_study(study_name=summary.study_name, storage=postgres_url)
     trials = study.get_trials(deepcopy=False)
-    numbers = sorted(t.number for t in trials)
-    assert numbers == list(range(sum(n))), numbers  # every trial of both workers, once each
+    assert sorted(t.number for t in trials) == list(range(2 * n_trials))  # both workers' trials, once each
     finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     assert all(t.state in finished for t in trials), [t.state for t in trials]
     assert study.best_trial.user_attrs["config"]
