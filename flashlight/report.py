@@ -374,7 +374,7 @@ class SweepReport(Callback):
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    ap = argparse.ArgumentParser(prog="python -m flashlight.report", description=__doc__.split("\n\n")[1],
+    ap = argparse.ArgumentParser(prog="python -m flashlight.report", description=__doc__.split("\n\n")[2],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("paths", nargs="+", metavar="RUN_OR_SWEEP_DIR",
                     help="run or sweep dirs (every results table below them) or CSV files; when one case "
