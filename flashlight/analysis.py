@@ -44,6 +44,9 @@ ELEMENTWISE = {
     aten.sign.default, aten.square.default, prims.where.default,
 }
 WHERE = {aten.where.self, prims.where.default}
+# table[index]: a load from a tensor at a position computed per score element (bias tables indexed
+# by bucketed distance); the gathered dim gets a pseudo kernel axis "g<i>" indexed by that value
+GATHERS = {aten.index.Tensor}
 REDUCTIONS = {aten.amax.default, aten.sum.dim_IntList}
 MATMULS = {aten.bmm.default, aten.mm.default}
 CONSTANTS = {aten.scalar_tensor.default, aten.full.default, aten.zeros.default, aten.ones.default,
@@ -72,6 +75,7 @@ class Access:
     axes: tuple                  # kernel axes of each dim of the consumed value
     kind: str                    # "tensor" | "iota" | "const"
     dtype: torch.dtype           # dtype of the consumed value (after casts in the chain)
+    gather: tuple = ()           # ((pseudo axis, index node, its axes), ...) for table[index] loads
 
 
 @dataclass
@@ -137,7 +141,7 @@ def _source_of(node):
 
 def _is_computable(node):
     return isinstance(node, fx.Node) and node.op == "call_function" and (
-        node.target in ELEMENTWISE or node.target in REDUCTIONS)
+        node.target in ELEMENTWISE or node.target in REDUCTIONS or node.target in GATHERS)
 
 
 def find_pv_candidates(gm: fx.GraphModule):
@@ -379,6 +383,9 @@ def analyse(gm: fx.GraphModule, pv: fx.Node) -> Region:
             else:
                 make_access(node, 0, inp, in_ax)
             continue
+        if node.target in GATHERS:
+            _gather_axes(node, out_ax, sizes, internal, assign, make_access)
+            continue
         if node.target in REDUCTIONS:
             x = node.args[0]
             dims = node.args[1]
@@ -424,6 +431,29 @@ def analyse(gm: fx.GraphModule, pv: fx.Node) -> Region:
     return region
 
 
+def _gather_axes(node, out_ax, sizes, internal, assign, make_access):
+    """Axes for table[index]: the index spans the output dims it produced, the table is read along
+    the other dims plus one pseudo axis (the gathered dim) whose position is the index value."""
+    src, indices = node.args[0], node.args[1]
+    used = [(d, ix) for d, ix in enumerate(indices) if ix is not None]
+    if len(used) != 1:
+        raise NotFusable("indexing with several index tensors inside the attention")
+    (d, ix), = used
+    if not isinstance(ix, fx.Node) or ix.meta["val"].dtype in (torch.bool, torch.uint8):
+        raise NotFusable("boolean-mask indexing inside the attention")
+    if _source_of(src)[0] in internal:
+        raise NotFusable("indexing a value computed inside the attention")
+    rank = len(shape_of(ix))
+    g = f"g{sum(a.startswith('g') for a in sizes)}"
+    sizes[g] = shape_of(src)[d]
+    if ix in internal:
+        assign(ix, out_ax[d:d + rank])
+    else:
+        make_access(node, 2, ix, out_ax[d:d + rank])   # accesses key 2: the index tensor
+    acc = make_access(node, 0, src, out_ax[:d] + ((g,),) + out_ax[d + rank:])
+    acc.gather = ((g, ix, flat_axes(out_ax[d:d + rank])),)
+
+
 def _reaches_matmul(node, limit=200):
     stack, seen = [node], set()
     while stack and len(seen) < limit:
@@ -441,7 +471,7 @@ def _check_access_axes(region):
     allowed_score = set(region.batch_axes) | {"m", "n"}
     allowed_out = set(region.batch_axes) | {"m", "e"}
     for (consumer, idx), acc in region.accesses.items():
-        used = set(flat_axes(acc.axes))
+        used = set(flat_axes(acc.axes)) - {g for g, _, _ in acc.gather}
         if consumer in region.epilogue and not used <= allowed_out:
             raise NotFusable(f"{acc.source.name} is read along axes {sorted(used)} after ·V")
         if consumer in region.nodes and consumer.target not in MATMULS and not used <= allowed_score:

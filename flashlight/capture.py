@@ -27,6 +27,7 @@ _DECOMPOSE = [
     aten._softmax, aten._safe_softmax, aten.softmax, aten._log_softmax, aten.masked_fill,
     aten.tril, aten.triu, aten.repeat_interleave.self_int, aten.rsub, aten.baddbmm, aten.addcmul,
     aten.hardtanh, aten.softplus, aten.where.ScalarOther, aten.where.ScalarSelf, aten.where.Scalar,
+    aten.embedding,   # weight[indices]
 ]
 
 

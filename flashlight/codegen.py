@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from flashlight.analysis import (MATMULS, WHERE, Access, NotFusable, Region, constant_value,
+from flashlight.analysis import (GATHERS, MATMULS, WHERE, Access, NotFusable, Region, constant_value,
                                  flat_axes, shape_of)
 from flashlight.indexing import VIEW_OPS, GroupedView, apply_view, freeze_chain, split_over_axes
 from flashlight.rewrite import OnlineProgram, build, lname, vname
@@ -106,6 +106,7 @@ class _Emitter:
         self.sizes = region.sizes
         self.access_names: dict = {}   # access key -> variable name
         self.iota_code: dict = {}      # variable name -> expression of a positions access
+        self.gather_code: dict = {}    # pseudo axis of a table[index] load -> code of the index
         self.slots: list = []
         self.params: list = []
         self.pre: list = []
@@ -127,6 +128,8 @@ class _Emitter:
         """How axis `axis` is indexed in a tile whose (row, col) axes are `ctx`."""
         if axis.startswith("b"):
             return axis
+        if axis in self.gather_code:
+            return f"({self.gather_code[axis]})"
         row, col = ctx
         if axis == row:
             return f"offs_{axis}[:, None]" if col else f"offs_{axis}"
@@ -144,7 +147,7 @@ class _Emitter:
         return " & ".join(parts) if parts else None
 
     def access(self, acc: Access, ctx, where):
-        key = (acc.source, acc.chain, acc.axes, ctx)
+        key = (acc.source, acc.chain, acc.axes, ctx, acc.gather)
         if key in self.access_names:
             return self.access_names[key]
         if acc.kind == "const":
@@ -180,6 +183,9 @@ class _Emitter:
                     p = f"{name}_s{len(params)}"
                     params.append((p, i, j, q))
                     terms.append(f"{term} * {p}")
+        for _, _, ix_axes in acc.gather:
+            # table[index]: positions past the end of a tile may index outside the table
+            used_axes += [a for a in ix_axes if a not in used_axes]
         if acc.kind == "tensor" and off != 0:
             params.append((f"{name}_off", "offset"))
             terms.insert(0, f"{name}_off")
@@ -216,8 +222,14 @@ class _Emitter:
         acc = self.r.accesses[(node, i)]
         if node in self.r.epilogue:
             return self.access(acc, ("m", "e"), self.post)
-        where = self.loop if "n" in flat_axes(acc.axes) else self.pre
+        where = self.loop if self.varies_with_keys(acc) else self.pre
         return self.access(acc, ("m", "n"), where)
+
+    def varies_with_keys(self, acc: Access):
+        """Is the access a different tile for every key tile (so it is loaded inside the loop)?"""
+        if "n" in flat_axes(acc.axes):
+            return True
+        return any("n" in ix_axes for _, _, ix_axes in acc.gather)
 
     def float_operand(self, node, i):
         code = self.operand(node, i)
@@ -231,7 +243,16 @@ class _Emitter:
         t = node.target
         f = lambda i: self.float_operand(node, i)  # noqa: E731
         o = lambda i: self.operand(node, i)  # noqa: E731
+        if t in (aten._to_copy.default, torch.ops.prims.convert_element_type.default):
+            src_dt, dt = node.args[0].meta["val"].dtype, node.meta["val"].dtype
+            return o(0) if dt == src_dt else f"({o(0)}).to({_tl_dtype(dt)})"  # e.g. .long() truncates
         if t in VIEW_OPS:
+            return o(0)
+        if t in GATHERS:
+            # table[index]: the index was computed per score element above, the table is loaded there
+            acc = self.r.accesses[(node, 0)]
+            for g, ix, _ in acc.gather:
+                self.gather_code[g] = o_index(self, node, ix)
             return o(0)
         if t in (aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.sub.Scalar):
             alpha = node.kwargs.get("alpha", 1)
@@ -304,6 +325,14 @@ class _Emitter:
         if t in WHERE:
             return f"tl.where({o(0)}, {f(1)}, {f(2)})"
         raise NotFusable(f"no Triton spelling for {t}")
+
+
+def o_index(em, node, ix):
+    """Code of the index value of a table[index] node: an internal value, or a loaded tensor."""
+    if ix in em.internal:
+        return vname(ix)
+    acc = em.r.accesses[(node, 2)]
+    return em.access(acc, ("m", "n"), em.loop if em.varies_with_keys(acc) else em.pre)
 
 
 def _as_float(node, i, code):

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from flashlight.analysis import MATMULS, WHERE, NotFusable, Region, constant_value, flat_axes
+from flashlight.analysis import GATHERS, MATMULS, WHERE, NotFusable, Region, constant_value, flat_axes
 from flashlight.indexing import VIEW_OPS
 
 aten = torch.ops.aten
@@ -129,6 +129,12 @@ def build(region: Region, operand, prog: OnlineProgram | None = None) -> OnlineP
             continue
         if t is aten.sum.dim_IntList:
             kind[node] = "late"
+            continue
+        if t in GATHERS:  # table[index]: the index must be a tile value, known before the load
+            ixs = [ix for ix in node.args[1] if isinstance(ix, fx.Node) and ix in internal]
+            if any(kind[ix] != "early" or degree.get(ix) for ix in ixs):
+                raise NotFusable("table indexed by a value that needs whole rows")
+            kind[node], degree[node] = "early", ()
             continue
         infos = [arg_info(node, i) for i, a in enumerate(node.args) if isinstance(a, fx.Node)]
         kinds = {k for k, _ in infos}

@@ -5,6 +5,7 @@ launch counter) or the fallback (checking that explain says why), and compares w
 """
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -349,3 +350,51 @@ def test_sinks_take_all_weight_of_fully_masked_rows():
     out, ref, _ = run_fused(sinks_padding, q, k, v, rand(H), pad)
     assert not torch.isnan(ref).any() and (ref[1] == 0).all()
     assert rel_err(out, ref) < TOL and (out[1] == 0).all()
+
+
+# ---- bias tables gathered by a computed index (T5 relative positions, per-token biases) ----------
+def t5_clamped(q, k, v, table):
+    M, N, nb = q.shape[-2], k.shape[-2], table.shape[0]
+    i, j = torch.arange(M)[:, None], torch.arange(N)[None, :]
+    bucket = (j - i).clamp(-(nb // 2), nb // 2 - 1) + nb // 2
+    return torch.softmax(q @ k.mT + table[bucket].permute(2, 0, 1), -1) @ v
+
+
+def t5_log_buckets(q, k, v, table):
+    M, N, nb = q.shape[-2], k.shape[-2], table.shape[0]
+    i, j = torch.arange(M)[:, None], torch.arange(N)[None, :]
+    dist = (j - i).abs().float()
+    bucket = torch.where(dist < 4, dist, 4 + torch.log(dist / 4) / 0.5).long().clamp_max(nb - 1)
+    return torch.softmax(q @ k.mT + F.embedding(bucket, table).permute(2, 0, 1), -1) @ v
+
+
+def relative_unclamped(q, k, v, table):   # table [M + N - 1, H]: in range only for real positions
+    M, N = q.shape[-2], k.shape[-2]
+    i, j = torch.arange(M)[:, None], torch.arange(N)[None, :]
+    return torch.softmax(q @ k.mT + table[j - i + M - 1].permute(2, 0, 1), -1) @ v
+
+
+def token_bias(q, k, v, table, tokens):   # a learned bias per key token id: table[tokens] is [B, N]
+    return torch.softmax(q @ k.mT + table[tokens][:, None, None, :], -1) @ v
+
+
+def truncating_cast(q, k, v):             # .long() truncates toward zero: dropping it changes the result
+    i, j = torch.arange(q.shape[-2])[:, None], torch.arange(k.shape[-2])[None, :]
+    return torch.softmax(q @ k.mT + ((j - i).float() / 3).long(), -1) @ v
+
+
+@pytest.mark.parametrize("fn", [t5_clamped, t5_log_buckets, relative_unclamped, token_bias, truncating_cast])
+def test_gathered_bias_tables(fn):
+    B, H, M, N, D = 2, 3, 40, 57, 16
+    q, k, v = rand(B, H, M, D), rand(B, H, N, D), rand(B, H, N, D)
+    extra = {t5_clamped: (rand(9, H),), t5_log_buckets: (rand(9, H),), relative_unclamped: (rand(M + N - 1, H),),
+             token_bias: (rand(100), torch.randint(0, 100, (B, N))), truncating_cast: ()}[fn]
+    out, ref, report = run_fused(fn, q, k, v, *extra)
+    assert rel_err(out, ref) < TOL
+    if fn is not truncating_cast:
+        assert "index.Tensor" in report.regions[0].matched["ops"]
+        # positions past the end of a tile may compute indices outside the table (the interpreter
+        # reads them harmlessly, a GPU may fault): every load at a computed index is masked
+        gathers = [ln for ln in report.regions[0].kernel_source.splitlines()
+                   if re.search(r"tl\.load\(\w+ \+ \((t_|x)\w+\) \*", ln)]
+        assert gathers and all("mask=" in ln for ln in gathers)

@@ -13,7 +13,7 @@ from flashlight.variant_registry import Unsupported
 
 F64 = torch.float64
 SMALL = dict(B=2, H=4, Sq=48, Sk=48, D=16)
-PARAMS = {"sliding_window": {"window": 9}, "prefix_lm": {"prefix": 11}, "document_mask": {"docs": 4, "equal": False},
+PARAMS = {"t5_bias": {"buckets": 16, "max_distance": 40}, "sliding_window": {"window": 9}, "prefix_lm": {"prefix": 11}, "document_mask": {"docs": 4, "equal": False},
           "softcap": {"cap": 2.0}, "evoformer": {"N": 3}, "gqa": {"groups": 2}}
 
 
@@ -78,6 +78,20 @@ def independent(name, x, shape):
         e = torch.exp(s).masked_fill(~tril(Sq, Sk), 0.0)
         den = e.sum(-1, keepdim=True) + torch.exp(x["sink"])[None, :, None, None]
         return torch.einsum("bhij,bhjd->bhid", e / den, x["v"])
+    if name == "t5_bias":  # T5's bucket rule written out per distance with Python floats
+        half = p["buckets"] // 2
+        exact = half // 2
+
+        def bucket(rel):
+            n = abs(rel)
+            if n < exact:
+                b = n
+            else:
+                b = min(half - 1, exact + int(math.log(n / exact) / math.log(p["max_distance"] / exact) * (half - exact)))
+            return b + (half if rel > 0 else 0)
+
+        idx = torch.tensor([[bucket(j - i) for j in range(Sk)] for i in range(Sq)])
+        return attend(x["q"], x["k"], x["v"], bias=x["table"][idx].permute(2, 0, 1))
     raise AssertionError(f"no independent formulation for {name}: add one to tests/test_variants.py")
 
 
