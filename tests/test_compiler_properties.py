@@ -8,9 +8,9 @@ import flashlight
 
 from test_compiler import TOL, rel_err
 
-SCORE_OPS = ["scale", "head_bias", "softcap", "alibi"]
+SCORE_OPS = ["scale", "head_bias", "softcap", "alibi", "table"]
 MASKS = ["none", "causal", "window", "padding", "finfo_causal"]
-NORMS = ["softmax", "handwritten", "no_max", "sigmoid", "relu_sum"]
+NORMS = ["softmax", "handwritten", "no_max", "sigmoid", "relu_sum", "sinks"]
 EPILOGUES = ["none", "gate"]
 
 
@@ -25,6 +25,8 @@ def build(score_op, mask, norm, epilogue):
             s = s + hb[:, None, None]
         elif score_op == "softcap":
             s = torch.tanh(s / 5.0) * 5.0
+        elif score_op == "table":   # a per-head bias table gathered by clamped relative distance
+            s = s + torch.outer(torch.arange(9.0) - 4, hb)[(j - i).clamp(-4, 4) + 4].permute(2, 0, 1)
         else:
             s = s - hb[:, None, None].abs() * (i - j).abs()
         if mask == "causal":
@@ -45,6 +47,9 @@ def build(score_op, mask, norm, epilogue):
             p = e / e.sum(-1, keepdim=True)
         elif norm == "sigmoid":
             p = torch.sigmoid(s)
+        elif norm == "sinks":       # one extra logit per head, softmaxed with the row, sliced off
+            B, H, M, _ = s.shape
+            p = torch.cat([s, hb.view(1, H, 1, 1).expand(B, H, M, 1)], -1).softmax(-1)[..., :-1]
         else:
             r = torch.relu(s)
             p = r / (r.sum(-1, keepdim=True) + 1.0)
