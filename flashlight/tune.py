@@ -391,8 +391,10 @@ def tune_region(ks: KernelSource, inputs: list, *, n_trials: int = 20, storage=N
         raise RuntimeError(f"{ks.name}: the default config {default} fails ({_failure(e)}); there is "
                            "nothing to check the other configs against") from e
     space = search_space(ks, device)
+    # a small discrete space: a few random trials teach TPE enough (its default is 10)
+    sampler = optuna.samplers.TPESampler(n_startup_trials=max(3, min(10, n_trials // 3)), seed=seed)
     study = optuna.create_study(study_name=key, storage=open_storage(storage), direction="minimize",
-                                load_if_exists=True, sampler=optuna.samplers.TPESampler(seed=seed))
+                                load_if_exists=True, sampler=sampler)
     if "kernel" not in study.user_attrs:
         for name, value in (("kernel", ks.name), ("shape", shape_bucket(ks)), ("default_config", default),
                             ("search_space", space)):
