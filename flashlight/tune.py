@@ -480,12 +480,9 @@ def best_config(ks: KernelSource, device: torch.device) -> dict | None:
         key = study_key(ks, device)
         if key in _TUNED:
             return _TUNED[key]
-        url = _lookup_storage or os.environ.get("FLASHLIGHT_TUNE_STORAGE")
-        if url is None:
-            path = runtime.cache_dir().parent / "tune.db"
-            if not path.exists():
-                return None
-            url = f"sqlite:///{path}"
+        url = _lookup_storage or os.environ.get("FLASHLIGHT_TUNE_STORAGE") or default_storage_url()
+        if _missing_file(url):  # nothing tuned there yet: create nothing, import nothing
+            return None
         if (url, key) not in _LOOKED_UP:
             _LOOKED_UP[(url, key)] = _stored_best(url, key)
         return _LOOKED_UP[(url, key)]
@@ -498,6 +495,14 @@ def best_config(ks: KernelSource, device: torch.device) -> dict | None:
         if key is not None:
             _LOOKED_UP[(url, key)] = None
         return None
+
+
+def _missing_file(url) -> bool:
+    """A file storage (SQLite, journal) whose file does not exist."""
+    for prefix in ("sqlite:///", JOURNAL_PREFIX):
+        if isinstance(url, str) and url.startswith(prefix):
+            return not Path(url[len(prefix):].split("?")[0]).exists()
+    return False
 
 
 def _stored_best(url: str, key: str) -> dict | None:

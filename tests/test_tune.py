@@ -141,6 +141,11 @@ def test_missing_or_broken_storage_means_the_default(fresh, monkeypatch):
     flashlight.compile(attn)(q, k, v)  # no storage at all
     assert runtime.launch_configs[ks.name] == runtime.default_config(ks, "cpu")
     assert not (fresh / "cache" / "tune.db").exists()  # looking up created nothing
+    monkeypatch.setenv("FLASHLIGHT_TUNE_STORAGE", f"journal://{fresh / 'nowhere' / 'studies.log'}")
+    torch.compiler.reset()
+    flashlight.compile(attn)(q, k, v)
+    assert runtime.launch_configs[ks.name] == runtime.default_config(ks, "cpu")
+    assert not (fresh / "nowhere").exists()
 
     (fresh / "garbage.db").write_text("not a database")
     monkeypatch.setenv("FLASHLIGHT_TUNE_STORAGE", f"sqlite:///{fresh / 'garbage.db'}")
