@@ -90,7 +90,8 @@ def _split_one_use(g, cat, use):
     starts = [sum(widths[:i]) for i in range(len(widths))]
     total = sum(widths)
     t = use.target
-    if t in ELEMENTWISE and rank == len(use.meta["val"].shape):
+    casts = (aten._to_copy.default, torch.ops.prims.convert_element_type.default)  # bf16 softmax upcasts
+    if (t in ELEMENTWISE or t in casts) and rank == len(use.meta["val"].shape):
         parts = []
         for piece, start, width in zip(pieces, starts, widths):
             args = []
