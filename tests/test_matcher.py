@@ -1,0 +1,81 @@
+"""The matcher on FX graphs: what capture + analysis find in normalised aten graphs (no kernel runs)."""
+import torch
+
+from flashlight.analysis import NotFusable, analyse, find_pv_candidates
+from flashlight.capture import normalize
+
+aten = torch.ops.aten
+
+
+def regions(fn, *args):
+    gm = normalize(fn, list(args))
+    return gm, find_pv_candidates(gm)
+
+
+def test_one_region_per_value_product_with_its_score_matmuls_and_axes():
+    def diff(q1, k1, q2, k2, v, lam):
+        p = torch.softmax(q1 @ k1.mT, -1) - lam * torch.softmax(q2 @ k2.mT, -1)
+        return p @ v
+
+    q1, k1, q2, k2 = (torch.randn(2, 3, 16, 8) for _ in range(4))
+    gm, pvs = regions(diff, q1, k1, q2, k2, torch.randn(2, 3, 16, 12), torch.tensor(0.5))
+    assert len(pvs) == 1
+    r = analyse(gm, pvs[0])
+    assert len(r.scores) == 2 and r.batch_sizes == (2, 3)
+    assert r.sizes["m"] == 16 and r.sizes["n"] == 16 and r.sizes["e"] == 12
+    assert [sm.axis for sm in r.scores] == ["d0", "d1"]
+    assert r.scores[0].q.axes[-2:] == (("m",), ("d0",)) and r.scores[1].k.axes[-2:] == (("d1",), ("n",))
+    assert len(r.leaves) == 6   # q1, k1, q2, k2, v, lam — no materialised score matrix
+
+
+def test_projection_views_and_gqa_become_index_arithmetic_not_copies():
+    def gqa(x, wq, wk, wv):
+        B, S, _ = x.shape
+        q = (x @ wq).view(B, S, 4, 8).transpose(1, 2)
+        k = (x @ wk).view(B, S, 2, 8).transpose(1, 2).repeat_interleave(2, dim=1)
+        v = (x @ wv).view(B, S, 2, 8).transpose(1, 2).repeat_interleave(2, dim=1)
+        return torch.softmax(q @ k.mT, -1) @ v
+
+    gm, pvs = regions(gqa, torch.randn(2, 16, 32), torch.randn(32, 32), torch.randn(32, 16), torch.randn(32, 16))
+    (pv,) = [p for p in pvs if _safe(gm, p)]
+    r = analyse(gm, pv)
+    k_chain = [n.target for n in r.scores[0].k.chain]
+    assert aten.expand.default in k_chain      # the GQA repeat is an expand in the chain: stride 0
+    assert r.scores[0].k.kind == "tensor" and r.batch_sizes == (2, 4)
+
+
+def _safe(gm, pv):
+    try:
+        analyse(gm, pv)
+        return True
+    except NotFusable:
+        return False
+
+
+def test_sinks_concatenation_is_split_before_the_matcher():
+    def sinks(q, k, v, sink):
+        B, H, M, _ = q.shape
+        s = torch.cat([q @ k.mT, sink.view(1, H, 1, 1).expand(B, H, M, 1)], -1)
+        return s.softmax(-1)[..., :-1] @ v
+
+    q = torch.randn(1, 2, 8, 4)
+    gm, pvs = regions(sinks, q, q, q, torch.randn(2))
+    assert not any(n.target is aten.cat.default for n in gm.graph.nodes)
+    r = analyse(gm, pvs[0])
+    assert aten.maximum.default in {n.target for n in r.nodes}   # max(row max of scores, sink)
+
+
+def test_whole_row_ops_are_found_but_not_matched():
+    def topk(q, k, v):
+        s = q @ k.mT
+        s = s.masked_fill(s < s.topk(3, -1).values[..., -1:], float("-inf"))
+        return s.softmax(-1) @ v
+
+    q = torch.randn(1, 2, 8, 4)
+    gm, pvs = regions(topk, q, q, q)
+    assert len(pvs) == 1
+    try:
+        analyse(gm, pvs[0])
+        raise AssertionError("top-k must not be matched")
+    except NotFusable as e:
+        assert "whole rows" in str(e) or "also used outside" in str(e)
