@@ -80,8 +80,24 @@ def open_storage(storage=None, sqlite_wait_s: float = 30):
             _STORAGES[key] = optuna.storages.RDBStorage(
                 storage, engine_kwargs={"connect_args": {"timeout": sqlite_wait_s}})
         else:
-            _STORAGES[key] = optuna.storages.RDBStorage(storage)
+            _STORAGES[key] = _shared_rdb(storage)
     return _STORAGES[key]
+
+
+def _shared_rdb(url: str, attempts: int = 8):
+    """RDBStorage on a server several workers may reach first at once: on a fresh database they all
+    create Optuna's tables, PostgreSQL lets one win and fails the others (duplicate key in pg_type);
+    a retry then finds the tables there."""
+    import sqlalchemy.exc
+    import optuna
+
+    for attempt in range(attempts):
+        try:
+            return optuna.storages.RDBStorage(url)
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1))
 
 
 def set_storage(storage: str | None) -> None:

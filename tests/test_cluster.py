@@ -190,9 +190,6 @@ def test_two_slurm_workers_tune_one_optuna_study_on_postgres(slurm, postgres_url
     tune=true, sharing the PostgreSQL storage: the study holds every trial of both, each once."""
     import optuna
 
-    # A fresh database gets Optuna's tables once before the workers start (README): PostgreSQL fails one
-    # of two concurrent first uses (CREATE TYPE ... duplicate key in pg_type).
-    optuna.storages.RDBStorage(postgres_url)
     n_trials = 3
     sweep = tmp_path / "tune-sweep"
     p = subprocess.run(
@@ -309,3 +306,29 @@ def test_slurm_launcher_config():
         assert launcher.timeout_min > 0 and launcher.array_parallelism > 0 and list(launcher.setup) == []
         default = compose("config", return_hydra_config=True).hydra.launcher
         assert default._target_.endswith("BasicLauncher")  # local runs stay the default
+
+
+def _first_use(url):
+    from flashlight import tune
+    import optuna
+
+    optuna.create_study(storage=tune.open_storage(url), study_name="first-use", load_if_exists=True)
+    return True
+
+
+def test_workers_reaching_a_fresh_database_at_once_all_get_the_study(postgres_url):
+    """Four workers create Optuna's tables at the same moment: PostgreSQL fails all but one of them
+    (duplicate key in pg_type); flashlight.tune retries, so every worker gets the one study."""
+    import multiprocessing as mp
+    import uuid
+
+    import optuna
+    import sqlalchemy as sa
+
+    schema = f"race_{uuid.uuid4().hex[:8]}"   # a fresh, empty schema: Optuna's tables do not exist yet
+    with sa.create_engine(postgres_url).begin() as c:
+        c.execute(sa.text(f"CREATE SCHEMA {schema}"))
+    url = f"{postgres_url}?options=-csearch_path%3D{schema}"
+    with mp.get_context("spawn").Pool(4) as pool:
+        assert pool.map(_first_use, [url] * 4) == [True] * 4
+    assert [s.study_name for s in optuna.get_all_study_summaries(url)] == ["first-use"]
