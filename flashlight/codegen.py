@@ -73,6 +73,7 @@ class KernelSource:
     N: int = 0
     classifier: str | None = None  # name of the tile classification kernel (data-dependent masks)
     range_rows: int = 1            # batch rows of its table (product of the batch axes the mask reads)
+    classifier_reads: tuple = ()   # the inputs the classification kernel loads (its table depends on them only)
     tile_skipping: str = "no"      # how key tiles are skipped, for explain
 
 
@@ -615,20 +616,24 @@ def _assemble(em: _Emitter, prog: OnlineProgram) -> KernelSource:
         import triton.language as tl
         ''')
     source = header
-    classifier = None
+    classifier, classifier_reads = None, ()
     if classifier_src:
         classifier = f"classify_tiles_{digest}"
         source += "\n\n" + classifier_src.format(name=classifier)
+        body_only = classifier_src.split("\n", 2)[2]   # below the signature, which lists every input
+        classifier_reads = tuple(sorted({int(i) for i in re.findall(r"\bin(\d+)_ptr\b", body_only)}))
     source += f"\n\n@triton.jit\ndef {name}({sig}):\n" + src_body + "\n"
     out_shape = tuple(r.batch_sizes) + (M, E)
     range_rows = math.prod(sizes[a] for a in tiles.batch_axes) if classified else 1
     skipping = "no" if tiles is None else (
-        "key tiles classified per call by a kernel of their own (the mask reads data)" if classified
+        "key tiles classified by a kernel of their own (the mask reads data), again only when "
+        "the tensors it reads change" if classified
         else "key tiles classified by index arithmetic in the kernel")
     return KernelSource(source, name, em.slots, len(r.leaves), out_shape, r.output.meta["val"].dtype,
                         sizes=dict(sizes), batch=batch, M=M,
                         n_dot=sum(a.kind == "dot" for a in prog.accumulators), notes=list(prog.notes),
-                        N=N, classifier=classifier, range_rows=range_rows, tile_skipping=skipping)
+                        N=N, classifier=classifier, range_rows=range_rows,
+                        classifier_reads=classifier_reads, tile_skipping=skipping)
 
 
 def _classifier(em: _Emitter, ptrs, consts) -> str:

@@ -15,8 +15,9 @@ Two analyses, both generic over the user's mask expression:
 A tile is *empty* when some -inf mask removes all of it (skipped), *full* when every analysed mask
 keeps all of it (its mask math is dropped: the kernel runs a second loop body without it). Masks over
 positions only are classified by a scan inside the kernel (pure index arithmetic, no loads); masks
-that read data are classified once per call by a small kernel of their own, one program per
-(query tile, key tile), over only the batch axes the mask reads (document ids do not vary by head).
+that read data are classified by a small kernel of their own, one program per (query tile, key
+tile), over only the batch axes the mask reads (document ids do not vary by head); its table is reused
+while the tensors it reads are unchanged (runtime.CompiledRegion.tile_ranges).
 """
 from __future__ import annotations
 

@@ -163,6 +163,23 @@ def test_data_dependent_padding_and_per_head_bias():
     assert rel_err(out, ref) < TOL
 
 
+def forgetting_gate(q, k, v, f):
+    # a data-dependent decay (Forgetting Transformer): cumulative log forget gates, computed in the
+    # program before the scores, enter the score as c[i] - c[j] under a causal mask
+    c = torch.cumsum(torch.nn.functional.logsigmoid(f), -1)
+    i, j = torch.arange(q.shape[-2])[:, None], torch.arange(k.shape[-2])[None, :]
+    s = q @ k.mT * q.shape[-1] ** -0.5 + (c[..., :, None] - c[..., None, :])
+    return s.masked_fill(j > i, float("-inf")).softmax(-1) @ v
+
+
+def test_cumulative_sum_gates():
+    B, H, S, D = 2, 3, 45, 16
+    out, ref, report = run_fused(forgetting_gate, rand(B, H, S, D), rand(B, H, S, D), rand(B, H, S, D),
+                                 rand(B, H, S) + 2)
+    assert rel_err(out, ref) < TOL
+    assert report.regions[0].matched["tile skipping"] != "no"
+
+
 def test_two_softmaxes_share_one_kernel():
     B, H, S, D = 1, 2, 40, 16
     args = [rand(B, H, S, D) for _ in range(4)] + [rand(B, H, S, 2 * D), torch.tensor(0.4)]

@@ -135,3 +135,33 @@ def test_fully_masked_rows_are_nan_with_tile_skipping():
 def test_prune_keeps_what_the_carried_values_need():
     lines = ["a = x + 1", "b = a * 2  # used", "c = y", "# heading of nothing", "# scores", "acc = acc + b"]
     assert _prune(lines, {"acc"}) == ["a = x + 1", "b = a * 2  # used", "# scores", "acc = acc + b"]
+
+
+def test_classification_is_reused_only_while_its_inputs_are_unchanged():
+    # document ids change rarely (once per batch), queries every call: the tile table follows the ids
+    g = torch.Generator().manual_seed(torch.randint(0, 10**6, ()).item())
+    B, H, S, D = 2, 2, 64, 16
+    torch._dynamo.reset()
+    fused = flashlight.compile(doc_mask, inductor=False, config=SMALL_TILES)
+
+    def check(ids, reused):
+        q, k, v = (torch.randn(B, H, S, D, generator=g) for _ in range(3))
+        before = dict(flashlight.counters)
+        out = fused(q, k, v, ids)
+        assert rel_err(out, doc_mask(q.double(), k.double(), v.double(), ids)) < TOL
+        assert flashlight.counters["classifications_reused"] - before.get("classifications_reused", 0) == reused
+        assert flashlight.counters["classifications"] - before.get("classifications", 0) == 1 - reused
+
+    ids = sorted_docs(B, S, g)
+    check(ids, reused=0)
+    check(ids, reused=1)                      # same tensor, new q/k/v
+    ids[:, S // 2:] += 7                      # in place: new documents start mid-sequence
+    check(ids, reused=0)
+    check(ids, reused=1)
+    check(ids.clone(), reused=0)              # equal contents, another tensor: not proven the same
+    del ids
+    check(torch.zeros(B, S, dtype=torch.int64), reused=0)   # may reuse the freed memory: must not match
+    with torch.inference_mode():
+        frozen = sorted_docs(B, S, g)         # inference tensors keep no version counter
+    check(frozen, reused=0)
+    check(frozen, reused=0)
