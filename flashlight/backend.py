@@ -99,9 +99,66 @@ def fuse(gm, example_inputs, dump=None, config=None, block_sparse=True):
     return aten_gm, report, n_fused
 
 
+def has_symbolic_sizes(example_inputs) -> bool:
+    def symbolic(x):
+        return isinstance(x, torch.SymInt) or any(not isinstance(s, int) for s in x.shape)
+    return any(isinstance(x, (torch.Tensor, torch.SymInt)) and symbolic(x) for x in example_inputs)
+
+
+class PerShape:
+    """A graph dynamo handed over with symbolic sizes (it marks a size dynamic once it sees it change).
+
+    Fused kernels are generated for static sizes, so the graph is compiled again for each distinct
+    concrete input layout on its first call, as `dynamic=False` would, and kept. Past LIMIT layouts
+    (a size that takes ever new values) the graph goes to Inductor's dynamic-shape compile, with a
+    warning and the reason in `last_report`, rather than compiling without end.
+    """
+
+    LIMIT = 32
+
+    def __init__(self, gm, example_inputs, **options):
+        self.gm, self.example_inputs, self.options = gm, example_inputs, options
+        self.compiled = {}
+        self.dynamic = None
+
+    @staticmethod
+    def layout(args):
+        return tuple((tuple(a.shape), tuple(a.stride()), a.storage_offset(), a.dtype, a.device.type,
+                      a.requires_grad) if isinstance(a, torch.Tensor) else a for a in args)
+
+    def __call__(self, *args):
+        key = self.layout(args)
+        fn = self.compiled.get(key)
+        if fn is None:
+            fn = self.dynamic or self._compile(key, list(args))
+        return fn(*args)
+
+    def _compile(self, key, args):
+        global last_report
+        if len(self.compiled) < self.LIMIT:
+            fn = self.compiled[key] = flashlight_backend(self.gm, args, **self.options)
+            last_report.notes.append(
+                "sizes marked dynamic by dynamo: compiled for these concrete sizes, and again for each "
+                f"new layout of the inputs (up to {self.LIMIT})")
+            return fn
+        import warnings
+        why = (f"more than {self.LIMIT} distinct input layouts: left to Inductor's dynamic-shape compile "
+               "(the fused kernels are generated for static sizes; pad or bucket the lengths to fuse)")
+        warnings.warn(f"flashlight: {why}", stacklevel=2)
+        last_report = Report([], notes=[why])
+        self.dynamic = self.gm
+        if self.options.get("inductor", True):
+            from torch._inductor.compile_fx import compile_fx
+            self.dynamic = compile_fx(self.gm, self.example_inputs)
+        return self.dynamic
+
+
 def flashlight_backend(gm: fx.GraphModule, example_inputs, *, dump=None, config=None, inductor=True,
                        block_sparse=True):
     global last_report
+    if has_symbolic_sizes(example_inputs):
+        return PerShape(gm, example_inputs, dump=dump, config=config, inductor=inductor,
+                        block_sparse=block_sparse)
     aten_gm, report, n_fused = fuse(gm, example_inputs, dump=dump, config=config, block_sparse=block_sparse)
     last_report = report
     target = aten_gm if n_fused else gm

@@ -423,3 +423,24 @@ def test_gathered_bias_tables(fn):
         gathers = [ln for ln in report.regions[0].kernel_source.splitlines()
                    if re.search(r"tl\.load\(\w+ \+ \((t_|x)\w+\) \*", ln)]
         assert gathers and all("mask=" in ln for ln in gathers)
+
+
+def test_sizes_marked_dynamic_are_compiled_per_layout(monkeypatch):
+    # dynamo marks a size dynamic once it changes; the fused kernel is specialised for each size seen
+    def attn(q, k, v):
+        return torch.softmax(q @ k.mT * 0.3, -1) @ v
+
+    torch._dynamo.reset()
+    fused = flashlight.compile(attn, inductor=False, dynamic=True)
+    monkeypatch.setattr(flashlight.backend.PerShape, "LIMIT", 2)
+    for S, expect_fused in [(33, True), (50, True), (33, True), (21, False)]:
+        q, k, v = rand(2, 3, S, 16), rand(2, 3, S, 16), rand(2, 3, S, 8)
+        before = flashlight.counters["fused_launches"]
+        if expect_fused:
+            out = fused(q, k, v)
+        else:   # a third new size, past the limit: Inductor's dynamic path, with a warning and the reason
+            with pytest.warns(UserWarning, match="distinct input layouts"):
+                out = fused(q, k, v)
+            assert "dynamic-shape compile" in str(flashlight.backend.last_report)
+        assert (flashlight.counters["fused_launches"] > before) == expect_fused
+        assert rel_err(out, attn(q.double(), k.double(), v.double())) < TOL
