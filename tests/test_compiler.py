@@ -234,6 +234,23 @@ def test_not_fusable_falls_back_with_reason(fn, why):
     assert rel_err(out, ref) < TOL
 
 
+@pytest.mark.parametrize("case", ["float64", "cpu without the interpreter"])
+def test_unsupported_dtype_or_device_falls_back_with_reason(case, monkeypatch):
+    q, k, v = rand(2, 3, 24, 16), rand(2, 3, 24, 16), rand(2, 3, 24, 16)
+    if case == "float64":
+        q, k, v, why = q.double(), k.double(), v.double(), "dtype torch.float64"
+    else:
+        monkeypatch.setenv("TRITON_INTERPRET", "0")   # read per compile: no kernel is launched here
+        why = "TRITON_INTERPRET=1"
+    report = flashlight.explain(sm_handwritten, q, k, v)
+    assert not report.fused and why in report.regions[0].reason, str(report)
+    torch._dynamo.reset()
+    before = flashlight.counters["fused_launches"]
+    out = flashlight.compile(sm_handwritten, inductor=False)(q, k, v)
+    assert flashlight.counters["fused_launches"] == before
+    assert rel_err(out, sm_handwritten(q.double(), k.double(), v.double())) < TOL
+
+
 def test_training_inputs_stay_on_inductor_with_reason():
     q, k, v = (rand(1, 2, 24, 16).requires_grad_() for _ in range(3))
     report = flashlight.explain(sm_handwritten, q, k, v)
