@@ -485,6 +485,36 @@ def _prune(lines, live_out):
             if not (ln.startswith("#") and (i + 1 == len(keep) or keep[i + 1].startswith("#")))]
 
 
+_COPY = re.compile(r"\s*(t_\w+) = ((?:t_|x)\w*)(?:  #.*)?$")
+
+
+def _forward_copies(lines):
+    """Drop `t_a = t_b` lines (views and reshapes of a tile are the same tile) and read t_b where t_a
+    was read. Only for names every one of whose assignments copies the same value (a mask dropped on
+    full tiles copies in one loop body and computes in the other: it stays)."""
+    rhs = {}
+    for ln in lines:
+        m = _ASSIGN.match(ln)
+        if m and m.group(1).startswith("t_"):
+            c = _COPY.match(ln)
+            rhs.setdefault(m.group(1), set()).add(c.group(2) if c else None)
+    alias = {name: next(iter(v)) for name, v in rhs.items() if len(v) == 1 and None not in v}
+    for name in alias:   # follow chains: t_c = t_b, t_b = t_a
+        while alias[name] in alias:
+            alias[name] = alias[alias[name]]
+    if not alias:
+        return lines
+    word = re.compile(r"\b(" + "|".join(map(re.escape, alias)) + r")\b")
+    out = []
+    for ln in lines:
+        c = _COPY.match(ln)
+        if c and c.group(1) in alias:
+            continue
+        code, sep, comment = ln.partition("  #")
+        out.append(word.sub(lambda m: alias[m.group(1)], code) + sep + comment)
+    return out
+
+
 def _batch_decomposition(index, axes, sizes):
     """Lines splitting a flat program index into batch indices (row-major over `axes`)."""
     lines, rem = [], index
@@ -605,6 +635,7 @@ def _assemble(em: _Emitter, prog: OnlineProgram) -> KernelSource:
     # the per-query-tile lines, less those only the classification kernel needed
     used = set(re.findall(r"[A-Za-z_]\w*", "\n".join(body[pre_at:])))
     body[pre_at:pre_at] = _prune(em.guard_pre + em.pre, used)
+    body = _forward_copies(body)
     src_body = "\n".join("    " + ln if ln else "" for ln in body)
     digest = hashlib.sha256((sig + src_body + (classifier_src or "")).encode()).hexdigest()[:16]
     name = f"flashlight_attention_{digest}"
@@ -663,6 +694,7 @@ def _classifier(em: _Emitter, ptrs, consts) -> str:
              f"tl.atomic_max(ranges + 2, tl.where(tile_full, {N} - start_n, 0))",
              "tl.atomic_max(ranges + 3, tl.where(tile_full, start_n + BLOCK_N, 0))",
              "tl.atomic_add(ranges + 4, tl.where(tile_full, 1, 0))"]
+    body = _forward_copies(body)
     text = "\n".join("    " + ln for ln in body)
     return ("@triton.jit\ndef {name}(" + sig.replace("{", "{{").replace("}", "}}") + "):\n"
             "    # which key tiles of this query tile the masks remove, and which they keep whole\n"

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import flashlight
-from flashlight.codegen import _prune
+from flashlight.codegen import _forward_copies, _prune
 
 assert os.environ.get("TRITON_INTERPRET") == "1"
 TOL = 1e-4
@@ -165,3 +165,12 @@ def test_classification_is_reused_only_while_its_inputs_are_unchanged():
         frozen = sorted_docs(B, S, g)         # inference tensors keep no version counter
     check(frozen, reused=0)
     check(frozen, reused=0)
+
+
+def test_copies_are_forwarded_but_not_values_that_differ_between_loop_bodies():
+    lines = ["t_view = t_bmm  # aten.view", "t_view2 = t_view", "t_where = t_view2  # mask dropped",
+             "t_where = tl.where(t_gt, float(\"-inf\"), t_view2)", "t_exp = tl.exp(t_where - t_view2)",
+             "m_a = m_new_a"]
+    assert _forward_copies(lines) == [
+        "t_where = t_bmm  # mask dropped", "t_where = tl.where(t_gt, float(\"-inf\"), t_bmm)",
+        "t_exp = tl.exp(t_where - t_bmm)", "m_a = m_new_a"]
