@@ -123,7 +123,9 @@ def gather(paths, out: Path | None = None) -> Inputs:
             elif t.empty:
                 notes.append(f"{_show(f)}: a header without rows (did the run stop before its first case?)")
             else:
-                layouts[f] = ([c for c in COLUMNS if c not in cols], [c for c in t.columns if c not in COLUMNS])
+                # 'source' (the run dir of each row) is what scripts/merge_results.py adds: expected
+                layouts[f] = ([c for c in COLUMNS if c not in cols],
+                              [c for c in t.columns if c not in COLUMNS and c != "source"])
                 frames.append(t.assign(source=_show(f)))
         elif TRIAL_COLUMNS <= cols or _is_tuning(f.relative_to(root)):
             tuning.append((root, f))
