@@ -28,6 +28,9 @@ aten = torch.ops.aten
 MAX_BLOCK = 128
 
 
+LOG2E = 1.4426950408889634  # exp(x) = exp2(x * LOG2E)
+
+
 def _tl_dtype(dt):
     return {torch.float32: "tl.float32", torch.float16: "tl.float16", torch.bfloat16: "tl.bfloat16",
             torch.float64: "tl.float64", torch.bool: "tl.int1", torch.int32: "tl.int32",
@@ -281,6 +284,11 @@ class _Emitter:
                  aten.sin.default: "tl.sin({})", aten.cos.default: "tl.cos({})",
                  aten.square.default: "(({0}) * ({0}))",
                  aten.sign.default: "tl.where(({0}) > 0, 1.0, tl.where(({0}) < 0, -1.0, 0.0))"}
+        if t is aten.exp.default and node.args[0] in self.prog.stab_max:
+            # exp(x - max) as exp2(x·s2 - max·s2), s2 = log2(e): one fused multiply-add before the
+            # hardware exp2 instead of a subtract and a multiply (see the max update for s2 = 1)
+            sub, R = node.args[0], self.prog.stab_max[node.args[0]].name
+            return f"tl.exp2({self.float_operand(sub, 0)} * s2_{R} - mu2_{R})"
         if t in unary:
             return unary[t].format(f(0))
         if t in (aten.logical_not.default, aten.bitwise_not.default):
@@ -420,6 +428,10 @@ def generate(region: Region, block_sparse: bool = True) -> KernelSource:
             f"m_new_{nm} = tl.maximum(m_{nm}, tl.max({xv}, 1, keep_dims=True))",
             f"alpha_{nm} = tl.where(m_new_{nm} == float(\"-inf\"), 1.0, tl.exp(m_{nm} - m_new_{nm}))",
             f"mu_{nm} = tl.where(m_new_{nm} == float(\"-inf\"), 0.0, m_new_{nm})",
+            # a max beyond ±1e38 (finfo.min masks) cannot be scaled by log2(e) without overflow; there
+            # every x - max is 0 or below -1e31 (float spacing), so exp2(x - max) = exp(x - max) exactly
+            f"s2_{nm} = tl.where(tl.abs(mu_{nm}) > 1e38, 1.0, {LOG2E})",
+            f"mu2_{nm} = mu_{nm} * s2_{nm}",
         ]
     for node in phase_c:
         emit(node, em.loop)

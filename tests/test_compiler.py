@@ -208,6 +208,22 @@ def test_fully_masked_rows_keep_eager_semantics():
         assert rel_err(out, ref) < TOL  # checks the NaN pattern too
 
 
+def additive_mask(q, k, v, bias):
+    return torch.softmax(q @ k.mT * q.shape[-1] ** -0.5 + bias, -1) @ v
+
+
+@pytest.mark.parametrize("fill", [torch.finfo(torch.float32).min, -1e38, -3e4, float("-inf")])
+def test_additive_mask_tensors_with_huge_values(fill):
+    # masks passed as data, (1 - keep) * finfo.min as many models build them: a fully masked row
+    # averages uniformly in eager (every score rounds to the fill), and so must the kernel
+    B, H, S = 2, 2, 40
+    keep = torch.rand(B, 1, S, S) > 0.4
+    keep[1, :, 5] = False                           # a query row that sees nothing
+    bias = torch.zeros(B, 1, S, S).masked_fill(~keep, fill)
+    out, ref, _ = run_fused(additive_mask, rand(B, H, S, 16), rand(B, H, S, 16), rand(B, H, S, 16), bias)
+    assert rel_err(out, ref) < TOL
+
+
 # ---- what must not fuse, and still be right -----------------------------------------------------
 def topk_attn(q, k, v):
     s = q @ k.mT
