@@ -19,7 +19,8 @@ import importlib, sys, pathlib
 mods = ["torch", "hydra", "optuna", "pandas", "matplotlib", "rich", "variants", "flashlight.variant_registry",
         "tabulate", "markdown", "nbformat", "nbclient", "ipykernel"]  # + the report's
 if sys.argv[1:] == ["test"]:
-    mods += ["pytest", "hypothesis", "hydra_plugins.hydra_submitit_launcher", "psycopg2"]  # + the cluster extra
+    mods += ["pytest", "hypothesis", "hydra_plugins.hydra_submitit_launcher", "psycopg2",  # + the cluster extra
+             "hydra_plugins.hydra_optuna_sweeper"]
     import numpy  # the Triton interpreter needs numpy<2.4 (see pyproject's test extra)
     assert tuple(int(x) for x in numpy.__version__.split(".")[:2]) < (2, 4)
 for m in mods:
@@ -31,4 +32,9 @@ PYEOF
 else
   if "$PY" -c "import setuptools, wheel" 2>/dev/null; then nbi=--no-build-isolation; else nbi=; fi
   "$PY" -m pip install -q $nbi -e "$target"
+fi
+# Hydra's Optuna sweeper (tune=sweep) is tested too; its metadata pins optuna<3, which would downgrade
+# optuna, but it runs with optuna 5: installed without its dependencies (all present by now)
+if [ "$extra" = "test" ] && ! "$PY" -c "import hydra_plugins.hydra_optuna_sweeper" 2>/dev/null; then
+  "$PY" -m pip install -q --no-deps hydra-optuna-sweeper
 fi

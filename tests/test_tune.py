@@ -8,6 +8,7 @@ import sys
 import optuna
 import pandas as pd
 import pytest
+import yaml
 import torch
 
 import flashlight
@@ -238,3 +239,27 @@ def test_runner_tune_true(tmp_path):
     shape = v.shape(1, 2, 64, 64, 16, None)
     [r] = tune.tune(v.bind(shape), n_trials=1, storage=f"sqlite:///{db}", **v.make_inputs(shape, torch.float32, "cpu"))
     assert r.key == summary.study_name and len(r.study.trials) == 3
+
+
+def test_hydra_optuna_sweeper_tunes_tiles_one_job_per_trial(tmp_path):
+    # tune=sweep: Hydra's Optuna sweeper, one runner job per tile config, each row checked and written
+    db = tmp_path / "tiles.db"
+    env = {**os.environ, "TRITON_INTERPRET": "1", "FLASHLIGHT_CACHE_DIR": str(tmp_path / "cache")}
+    p = subprocess.run([sys.executable, "-m", "flashlight.run", "-m", "tune=sweep", "variant=causal", "shape=tiny",
+                        "shape.H=2", "shape.Sq=64", "shape.Sk=64", "backends=[flashlight]", "timing.warmup=1",
+                        "timing.repeat=1", "hydra.sweeper.n_trials=3", f"hydra.sweeper.storage=sqlite:///{db}",
+                        f"hydra.sweep.dir={tmp_path / 'sweep'}"], capture_output=True, text=True, env=env,
+                       timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    rows = pd.concat(pd.read_csv(f) for f in (tmp_path / "sweep").glob("*/results.csv"))
+    assert len(rows) == 3 and (rows["status"] == "ok").all(), rows[["status", "reason", "config"]]
+    launched = [json.loads(c)[0] for c in rows["config"]]
+    [study] = optuna.get_all_study_summaries(f"sqlite:///{db}")
+    trials = optuna.load_study(study_name=study.study_name, storage=f"sqlite:///{db}").trials
+    assert len(trials) == 3 and all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+    # each trial's config is the one the job launched, and its value is that job's time
+    for t in trials:
+        cfg = {k.removeprefix("tune.config."): v for k, v in t.params.items()}
+        assert cfg in launched
+    best = yaml.safe_load((tmp_path / "sweep" / "optimization_results.yaml").read_text())
+    assert best["best_value"] == pytest.approx(rows["ms"].min(), rel=1e-6)
