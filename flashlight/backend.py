@@ -8,6 +8,8 @@ A region that cannot be fused stays as it was and Inductor compiles it as usual.
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.fx as fx
 
@@ -141,7 +143,6 @@ class PerShape:
                 "sizes marked dynamic by dynamo: compiled for these concrete sizes, and again for each "
                 f"new layout of the inputs (up to {self.LIMIT})")
             return fn
-        import warnings
         why = (f"more than {self.LIMIT} distinct input layouts: left to Inductor's dynamic-shape compile "
                "(the fused kernels are generated for static sizes; pad or bucket the lengths to fuse)")
         warnings.warn(f"flashlight: {why}", stacklevel=2)

@@ -143,7 +143,6 @@ class CompiledRegion:
         counters["fused_launches"] += 1
         return out
 
-
     def tile_ranges(self, inputs, args, bm, bn):
         """Which key tiles each query tile needs, for a mask that reads data: the classification kernel's
         table, reused while the tensors it reads are the same objects, unmodified, with the same tiles."""
