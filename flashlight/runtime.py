@@ -147,10 +147,10 @@ class CompiledRegion:
         """Which key tiles each query tile needs, for a mask that reads data: the classification kernel's
         table, reused while the tensors it reads are the same objects, unmodified, with the same tiles."""
         reads = [inputs[i] for i in self.ks.classifier_reads]
-        seen = _identity(reads, args, bm, bn)
-        if seen is not None and self._classified is not None:
-            (refs, rest), table = self._classified
-            if rest == seen[1] and all(r() is t for r, t in zip(refs, reads)):
+        state = _classification_state(reads, args, bm, bn)
+        if state is not None and self._classified is not None:
+            refs, old_state, table = self._classified
+            if old_state == state and all(r() is t for r, t in zip(refs, reads)):
                 counters["classifications_reused"] += 1
                 return table
         ks = self.ks
@@ -159,15 +159,16 @@ class CompiledRegion:
         getattr(self._kernel, ks.classifier)[(ks.range_rows * m_tiles * n_tiles,)](
             *inputs, table, *args, BLOCK_M=bm, BLOCK_N=bn, num_warps=4, num_stages=1)
         counters["classifications"] += 1
-        self._classified = (seen, table) if seen is not None else None
+        # the tensors are held weakly, so a freed tensor never matches a new one at the same address
+        self._classified = None if state is None else ([weakref.ref(t) for t in reads], state, table)
         return table
 
 
-def _identity(tensors, args, bm, bn):
-    """What a classification depends on: the tensors (weakly held, so a freed tensor never matches a new
-    one at the same address), their version counters (bumped by every in-place write), layouts, the
-    launch arguments and tiles. None where reuse cannot be proven safe: inference tensors keep no
-    version counter, and a CUDA graph being captured must contain the classification kernel itself."""
+def _classification_state(tensors, args, bm, bn):
+    """What a classification depends on besides the tensors' identity: their version counters (bumped by
+    every in-place write), layouts, the launch arguments and tiles. None where reuse cannot be proven
+    safe: inference tensors keep no version counter, and a CUDA graph being captured must contain the
+    classification kernel itself."""
     if any(t.is_cuda for t in tensors) and torch.cuda.is_current_stream_capturing():
         return None
     try:
@@ -175,7 +176,7 @@ def _identity(tensors, args, bm, bn):
     except RuntimeError:
         return None
     layouts = tuple((t.data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride())) for t in tensors)
-    return [weakref.ref(t) for t in tensors], (versions, layouts, tuple(args), bm, bn)
+    return versions, layouts, tuple(args), bm, bn
 
 
 def register(region: CompiledRegion) -> str:
