@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from flashlight.indexing import VIEW_OPS
+from flashlight.compiler.indexing import VIEW_OPS
 
 aten = torch.ops.aten
 prims = torch.ops.prims

@@ -18,7 +18,7 @@ import torch.fx as fx
 
 from flashlight.analysis import (GATHERS, MATMULS, WHERE, Access, NotFusable, Region, constant_value,
                                  flat_axes, shape_of)
-from flashlight.indexing import VIEW_OPS, GroupedView, apply_view, freeze_chain, split_over_axes
+from flashlight.compiler.indexing import VIEW_OPS, GroupedView, apply_view, freeze_chain, split_over_axes
 from flashlight.rewrite import OnlineProgram, build, lname, vname
 from flashlight.sparsity import emit_tile_skip
 

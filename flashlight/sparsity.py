@@ -29,7 +29,7 @@ import torch
 import torch.fx as fx
 
 from flashlight.analysis import MATMULS, WHERE, Region, constant_value, flat_axes
-from flashlight.indexing import VIEW_OPS
+from flashlight.compiler.indexing import VIEW_OPS
 
 aten = torch.ops.aten
 prims = torch.ops.prims

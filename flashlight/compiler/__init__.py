@@ -1,0 +1,16 @@
+"""The compiler: attention written in plain PyTorch, fused into one Triton kernel inside torch.compile.
+
+Stages, in pipeline order:
+
+    capture   - normalise the graph torch.compile hands over into a small aten vocabulary
+    analysis  - find attention regions (Q·Kᵀ → elementwise/reductions → ·V) and give every value its axes
+    rewrite   - turn a region's dependent reductions into their online form (one pass over key tiles)
+    sparsity  - prove which key tiles a -inf mask removes, and emit the tile-skipping test
+    codegen   - emit the region's Triton kernel source
+    runtime   - load, configure and launch the generated kernels through one custom op
+
+    backend   - the torch.compile backend (``backend="flashlight"``) that runs the stages over a graph
+    explain   - the report of what was fused and why not, for users
+
+indexing holds the view-chain index algebra that analysis, rewrite, sparsity and codegen share.
+"""
