@@ -6,7 +6,7 @@ import functools
 import torch
 
 from flashlight.backend import flashlight_backend, is_training, plan
-from flashlight.capture import normalize
+from flashlight.compiler.capture import normalize
 from flashlight.explain import Report
 from flashlight.runtime import counters  # noqa: F401  (re-exported)
 

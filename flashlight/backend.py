@@ -14,7 +14,7 @@ import torch
 import torch.fx as fx
 
 from flashlight.analysis import NotFusable, analyse, find_pv_candidates, shape_of
-from flashlight.capture import normalize
+from flashlight.compiler.capture import normalize
 from flashlight.codegen import generate
 from flashlight.explain import RegionReport, Report
 from flashlight.runtime import CompiledRegion, interpreting, register

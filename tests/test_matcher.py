@@ -2,7 +2,7 @@
 import torch
 
 from flashlight.analysis import NotFusable, analyse, find_pv_candidates
-from flashlight.capture import normalize
+from flashlight.compiler.capture import normalize
 
 aten = torch.ops.aten
 
