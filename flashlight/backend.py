@@ -13,7 +13,7 @@ import warnings
 import torch
 import torch.fx as fx
 
-from flashlight.analysis import NotFusable, analyse, find_pv_candidates, shape_of
+from flashlight.compiler.analysis import NotFusable, analyse, find_pv_candidates, shape_of
 from flashlight.compiler.capture import normalize
 from flashlight.codegen import generate
 from flashlight.explain import RegionReport, Report

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from flashlight.analysis import (GATHERS, MATMULS, WHERE, Access, NotFusable, Region, constant_value,
+from flashlight.compiler.analysis import (GATHERS, MATMULS, WHERE, Access, NotFusable, Region, constant_value,
                                  flat_axes, shape_of)
 from flashlight.compiler.indexing import VIEW_OPS, GroupedView, apply_view, freeze_chain, split_over_axes
 from flashlight.rewrite import OnlineProgram, build, lname, vname

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from flashlight.analysis import GATHERS, MATMULS, WHERE, NotFusable, Region, constant_value, flat_axes
+from flashlight.compiler.analysis import GATHERS, MATMULS, WHERE, NotFusable, Region, constant_value, flat_axes
 from flashlight.compiler.indexing import VIEW_OPS
 
 aten = torch.ops.aten

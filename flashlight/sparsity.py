@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from flashlight.analysis import MATMULS, WHERE, Region, constant_value, flat_axes
+from flashlight.compiler.analysis import MATMULS, WHERE, Region, constant_value, flat_axes
 from flashlight.compiler.indexing import VIEW_OPS
 
 aten = torch.ops.aten

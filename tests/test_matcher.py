@@ -1,7 +1,7 @@
 """The matcher on FX graphs: what capture + analysis find in normalised aten graphs (no kernel runs)."""
 import torch
 
-from flashlight.analysis import NotFusable, analyse, find_pv_candidates
+from flashlight.compiler.analysis import NotFusable, analyse, find_pv_candidates
 from flashlight.compiler.capture import normalize
 
 aten = torch.ops.aten

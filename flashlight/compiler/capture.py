@@ -81,7 +81,7 @@ def _emit(g, before, target, args, kwargs=None):
 
 def _split_one_use(g, cat, use):
     """Rewrite one user of `cat` over its pieces; returns False when it cannot (left as it is)."""
-    from flashlight.analysis import ELEMENTWISE
+    from flashlight.compiler.analysis import ELEMENTWISE
 
     pieces, dim = cat.args[0], cat.args[1] if len(cat.args) > 1 else 0
     rank = len(cat.meta["val"].shape)
