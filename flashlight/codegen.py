@@ -19,7 +19,7 @@ import torch.fx as fx
 from flashlight.compiler.analysis import (GATHERS, MATMULS, WHERE, Access, NotFusable, Region, constant_value,
                                  flat_axes, shape_of)
 from flashlight.compiler.indexing import VIEW_OPS, GroupedView, apply_view, freeze_chain, split_over_axes
-from flashlight.rewrite import OnlineProgram, build, lname, vname
+from flashlight.compiler.rewrite import OnlineProgram, build, lname, vname
 from flashlight.sparsity import emit_tile_skip
 
 aten = torch.ops.aten
