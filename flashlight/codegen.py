@@ -20,7 +20,7 @@ from flashlight.compiler.analysis import (GATHERS, MATMULS, WHERE, Access, NotFu
                                  flat_axes, shape_of)
 from flashlight.compiler.indexing import VIEW_OPS, GroupedView, apply_view, freeze_chain, split_over_axes
 from flashlight.compiler.rewrite import OnlineProgram, build, lname, vname
-from flashlight.sparsity import emit_tile_skip
+from flashlight.compiler.sparsity import emit_tile_skip
 
 aten = torch.ops.aten
 
