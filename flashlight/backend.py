@@ -15,7 +15,7 @@ import torch.fx as fx
 
 from flashlight.compiler.analysis import NotFusable, analyse, find_pv_candidates, shape_of
 from flashlight.compiler.capture import normalize
-from flashlight.codegen import generate
+from flashlight.compiler.codegen import generate
 from flashlight.explain import RegionReport, Report
 from flashlight.runtime import CompiledRegion, interpreting, register
 

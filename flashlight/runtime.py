@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from flashlight.codegen import KernelSource, access_layout
+from flashlight.compiler.codegen import KernelSource, access_layout
 
 counters: collections.Counter = collections.Counter()
 

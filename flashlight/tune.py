@@ -37,7 +37,7 @@ import torch
 import torch.fx as fx
 
 from flashlight import runtime
-from flashlight.codegen import MAX_BLOCK, KernelSource
+from flashlight.compiler.codegen import MAX_BLOCK, KernelSource
 from flashlight.runtime import CompiledRegion, default_config, interpreting
 
 MIN_BLOCK = 16             # tl.dot needs at least 16 along each tile dimension

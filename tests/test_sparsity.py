@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import flashlight
-from flashlight.codegen import _forward_copies, _prune
+from flashlight.compiler.codegen import _forward_copies, _prune
 
 assert os.environ.get("TRITON_INTERPRET") == "1"
 TOL = 1e-4
