@@ -8,7 +8,7 @@ import torch
 from flashlight.backend import flashlight_backend, is_training, plan
 from flashlight.compiler.capture import normalize
 from flashlight.explain import Report
-from flashlight.runtime import counters  # noqa: F401  (re-exported)
+from flashlight.compiler.runtime import counters  # noqa: F401  (re-exported)
 
 
 def compile(fn, *, dump=None, config=None, inductor=True, block_sparse=True, fullgraph=False, dynamic=False,

@@ -17,7 +17,7 @@ from flashlight.compiler.analysis import NotFusable, analyse, find_pv_candidates
 from flashlight.compiler.capture import normalize
 from flashlight.compiler.codegen import generate
 from flashlight.explain import RegionReport, Report
-from flashlight.runtime import CompiledRegion, interpreting, register
+from flashlight.compiler.runtime import CompiledRegion, interpreting, register
 
 aten = torch.ops.aten
 

@@ -229,7 +229,8 @@ def make_fn(backend: str, plan: Plan, inputs: dict, info: dict):
             lines = str(report).strip().splitlines()
             info["note"] = "; ".join(reasons) or (lines[0] if lines else "no region fused")
         info["counters"] = flashlight.counters
-        from flashlight import runtime, tune
+        from flashlight import tune
+        from flashlight.compiler import runtime
 
         info["launch_configs"] = runtime.launch_configs
         if plan.tune.get("storage"):  # compile-time lookups of tuned configs read this storage

@@ -36,9 +36,9 @@ from pathlib import Path
 import torch
 import torch.fx as fx
 
-from flashlight import runtime
+from flashlight.compiler import runtime
 from flashlight.compiler.codegen import MAX_BLOCK, KernelSource
-from flashlight.runtime import CompiledRegion, default_config, interpreting
+from flashlight.compiler.runtime import CompiledRegion, default_config, interpreting
 
 MIN_BLOCK = 16             # tl.dot needs at least 16 along each tile dimension
 MAX_REGS_PER_THREAD = 255  # NVIDIA's limit; above it registers spill to local memory

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import flex_attention
 
-from flashlight import runtime
+from flashlight.compiler import runtime
 
 
 def attn(q, k, v):

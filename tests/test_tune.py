@@ -12,7 +12,8 @@ import yaml
 import torch
 
 import flashlight
-from flashlight import runtime, tune
+from flashlight import tune
+from flashlight.compiler import runtime
 from flashlight import variant_registry as registry
 from flashlight.run import CONFIG_DIR, ConfigError, quote_bool_overrides, resolve
 
