@@ -5,7 +5,7 @@ import functools
 
 import torch
 
-from flashlight.backend import flashlight_backend, is_training, plan
+from flashlight.compiler.backend import flashlight_backend, is_training, plan
 from flashlight.compiler.capture import normalize
 from flashlight.explain import Report
 from flashlight.compiler.runtime import counters  # noqa: F401  (re-exported)

@@ -454,7 +454,7 @@ def fused_regions(fn, *args, **kwargs) -> list:
     fn is compiled exactly as flashlight.compile does it (the same kernels, hence the same study keys)
     and run once, without gradients (the fused kernels are forward only). torch.compile's caches are
     reset first (torch.compiler.reset), so that fn is captured afresh however often it was compiled."""
-    from flashlight.backend import fuse
+    from flashlight.compiler.backend import fuse
 
     found: dict = {}
 

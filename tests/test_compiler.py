@@ -468,7 +468,7 @@ def test_sizes_marked_dynamic_are_compiled_per_layout(monkeypatch):
 
     torch._dynamo.reset()
     fused = flashlight.compile(attn, inductor=False, dynamic=True)
-    monkeypatch.setattr(flashlight.backend.PerShape, "LIMIT", 2)
+    monkeypatch.setattr(flashlight.compiler.backend.PerShape, "LIMIT", 2)
     for S, expect_fused in [(33, True), (50, True), (33, True), (21, False)]:
         q, k, v = rand(2, 3, S, 16), rand(2, 3, S, 16), rand(2, 3, S, 8)
         before = flashlight.counters["fused_launches"]
@@ -477,6 +477,6 @@ def test_sizes_marked_dynamic_are_compiled_per_layout(monkeypatch):
         else:   # a third new size, past the limit: Inductor's dynamic path, with a warning and the reason
             with pytest.warns(UserWarning, match="distinct input layouts"):
                 out = fused(q, k, v)
-            assert "dynamic-shape compile" in str(flashlight.backend.last_report)
+            assert "dynamic-shape compile" in str(flashlight.compiler.backend.last_report)
         assert (flashlight.counters["fused_launches"] > before) == expect_fused
         assert rel_err(out, attn(q.double(), k.double(), v.double())) < TOL
