@@ -7,7 +7,7 @@ import torch
 
 from flashlight.compiler.backend import flashlight_backend, is_training, plan
 from flashlight.compiler.capture import normalize
-from flashlight.explain import Report
+from flashlight.compiler.explain import Report
 from flashlight.compiler.runtime import counters  # noqa: F401  (re-exported)
 
 

@@ -16,7 +16,7 @@ import torch.fx as fx
 from flashlight.compiler.analysis import NotFusable, analyse, find_pv_candidates, shape_of
 from flashlight.compiler.capture import normalize
 from flashlight.compiler.codegen import generate
-from flashlight.explain import RegionReport, Report
+from flashlight.compiler.explain import RegionReport, Report
 from flashlight.compiler.runtime import CompiledRegion, interpreting, register
 
 aten = torch.ops.aten
