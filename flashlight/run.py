@@ -37,8 +37,8 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from flashlight import variant_registry as registry
-from flashlight.variant_registry import Shape, Unsupported
+from flashlight.harness import variant_registry as registry
+from flashlight.harness.variant_registry import Shape, Unsupported
 
 BACKENDS = ("eager", "compile", "sdpa", "flex", "flashlight")
 COMPILED = {"compile", "flex", "flashlight"}

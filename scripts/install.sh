@@ -16,7 +16,7 @@ target="."
 # Skip the pip call when everything is already importable from this checkout.
 if "$PY" - "$extra" <<'PYEOF' 2>/dev/null; then
 import importlib, sys, pathlib
-mods = ["torch", "hydra", "optuna", "pandas", "matplotlib", "rich", "variants", "flashlight.variant_registry",
+mods = ["torch", "hydra", "optuna", "pandas", "matplotlib", "rich", "variants", "flashlight.harness.variant_registry",
         "tabulate", "markdown", "nbformat", "nbclient", "ipykernel"]  # + the report's
 if sys.argv[1:] == ["test"]:
     mods += ["pytest", "hypothesis", "hydra_plugins.hydra_submitit_launcher", "psycopg2",  # + the cluster extra

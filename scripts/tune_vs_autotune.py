@@ -59,7 +59,7 @@ import triton  # noqa: E402
 from triton.runtime import KernelInterface  # noqa: E402
 
 from flashlight import tune  # noqa: E402
-from flashlight import variant_registry as registry  # noqa: E402
+from flashlight.harness import variant_registry as registry  # noqa: E402
 from flashlight.compiler.runtime import CompiledRegion, default_config, interpreting  # noqa: E402
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)

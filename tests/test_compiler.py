@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import flashlight
-from flashlight import variant_registry as vr
+from flashlight.harness import variant_registry as vr
 
 assert os.environ.get("TRITON_INTERPRET") == "1", "conftest sets TRITON_INTERPRET=1 before imports"
 torch._dynamo.config.cache_size_limit = 256

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from flashlight import variant_registry as registry
+from flashlight.harness import variant_registry as registry
 from flashlight.run import BACKENDS, CONFIG_DIR, ConfigError, resolve
 
 CONFIGS = Path(CONFIG_DIR)

@@ -14,7 +14,7 @@ import torch
 import flashlight
 from flashlight import tune
 from flashlight.compiler import runtime
-from flashlight import variant_registry as registry
+from flashlight.harness import variant_registry as registry
 from flashlight.run import CONFIG_DIR, ConfigError, quote_bool_overrides, resolve
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flashlight import variant_registry as registry
-from flashlight.variant_registry import Unsupported
+from flashlight.harness import variant_registry as registry
+from flashlight.harness.variant_registry import Unsupported
 
 F64 = torch.float64
 SMALL = dict(B=2, H=4, Sq=48, Sk=48, D=16)

@@ -1,1 +1,1 @@
-"""Attention variants written in plain PyTorch, one per file (see flashlight/variant_registry.py)."""
+"""Attention variants written in plain PyTorch, one per file (see flashlight/harness/variant_registry.py)."""

@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import flex_attention
 
-from flashlight.variant_registry import cached_block_mask, causal_density, dense_flops, qkv
+from flashlight.harness.variant_registry import cached_block_mask, causal_density, dense_flops, qkv
 
 DESCRIPTION = "causal softmax attention"
 PARAMS = {}

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-from flashlight.variant_registry import dense_flops, generator, qkv
+from flashlight.harness.variant_registry import dense_flops, generator, qkv
 
 DESCRIPTION = "packed documents: attend only within the same document (runtime doc ids)"
 PARAMS = {"docs": 8, "equal": True}

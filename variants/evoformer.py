@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import flex_attention
 
-from flashlight.variant_registry import dense_flops, generator, randn
+from flashlight.harness.variant_registry import dense_flops, generator, randn
 
 DESCRIPTION = "Evoformer MSA row attention: pair bias broadcast over the MSA dim, sigmoid gate"
 PARAMS = {"N": 16}

@@ -4,7 +4,7 @@ the sink joins each row's softmax as one extra column, then is sliced off, so ro
 import torch
 from torch.nn.attention.flex_attention import flex_attention
 
-from flashlight.variant_registry import Unsupported, cached_block_mask, causal_density, dense_flops, generator, qkv
+from flashlight.harness.variant_registry import Unsupported, cached_block_mask, causal_density, dense_flops, generator, qkv
 
 DESCRIPTION = "causal attention + one learnable sink logit per head (concatenated, softmaxed, sliced off)"
 PARAMS = {}

@@ -2,7 +2,7 @@
 import torch
 from torch.nn.attention.flex_attention import flex_attention
 
-from flashlight.variant_registry import Unsupported, cached_block_mask, causal_density, dense_flops, qkv
+from flashlight.harness.variant_registry import Unsupported, cached_block_mask, causal_density, dense_flops, qkv
 
 DESCRIPTION = "causal attention with tanh soft-capping of the scores"
 PARAMS = {"cap": 20.0}

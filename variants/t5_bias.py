@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import flex_attention
 
-from flashlight.variant_registry import dense_flops, generator, qkv
+from flashlight.harness.variant_registry import dense_flops, generator, qkv
 
 DESCRIPTION = "T5 relative position bias: learned table indexed by bucketed distance (gather)"
 PARAMS = {"buckets": 32, "max_distance": 128}

@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import flex_attention
 
-from flashlight.variant_registry import dense_flops, qkv
+from flashlight.harness.variant_registry import dense_flops, qkv
 
 DESCRIPTION = "softmax(Q Kᵀ / sqrt(D)) V, no mask"
 PARAMS = {}
