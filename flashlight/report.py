@@ -27,7 +27,7 @@ import pandas as pd  # noqa: E402
 from hydra.experimental.callback import Callback  # noqa: E402
 
 from flashlight import report_plots as rp  # noqa: E402
-from flashlight.run import COLUMNS  # noqa: E402
+from flashlight.harness.run import COLUMNS  # noqa: E402
 
 # What the figures and the summary cannot do without; the other columns may be absent (older tables).
 REQUIRED = ["variant", "backend", "mode", "status", "Sq", "D", "ms", "tflops"]
@@ -186,7 +186,7 @@ def tolerances(df: pd.DataFrame) -> dict:
     """The runner's pass/fail tolerance for each (dtype, device) present: {(dtype, device): tol}."""
     import torch
 
-    from flashlight.run import tolerance
+    from flashlight.harness.run import tolerance
 
     tols = {}
     for dtype, device in df[["dtype", "device"]].drop_duplicates().itertuples(index=False):

@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from flashlight.run import CASE_KEY, case_keys, merge_results, read_results
+from flashlight.harness.run import CASE_KEY, case_keys, merge_results, read_results
 
 pytestmark = pytest.mark.cluster
 
@@ -232,7 +232,7 @@ def test_interpreter_choice_is_not_inherited_by_gpu_jobs(tmp_path):
     (fake_bin / "nvidia-smi").write_text("#!/bin/sh\nexit 0\n")  # only its presence on PATH is looked at
     (fake_bin / "nvidia-smi").chmod(0o755)
     no_gpu_path = ":".join(p for p in os.environ["PATH"].split(":") if not (Path(p) / "nvidia-smi").exists())
-    probe = "import os, flashlight.run; print(os.environ.get('TRITON_INTERPRET'))"
+    probe = "import os, flashlight.harness.run; print(os.environ.get('TRITON_INTERPRET'))"
     base = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FLASHLIGHT_AUTO_INTERPRET")}
 
     def interpret(path, **env):
@@ -295,7 +295,7 @@ def test_rerun_only_what_is_missing_unless_resume_false(tmp_path):
 def test_slurm_launcher_config():
     from hydra import compose, initialize_config_dir
 
-    from flashlight.run import CONFIG_DIR
+    from flashlight.harness.run import CONFIG_DIR
 
     with initialize_config_dir(CONFIG_DIR, version_base=None):
         cfg = compose("config", overrides=["hydra/launcher=slurm", "hydra.launcher.partition=gpu"],

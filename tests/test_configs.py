@@ -5,7 +5,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from flashlight.harness import variant_registry as registry
-from flashlight.run import BACKENDS, CONFIG_DIR, ConfigError, resolve
+from flashlight.harness.run import BACKENDS, CONFIG_DIR, ConfigError, resolve
 
 CONFIGS = Path(CONFIG_DIR)
 VARIANT_CFGS = sorted(p.stem for p in (CONFIGS / "variant").glob("*.yaml"))

@@ -15,7 +15,7 @@ import flashlight
 from flashlight import tune
 from flashlight.compiler import runtime
 from flashlight.harness import variant_registry as registry
-from flashlight.run import CONFIG_DIR, ConfigError, quote_bool_overrides, resolve
+from flashlight.harness.run import CONFIG_DIR, ConfigError, quote_bool_overrides, resolve
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

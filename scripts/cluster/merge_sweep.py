@@ -9,7 +9,7 @@ import sys
 
 import pandas as pd
 
-from flashlight.run import CASE_KEY, merge_results, read_results
+from flashlight.harness.run import CASE_KEY, merge_results, read_results
 
 ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 ap.add_argument("dirs", nargs="+", help="sweep or run dirs to search for results.csv")

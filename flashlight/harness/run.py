@@ -45,7 +45,7 @@ COMPILED = {"compile", "flex", "flashlight"}
 MODES = ("fwd", "fwdbwd")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "float64": torch.float64}
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
+CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
 COLUMNS = ["variant", "backend", "mode", "dtype", "device", "B", "H", "Sq", "Sk", "D", "Dv", "ms", "tflops",
            "rel_err", "status", "reason", "peak_mem_mb", "compile_s", "torch", "triton", "gpu", "params",
            "config"]  # config: the flashlight tile config(s) launched (JSON), last so older readers keep working
@@ -529,11 +529,3 @@ def main(cfg: DictConfig) -> float | None:
         report_after_run(out_dir)
     return objective(df)
 
-
-if __name__ == "__main__":
-    # Run the importable flashlight.run.main, not this __main__ copy: a Slurm job (hydra/launcher=slurm)
-    # gets the task function pickled by reference to its module, which a job can import.
-    from flashlight.run import main as _main
-
-    sys.argv = quote_bool_overrides(sys.argv)
-    _main()
