@@ -1,6 +1,6 @@
 """Merge every results table below the given dirs into one table (printed, and written with -o).
 
-The reading rules are the report's (flashlight.report.gather): schema checks, one row per case (a case
+The reading rules are the report's (flashlight.report.build.gather): schema checks, one row per case (a case
 measured again: the later row). For figures, a summary and a notebook: python -m flashlight.report DIR.
 """
 import argparse
@@ -8,7 +8,7 @@ import sys
 
 import pandas as pd
 
-from flashlight.report import gather
+from flashlight.report.build import gather
 
 ap = argparse.ArgumentParser()
 ap.add_argument("dirs", nargs="+")

@@ -11,7 +11,7 @@ import nbformat
 import pandas as pd
 import pytest
 
-from flashlight import report
+from flashlight.report import build as report
 from flashlight.harness.run import COLUMNS
 
 GPU = "NVIDIA H100 80GB HBM3"

@@ -524,7 +524,7 @@ def main(cfg: DictConfig) -> float | None:
         sys.exit(2)
     # report=true: a report of this run; a multirun gets one of its sweep dir (report.SweepReport callback)
     if cfg.get("report") and HydraConfig.get().mode == RunMode.RUN:
-        from flashlight.report import report_after_run
+        from flashlight.report.build import report_after_run
 
         report_after_run(out_dir)
     return objective(df)

@@ -396,6 +396,3 @@ def main(argv=None) -> int:
     print(f"report: {_show(path)}")
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())
