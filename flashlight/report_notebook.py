@@ -1,6 +1,6 @@
 """The report's notebook: reloads the report's table and redraws every figure with the code in view.
 
-The cells are the source of flashlight/report_plots.py, split by definition (nbformat), so the notebook
+The cells are the source of flashlight/report/plots.py, split by definition (nbformat), so the notebook
 re-runs in Jupyter without flashlight installed and never drifts from the figures of the report. It is
 executed headless (nbclient) so that the saved notebook carries its outputs.
 """
@@ -12,7 +12,7 @@ import logging
 import os
 from pathlib import Path
 
-from flashlight import report_plots
+from flashlight.report import plots as report_plots
 
 # (heading, text, definitions shown in the cell, code that draws); the rest of report_plots goes first.
 SECTIONS = [
@@ -79,7 +79,7 @@ def build(table: str, tuning: str, tolerances: dict, command: str):
     cells = [
         nbf.new_markdown_cell(
             "# Flashlight report\n\nReloads the report's table and redraws each of its figures; the code that "
-            "draws them is in the cells (the same functions as `flashlight/report_plots.py`). Re-run all "
+            "draws them is in the cells (the same functions as `flashlight/report/plots.py`). Re-run all "
             "cells to redraw; regenerate the report and this notebook with\n\n"
             f"```\n{command or 'python -m flashlight.report RUN_OR_SWEEP_DIR'}\n```"),
         nbf.new_code_cell("%matplotlib inline\nfrom pathlib import Path\n\nfrom IPython.display import Image, "

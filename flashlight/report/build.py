@@ -26,7 +26,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 from hydra.experimental.callback import Callback  # noqa: E402
 
-from flashlight import report_plots as rp  # noqa: E402
+from flashlight.report import plots as rp  # noqa: E402
 from flashlight.harness.run import COLUMNS  # noqa: E402
 
 # What the figures and the summary cannot do without; the other columns may be absent (older tables).
