@@ -287,7 +287,7 @@ def write_report(paths, out, notebook=None, command: str = "", make_notebook: bo
 
     nb_path = Path(notebook) if notebook else out / "report.ipynb"
     if make_notebook:
-        from flashlight import report_notebook
+        from flashlight.report import notebook as report_notebook
 
         inp.notes += report_notebook.write(nb_path, out / TABLE, out / "tuning", tols, command)
     for n in inp.notes:

@@ -125,7 +125,7 @@ def build(table: str, tuning: str, tolerances: dict, command: str):
 
 def _quiet_log():
     """nbclient logs each execution at INFO, which Hydra's logging setup (report=true) would print."""
-    log = logging.getLogger("flashlight.report_notebook")
+    log = logging.getLogger("flashlight.report.notebook")
     log.setLevel(logging.WARNING)
     return log
 
