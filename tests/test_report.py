@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from flashlight.report import build as report
-from flashlight.harness.run import COLUMNS
+from flashlight.results_schema import COLUMNS
 
 GPU = "NVIDIA H100 80GB HBM3"
 FAST = ["shape=tiny", "timing.warmup=1", "timing.repeat=2", "backends=[eager,sdpa]"]

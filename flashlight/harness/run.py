@@ -39,6 +39,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from flashlight.harness import variant_registry as registry
 from flashlight.harness.variant_registry import Shape, Unsupported
+from flashlight.results_schema import COLUMNS, tolerance
 
 BACKENDS = ("eager", "compile", "sdpa", "flex", "flashlight")
 COMPILED = {"compile", "flex", "flashlight"}
@@ -46,9 +47,6 @@ MODES = ("fwd", "fwdbwd")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "float64": torch.float64}
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
-COLUMNS = ["variant", "backend", "mode", "dtype", "device", "B", "H", "Sq", "Sk", "D", "Dv", "ms", "tflops",
-           "rel_err", "status", "reason", "peak_mem_mb", "compile_s", "torch", "triton", "gpu", "params",
-           "config"]  # config: the flashlight tile config(s) launched (JSON), last so older readers keep working
 FWDBWD_FLOP_FACTOR = 3.5  # MEASURE.md: forward+backward = 3.5 x forward
 
 
@@ -130,12 +128,6 @@ def resolve(cfg: DictConfig) -> Plan:
     if tune.get("enabled") and tune.get("config"):
         raise ConfigError("tune=true searches for a tile config and tune.config sets one: drop one of them")
     return Plan(variant, shape, backends, mode, DTYPES[dtype_s], device, ref_dtype, tune)
-
-
-def tolerance(dtype: torch.dtype, device: torch.device) -> float:
-    if dtype in (torch.bfloat16, torch.float16):
-        return 2e-2
-    return 1e-3 if device.type == "cuda" else 1e-4
 
 
 # ------------------------------------------------------------------------------------------ cases
@@ -524,7 +516,7 @@ def main(cfg: DictConfig) -> float | None:
         sys.exit(2)
     # report=true: a report of this run; a multirun gets one of its sweep dir (report.SweepReport callback)
     if cfg.get("report") and HydraConfig.get().mode == RunMode.RUN:
-        from flashlight.report.build import report_after_run
+        from flashlight.report.build import report_after_run  # here: matplotlib only when asked for
 
         report_after_run(out_dir)
     return objective(df)

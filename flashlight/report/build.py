@@ -27,7 +27,7 @@ import pandas as pd  # noqa: E402
 from hydra.experimental.callback import Callback  # noqa: E402
 
 from flashlight.report import plots as rp  # noqa: E402
-from flashlight.harness.run import COLUMNS  # noqa: E402
+from flashlight.results_schema import COLUMNS, tolerance  # noqa: E402
 
 # What the figures and the summary cannot do without; the other columns may be absent (older tables).
 REQUIRED = ["variant", "backend", "mode", "status", "Sq", "D", "ms", "tflops"]
@@ -185,8 +185,6 @@ def _note_failing_backends(df: pd.DataFrame, notes: list):
 def tolerances(df: pd.DataFrame) -> dict:
     """The runner's pass/fail tolerance for each (dtype, device) present: {(dtype, device): tol}."""
     import torch
-
-    from flashlight.harness.run import tolerance
 
     tols = {}
     for dtype, device in df[["dtype", "device"]].drop_duplicates().itertuples(index=False):

@@ -1,0 +1,18 @@
+"""The results table's schema, shared by its writer (the runner) and its readers (reports, merges).
+
+Its own module so that the runner and the report both read it and neither imports the other for it.
+"""
+from __future__ import annotations
+
+import torch
+
+COLUMNS = ["variant", "backend", "mode", "dtype", "device", "B", "H", "Sq", "Sk", "D", "Dv", "ms", "tflops",
+           "rel_err", "status", "reason", "peak_mem_mb", "compile_s", "torch", "triton", "gpu", "params",
+           "config"]  # config: the flashlight tile config(s) launched (JSON), last so older readers keep working
+
+
+def tolerance(dtype: torch.dtype, device: torch.device) -> float:
+    """The largest relative error (against the reference) at which a row's status is ok."""
+    if dtype in (torch.bfloat16, torch.float16):
+        return 2e-2
+    return 1e-3 if device.type == "cuda" else 1e-4
