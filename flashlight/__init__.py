@@ -7,6 +7,7 @@ Public API:
     flashlight.counters                           -> launch counters (e.g. "fused_launches")
 """
 from flashlight.api import compile, explain, counters  # noqa: F401
+from flashlight import tune  # noqa: F401  (registers its stored-config lookup with the runtime)
 
 __all__ = ["compile", "explain", "counters"]
 __version__ = "0.1.0"

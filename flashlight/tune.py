@@ -17,7 +17,8 @@ few calls in the CPU interpreter, where the times mean nothing). A config that f
 pruned trial with the reason in user_attrs["failure"], and the study goes on. The default config is
 enqueued first, so the best found is never worse than untuned.
 
-At compile time the runtime asks best_config() for a stored best config (cached per process); it
+At compile time the runtime asks best_config() for a stored best config (cached per process; this
+module registers it with the runtime, and importing flashlight imports this module); it
 never tunes, and a missing or unreadable storage just means the default config.
 """
 from __future__ import annotations
@@ -37,6 +38,7 @@ import torch
 import torch.fx as fx
 
 from flashlight.compiler import runtime
+from flashlight.compiler.backend import fuse
 from flashlight.compiler.codegen import MAX_BLOCK, KernelSource
 from flashlight.compiler.runtime import CompiledRegion, default_config, interpreting
 
@@ -44,8 +46,6 @@ MIN_BLOCK = 16             # tl.dot needs at least 16 along each tile dimension
 MAX_REGS_PER_THREAD = 255  # NVIDIA's limit; above it registers spill to local memory
 JOURNAL_PREFIX = "journal://"
 
-# Bumped whenever tune() finds a new best in this process: compiled regions then look again.
-generation = 0
 _TUNED: dict = {}        # study key -> best config tuned in this process
 _LOOKED_UP: dict = {}    # (storage url, study key) -> stored best config or None
 _STORAGES: dict = {}     # (url, sqlite wait) -> Optuna storage object (one engine each per process)
@@ -394,7 +394,6 @@ def tune_region(ks: KernelSource, inputs: list, *, n_trials: int = 20, storage=N
                 extra_configs=()) -> TuneResult:
     """Add n_trials trials to the study of this kernel (created or resumed), on fresh inputs shaped like
     `inputs`; return the study's best config, timed against the default side by side."""
-    global generation
     import optuna
 
     device = inputs[0].device
@@ -429,7 +428,7 @@ def tune_region(ks: KernelSource, inputs: list, *, n_trials: int = 20, storage=N
     default_ms = time_launch(CompiledRegion(ks, default), inputs, rep_ms)
     best_ms = default_ms if best == default else time_launch(CompiledRegion(ks, best), inputs, rep_ms)
     _TUNED[key] = best
-    generation += 1
+    runtime.tuned_generation += 1  # compiled regions look up their config again
     return TuneResult(ks.name, key, study, default, best, default_ms, best_ms)
 
 
@@ -454,8 +453,6 @@ def fused_regions(fn, *args, **kwargs) -> list:
     fn is compiled exactly as flashlight.compile does it (the same kernels, hence the same study keys)
     and run once, without gradients (the fused kernels are forward only). torch.compile's caches are
     reset first (torch.compiler.reset), so that fn is captured afresh however often it was compiled."""
-    from flashlight.compiler.backend import fuse
-
     found: dict = {}
 
     def backend(gm, example_inputs):
@@ -511,6 +508,9 @@ def best_config(ks: KernelSource, device: torch.device) -> dict | None:
         if key is not None:
             _LOOKED_UP[(url, key)] = None
         return None
+
+
+runtime.register_tuned_lookup(best_config)  # the runtime asks it; it imports nothing of this module
 
 
 def _missing_file(url) -> bool:

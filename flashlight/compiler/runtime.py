@@ -84,6 +84,19 @@ def default_config(ks: KernelSource, device_type: str) -> dict:
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": 8 if block_m == 128 else 4, "num_stages": 3}
 
 
+
+# Tuned configs. The tuner (flashlight.tune, which imports this module) registers how to look up the
+# best stored config of a kernel, and bumps tuned_generation when it finds a new best in this process
+# (compiled regions then look again). The runtime imports nothing of the tuner.
+_tuned_lookup = None  # (KernelSource, torch.device) -> dict | None; never tunes, never raises
+tuned_generation = 0
+
+
+def register_tuned_lookup(lookup) -> None:
+    global _tuned_lookup
+    _tuned_lookup = lookup
+
+
 @dataclass
 class CompiledRegion:
     ks: KernelSource
@@ -91,7 +104,7 @@ class CompiledRegion:
     dump_dir: str | None = None
     _kernel: object = field(default=None, repr=False)
     _args: dict = field(default_factory=dict, repr=False)   # input layouts -> stride arguments
-    _tuned: tuple | None = field(default=None, repr=False)  # (tune.generation, stored best config or None)
+    _tuned: tuple | None = field(default=None, repr=False)  # (tuned_generation, stored best config or None)
     _classified: tuple | None = field(default=None, repr=False)  # (what it was computed from, ranges table)
 
     @property
@@ -121,10 +134,8 @@ class CompiledRegion:
         up once, and again after tune() runs in this process; never tunes), else the default."""
         if self.config:
             return self.config
-        from flashlight import tune  # imported here: tune imports this module
-
-        if self._tuned is None or self._tuned[0] != tune.generation:
-            self._tuned = (tune.generation, tune.best_config(self.ks, device))
+        if self._tuned is None or self._tuned[0] != tuned_generation:
+            self._tuned = (tuned_generation, _tuned_lookup(self.ks, device) if _tuned_lookup else None)
         return self._tuned[1] or default_config(self.ks, device.type)
 
     def __call__(self, inputs):
