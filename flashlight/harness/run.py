@@ -47,7 +47,9 @@ MODES = ("fwd", "fwdbwd")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "float64": torch.float64}
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
-FWDBWD_FLOP_FACTOR = 3.5  # MEASURE.md: forward+backward = 3.5 x forward
+# forward+backward of attention = 3.5x the forward FLOPs: the backward does 5 matmuls to the forward's 2
+# (2.5x the forward), plus the forward itself
+FWDBWD_FLOP_FACTOR = 3.5
 
 
 class ConfigError(Exception):

@@ -1,6 +1,6 @@
 """The report's tables and figures, from a tidy results table (pandas + matplotlib only).
 
-Every function here is copied verbatim into the generated notebook (see report_notebook.py), so the
+Every function here is copied verbatim into the generated notebook (see notebook.py), so the
 notebook shows the code that drew each figure and re-runs without flashlight installed. Keep them
 free of imports from the rest of the project.
 """
