@@ -8,6 +8,7 @@ A region that cannot be fused stays as it was and Inductor compiles it as usual.
 """
 from __future__ import annotations
 
+import operator
 import warnings
 
 import torch
@@ -15,6 +16,7 @@ import torch.fx as fx
 
 from flashlight.compiler.analysis import NotFusable, analyse, find_pv_candidates, shape_of
 from flashlight.compiler.capture import normalize
+from flashlight.compiler.backward import backward_for, differentiable_leaves
 from flashlight.compiler.codegen import generate
 from flashlight.compiler.explain import RegionReport, Report
 from flashlight.compiler.runtime import CompiledRegion, interpreting, register
@@ -44,9 +46,6 @@ def plan(gm: fx.GraphModule, training: bool = False, dump=None, config=None, blo
     for pv in find_pv_candidates(gm):
         rep = RegionReport(output=pv.name, fused=False)
         try:
-            if training:
-                raise NotFusable("inputs require grad: the fused backward is not implemented yet, so "
-                                 "training graphs stay on Inductor")
             region = analyse(gm, pv)
             rep.matched = {
                 "inputs": [n.name for n in region.leaves],
@@ -55,13 +54,22 @@ def plan(gm: fx.GraphModule, training: bool = False, dump=None, config=None, blo
                 "queries × keys": (region.sizes["m"], region.sizes["n"]),
                 "ops": sorted({str(n.target).replace("aten.", "") for n in region.nodes}),
             }
-            ks = generate(region, block_sparse=block_sparse)
+            ks = generate(region, block_sparse=block_sparse, training=training)
             rep.kernel_source = ks.source
             rep.matched["online form"] = "; ".join(ks.notes)
             rep.matched["tile skipping"] = ks.tile_skipping
             _check_device(region)
+            backward = None
+            if training:
+                try:
+                    backward = backward_for(region, ks, block_sparse)
+                except NotFusable as e:
+                    rep.backward_fused, rep.backward_reason = False, str(e)
+                    raise NotFusable(f"inputs require grad, and the backward cannot be generated: {e}") from None
+                rep.backward_fused = True
+                rep.backward_source = backward(differentiable_leaves(region)).source
             rep.fused = True
-            out.append((rep, region, CompiledRegion(ks, dict(config or {}), dump)))
+            out.append((rep, region, CompiledRegion(ks, dict(config or {}), dump, backward_source=backward)))
         except NotFusable as e:
             rep.reason = str(e)
             out.append((rep, None, None))
@@ -76,7 +84,11 @@ def replace_regions(gm: fx.GraphModule, planned) -> None:
         key = register(compiled)
         out = region.output
         with g.inserting_before(out):
-            fused = g.call_function(torch.ops.flashlight.fused_attention.default, (list(region.leaves), key))
+            if compiled.backward_source is not None:   # training: the op that carries its backward
+                res = g.call_function(torch.ops.flashlight.fused_attention_train.default, (list(region.leaves), key))
+                fused = g.call_function(operator.getitem, (res, 0))
+            else:
+                fused = g.call_function(torch.ops.flashlight.fused_attention.default, (list(region.leaves), key))
             view = g.call_function(aten.view.default, (fused, list(shape_of(out))))
         view.meta = dict(out.meta)
         out.replace_all_uses_with(view)

@@ -78,6 +78,9 @@ class KernelSource:
     range_rows: int = 1            # batch rows of its table (product of the batch axes the mask reads)
     classifier_reads: tuple = ()   # the inputs the classification kernel loads (its table depends on them only)
     tile_skipping: str = "no"      # how key tiles are skipped, for explain
+    saved: tuple = ()              # training: [(variable, "row" | "vector")] stored per row for the backward
+    row_program: dict | None = None  # training: the after-the-loop lines, for late.py
+    params: tuple = ()             # names of the stride arguments, in launch order
 
 
 def access_layout(chain, axes, shape, stride, offset, sizes):
@@ -150,25 +153,14 @@ class _Emitter:
                              f"mask_{a}" if a == row else f"mask_{a}[None, :]")
         return " & ".join(parts) if parts else None
 
-    def access(self, acc: Access, ctx, where):
-        key = (acc.source, acc.chain, acc.axes, ctx, acc.gather)
-        if key in self.access_names:
-            return self.access_names[key]
-        if acc.kind == "const":
-            val = constant_value(acc.source)
-            name = _lit(val)
-            self.access_names[key] = name
-            return name
+    def address(self, acc: Access, ctx, name):
+        """(offset expression, stride parameters, axes the address moves along) of a tensor access.
+
+        Strides are kernel arguments `{name}_s<i>`, computed at launch from the real tensor (or, for
+        a gradient buffer, from a contiguous tensor of the same shape) through the view chain."""
         src_shape = shape_of(acc.source)
-        name = f"x{self.k}"
-        self.k += 1
-        used_axes = []
-        if acc.kind == "iota":
-            start, step = _iota_params(acc.source)
-            layout, off = access_layout(acc.chain, acc.axes, src_shape, (1,), 0, self.sizes)
-        else:
-            layout, off = access_layout(acc.chain, acc.axes, src_shape, _contig(src_shape), 0, self.sizes)
-        terms, params = [], []
+        layout, off = access_layout(acc.chain, acc.axes, src_shape, _contig(src_shape), 0, self.sizes)
+        terms, params, used_axes = [], [], []
         for (i, j, a, subdims) in layout:
             idx = self.index_expr(a, ctx)
             inner = math.prod(s for s, _ in subdims)
@@ -181,19 +173,43 @@ class _Emitter:
                 term = idx if inner == 1 else f"({idx} // {inner})"
                 if q > 0:
                     term = f"({term} % {s})"
-                if acc.kind == "iota":
-                    terms.append(term if st == 1 else f"{term} * {st}")
-                else:
-                    p = f"{name}_s{len(params)}"
-                    params.append((p, i, j, q))
-                    terms.append(f"{term} * {p}")
+                p = f"{name}_s{len(params)}"
+                params.append((p, i, j, q))
+                terms.append(f"{term} * {p}")
         for _, _, ix_axes in acc.gather:
             # table[index]: positions past the end of a tile may index outside the table
             used_axes += [a for a in ix_axes if a not in used_axes]
-        if acc.kind == "tensor" and off != 0:
+        if off != 0:
             params.append((f"{name}_off", "offset"))
             terms.insert(0, f"{name}_off")
+        return (" + ".join(terms) if terms else "0"), params, used_axes
+
+    def access(self, acc: Access, ctx, where):
+        key = (acc.source, acc.chain, acc.axes, ctx, acc.gather)
+        if key in self.access_names:
+            return self.access_names[key]
+        if acc.kind == "const":
+            val = constant_value(acc.source)
+            name = _lit(val)
+            self.access_names[key] = name
+            return name
+        name = f"x{self.k}"
+        self.k += 1
         if acc.kind == "iota":
+            start, step = _iota_params(acc.source)
+            layout, off = access_layout(acc.chain, acc.axes, shape_of(acc.source), (1,), 0, self.sizes)
+            terms = []
+            for (i, j, a, subdims) in layout:
+                idx = self.index_expr(a, ctx)
+                inner = math.prod(s for s, _ in subdims)
+                for q, (s, st) in enumerate(subdims):
+                    inner //= s
+                    if s == 1 or st == 0:
+                        continue
+                    term = idx if inner == 1 else f"({idx} // {inner})"
+                    if q > 0:
+                        term = f"({term} % {s})"
+                    terms.append(term if st == 1 else f"{term} * {st}")
             expr = " + ".join(terms) if terms else "0"
             if off:
                 expr = f"{off} + {expr}"
@@ -201,13 +217,12 @@ class _Emitter:
             where.append(f"{name} = {rhs}  # {acc.source.name}: positions")
             self.iota_code[name] = rhs
         else:
+            offs, params, used_axes = self.address(acc, ctx, name)
             leaf = self.r.leaf_index(acc.source)
             self.slots.append(LoadSlot(leaf, freeze_chain(acc.chain), acc.axes, params))
             self.params += [p[0] for p in params]
-            ptr = f"in{leaf}_ptr"
-            offs = " + ".join(terms) if terms else "0"
             mask = self.mask_expr(used_axes, ctx)
-            load = f"tl.load({ptr} + {offs}" + (f", mask={mask}, other=0)" if mask else ")")
+            load = f"tl.load(in{leaf}_ptr + {offs}" + (f", mask={mask}, other=0)" if mask else ")")
             src_dt = acc.source.meta["val"].dtype
             if acc.dtype != src_dt:
                 load += f".to({_tl_dtype(acc.dtype)})"
@@ -371,8 +386,11 @@ def _comment(node):
     return str(node.target)
 
 
-def generate(region: Region, block_sparse: bool = True) -> KernelSource:
+def generate(region: Region, block_sparse: bool = True, training: bool = False) -> KernelSource:
+    """The forward kernel of a region. With `training`, it also stores what the backward starts from:
+    every online accumulator and running max, per row (backward.py, late.py)."""
     em = _Emitter(region, None)
+    em.training = training
     prog = em.prog = OnlineProgram(region)
     # tile classification first, so that the loads it reads come before the loop bodies using them
     em.guard, em.guard_pre = [], []
@@ -558,7 +576,9 @@ def _assemble(em: _Emitter, prog: OnlineProgram) -> KernelSource:
     ptrs = [f"in{i}_ptr" for i in range(len(r.leaves))]
     consts = ["BLOCK_M: tl.constexpr", "BLOCK_N: tl.constexpr"]
     classified = tiles is not None and tiles.reads_tensors
-    sig = ", ".join(ptrs + ["out_ptr"] + (["ranges_ptr"] if classified else []) + em.params + consts)
+    saved = _saved_values(prog) if em.training else []
+    sig = ", ".join(ptrs + ["out_ptr"] + [f"save{i}_ptr" for i in range(len(saved))] +
+                    (["ranges_ptr"] if classified else []) + em.params + consts)
     carried = {a.name for a in prog.accumulators} | {f"m_{R.name}" for R in prog.max_groups}
     offs_n = ["offs_n = start_n + tl.arange(0, BLOCK_N)", f"mask_n = offs_n < {N}"]
     masked_body = _prune(offs_n + em.guard + em.loop, carried)
@@ -644,6 +664,15 @@ def _assemble(em: _Emitter, prog: OnlineProgram) -> KernelSource:
     body.append(f"out_offs = pid_b * {M * E} + offs_m[:, None] * {E} + offs_e[None, :]")
     body.append("tl.store(out_ptr + out_offs, out.to(out_ptr.dtype.element_ty)" +
                 (f", mask={omask})" if omask else ")"))
+    if saved:
+        body.append("# for the backward: the accumulators and running maxes of these rows")
+        body.append(f"row = pid_b * {M} + offs_m")
+        for i, (name, kind) in enumerate(saved):
+            if kind == "row":
+                body.append(f"tl.store(save{i}_ptr + row[:, None], {name}, mask=mask_m[:, None])")
+            else:
+                body.append(f"tl.store(save{i}_ptr + row[:, None] * {E} + offs_e[None, :], {name}" +
+                            (f", mask={omask})" if omask else ")"))
     # the per-query-tile lines, less those only the classification kernel needed
     used = set(re.findall(r"[A-Za-z_]\w*", "\n".join(body[pre_at:])))
     body[pre_at:pre_at] = _prune(em.guard_pre + em.pre, used)
@@ -672,11 +701,34 @@ def _assemble(em: _Emitter, prog: OnlineProgram) -> KernelSource:
         "key tiles classified by a kernel of their own (the mask reads data), again only when "
         "the tensors it reads change" if classified
         else "key tiles classified by index arithmetic in the kernel")
+    row_program = _row_program(em, prog, saved) if em.training else None
     return KernelSource(source, name, em.slots, len(r.leaves), out_shape, r.output.meta["val"].dtype,
+                        saved=tuple(saved), row_program=row_program, params=tuple(em.params),
                         sizes=dict(sizes), batch=batch, M=M,
                         n_dot=sum(a.kind == "dot" for a in prog.accumulators), notes=list(prog.notes),
                         N=N, classifier=classifier, range_rows=range_rows,
                         classifier_reads=classifier_reads, tile_skipping=skipping)
+
+
+def _saved_values(prog: OnlineProgram):
+    """[(kernel variable, "row" | "vector")]: what a training forward stores per row."""
+    out = [(acc.name, "row" if acc.kind == "sum" else "vector") for acc in prog.accumulators]
+    return out + [(f"m_{R.name}", "row") for R in prog.max_groups]
+
+
+def _row_program(em: _Emitter, prog: OnlineProgram, saved) -> dict:
+    """What late.py needs to run the forward's after-the-loop lines again in PyTorch."""
+    r = em.r
+    sums = [n.name for n in r.nodes if n.target is aten.sum.dim_IntList]
+    mu_of = {R.name: lname(prog.group_ref[R.name]) if R.name in prog.group_ref else f"m_{R.name}"
+             for R in prog.max_groups}
+    maxes = {R.name: lname(R) for R in prog.max_groups}
+    live = {"out", lname(r.pv), *(lname(n) for n in r.nodes if n.target is aten.sum.dim_IntList),
+            *mu_of.values(), *(lname(n) for n in r.nodes if prog.kind.get(n) == "late")}
+    lines = _prune(em.pre + em.post, live)
+    return {"lines": lines, "saved": list(saved), "sums": sums, "pv": lname(r.pv), "mu_of": mu_of,
+            "maxes": maxes, "batch_axes": list(r.batch_axes), "sizes": dict(r.sizes),
+            "leaves": len(r.leaves), "param_names": list(em.params)}
 
 
 def _classifier(em: _Emitter, ptrs, consts) -> str:

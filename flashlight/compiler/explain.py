@@ -11,10 +11,17 @@ class RegionReport:
     reason: str | None = None         # why not fused
     kernel_source: str | None = None
     matched: dict = field(default_factory=dict)
+    backward_fused: bool | None = None   # training graphs: was a fused backward generated
+    backward_reason: str | None = None   # why not
+    backward_source: str | None = None
+
 
     def __str__(self):
         head = f"region ending at {self.output}: " + ("FUSED" if self.fused else f"not fused — {self.reason}")
         lines = [head] + [f"    {k}: {v}" for k, v in self.matched.items()]
+        if self.backward_fused is not None:
+            lines.append("    backward: " + ("fused (generated)" if self.backward_fused else
+                                             f"not fused — {self.backward_reason}"))
         return "\n".join(lines)
 
 

@@ -45,19 +45,23 @@ def load_kernel(ks: KernelSource, dump_dir=None):
 
     Returns the module: it holds the attention kernel and, for data-dependent masks, the tile
     classification kernel."""
-    digest = hashlib.sha256(ks.source.encode()).hexdigest()[:20]
+    return load_source(ks.source, ks.name, dump_dir)
+
+
+def load_source(source: str, name: str, dump_dir=None):
+    digest = hashlib.sha256(source.encode()).hexdigest()[:20]
     if dump_dir := dump_dir or os.environ.get("FLASHLIGHT_DUMP"):
         Path(dump_dir).mkdir(parents=True, exist_ok=True)
-        (Path(dump_dir) / f"{ks.name}.py").write_text(ks.source)
+        (Path(dump_dir) / f"{name}.py").write_text(source)
     key = (digest, interpreting())
     if key in _MODULES:
         return _MODULES[key]
-    path = cache_dir() / f"{ks.name}.py"
-    if not path.exists() or path.read_text() != ks.source:
+    path = cache_dir() / f"{name}.py"
+    if not path.exists() or path.read_text() != source:
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(ks.source)
+        tmp.write_text(source)
         tmp.replace(path)
-    mod_name = f"flashlight_kernels.{ks.name}_{int(interpreting())}"
+    mod_name = f"flashlight_kernels.{name}_{int(interpreting())}"
     spec = importlib.util.spec_from_file_location(mod_name, path)
     mod = importlib.util.module_from_spec(spec)
     sys.modules[mod_name] = mod
@@ -106,6 +110,9 @@ class CompiledRegion:
     _args: dict = field(default_factory=dict, repr=False)   # input layouts -> stride arguments
     _tuned: tuple | None = field(default=None, repr=False)  # (tuned_generation, stored best config or None)
     _classified: tuple | None = field(default=None, repr=False)  # (what it was computed from, ranges table)
+    # training: needs (which inputs want a gradient) -> BackwardSource; set when the backward was generated
+    backward_source: object = field(default=None, repr=False)
+    _backward: dict = field(default_factory=dict, repr=False)   # needs -> (BackwardSource, module)
 
     @property
     def key(self):
@@ -119,15 +126,7 @@ class CompiledRegion:
         return self._args[layout]
 
     def _compute_args(self, inputs):
-        params = []
-        for slot in self.ks.slots:
-            t = inputs[slot.leaf]
-            layout, off = access_layout(slot.chain, slot.axes, tuple(t.shape), tuple(t.stride()), 0,
-                                        self.ks.sizes)
-            table = {(i, j, q): st for (i, j, a, subdims) in layout for q, (s, st) in enumerate(subdims)}
-            for p in slot.params:
-                params.append(off if p[1] == "offset" else table[(p[1], p[2], p[3])])
-        return params
+        return slot_args(self.ks.slots, inputs, self.ks.sizes)
 
     def launch_config(self, device: torch.device) -> dict:
         """The explicit config, else the best one tuning stored for this kernel on this device (looked
@@ -139,6 +138,7 @@ class CompiledRegion:
         return self._tuned[1] or default_config(self.ks, device.type)
 
     def __call__(self, inputs):
+        """The forward; a training region also returns what its backward starts from."""
         device = inputs[0].device
         if self._kernel is None:
             self._kernel = load_kernel(self.ks, self.dump_dir)
@@ -147,12 +147,61 @@ class CompiledRegion:
         bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
         args = self.launch_args(inputs)
         out = torch.empty(ks.out_shape, dtype=ks.out_dtype, device=device)
+        rows = ks.batch * ks.M
+        saved = [torch.empty((rows,) if kind == "row" else (rows, ks.sizes["e"]), dtype=torch.float32,
+                             device=device) for _, kind in ks.saved]
         ranges = [self.tile_ranges(inputs, args, bm, bn)] if ks.classifier else []
         grid = (math.ceil(ks.M / bm) * ks.batch,)
-        getattr(module, ks.name)[grid](*inputs, out, *ranges, *args, BLOCK_M=bm, BLOCK_N=bn,
+        getattr(module, ks.name)[grid](*inputs, out, *saved, *ranges, *args, BLOCK_M=bm, BLOCK_N=bn,
                                        num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2))
         counters["fused_launches"] += 1
+        return (out, saved) if ks.saved else out
+
+    def backward(self, inputs, saved, grad_out, needs):
+        """Gradients of the inputs flagged in `needs` (None for the others): the row step in PyTorch
+        (late.py), then the generated tile kernels (backward.py)."""
+        from flashlight.compiler.late import row_backward
+
+        needs = tuple(bool(n) for n in needs)
+        program = self.ks.row_program
+        params = self.launch_args(inputs)
+        rows, row_grads = row_backward(program, inputs, needs, params, saved, grad_out)
+        bs, module = self._backward_kernels(needs)
+        device = inputs[0].device
+        cfg = backward_config(bs, device.type)
+        bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+        R = bs.batch * bs.M
+        table = torch.stack([rows[n] for n in bs.row_names]) if bs.row_names else torch.zeros(1, device=device)
+        table = table.to(device=device, dtype=torch.float32).contiguous()
+        grads = {i: torch.zeros(inputs[i].shape, dtype=torch.float32, device=device) for i in bs.grad_leaves}
+        gbufs = [grads[i] for i in bs.grad_leaves]
+        launches = [(bs.dq_name, bs.dq_slots, math.ceil(bs.M / bm)), (bs.dkv_name, bs.dkv_slots, math.ceil(bs.N / bn))]
+        for name, (in_slots, grad_slots), tiles in launches:
+            if name is None:
+                continue
+            args = slot_args(in_slots, inputs, bs.sizes) + slot_args(grad_slots, {i: grads[i] for i in grads}, bs.sizes)
+            getattr(module, name)[(tiles * bs.batch,)](
+                *inputs, *gbufs, rows["dpv"], table, *args, BLOCK_M=bm, BLOCK_N=bn,
+                num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 1))
+        counters["fused_backward_launches"] += 1
+        out = []
+        for i, t in enumerate(inputs):
+            if not needs[i]:
+                out.append(None)
+                continue
+            g = grads[i] if i in grads else torch.zeros(t.shape, dtype=torch.float32, device=device)
+            if i in row_grads:
+                g = g + row_grads[i].float()
+            out.append(g.to(t.dtype))
         return out
+
+    def _backward_kernels(self, needs):
+        if needs not in self._backward:
+            if self.backward_source is None:
+                raise RuntimeError("flashlight: this region was compiled without a backward")
+            bs = self.backward_source(needs)
+            self._backward[needs] = (bs, load_source(bs.source, bs.dq_name, self.dump_dir))
+        return self._backward[needs]
 
     def tile_ranges(self, inputs, args, bm, bn):
         """Which key tiles each query tile needs, for a mask that reads data: the classification kernel's
@@ -173,6 +222,28 @@ class CompiledRegion:
         # the tensors are held weakly, so a freed tensor never matches a new one at the same address
         self._classified = None if state is None else ([weakref.ref(t) for t in reads], state, table)
         return table
+
+
+def slot_args(slots, tensors, sizes):
+    """The stride/offset arguments of a kernel's loads (or gradient stores), from the real tensors."""
+    params = []
+    for slot in slots:
+        t = tensors[slot.leaf]
+        layout, off = access_layout(slot.chain, slot.axes, tuple(t.shape), tuple(t.stride()), 0, sizes)
+        table = {(i, j, q): st for (i, j, a, subdims) in layout for q, (s, st) in enumerate(subdims)}
+        for p in slot.params:
+            params.append(off if p[1] == "offset" else table[(p[1], p[2], p[3])])
+    return params
+
+
+def backward_config(bs, device_type: str) -> dict:
+    """Tiles of the backward kernels: two tiles of scores and their adjoints live at once."""
+    if device_type != "cuda":
+        return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
+    d = max((1 << max(4, (s - 1).bit_length())) for a, s in bs.sizes.items() if a.startswith("d") or a == "e")
+    if d <= 64:
+        return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+    return {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
 
 
 def _classification_state(tensors, args, bm, bn):
@@ -222,3 +293,60 @@ _LIB.impl("fused_attention", fused_attention, "CompositeExplicitAutograd")
 def _(inputs, key):
     ks = lookup(key).ks
     return inputs[0].new_empty(ks.out_shape, dtype=ks.out_dtype)
+
+
+# Training: the forward also returns the per-row state its backward starts from; the backward is an op
+# of its own, so AOTAutograd puts it in the backward graph and Inductor compiles the rest around it.
+_LIB.define("fused_attention_train(Tensor[] inputs, str key) -> Tensor[]")
+_LIB.define("fused_attention_backward(Tensor[] inputs, Tensor[] saved, Tensor grad_out, bool[] needs, "
+            "str key) -> Tensor[]")
+
+
+def fused_attention_train(inputs, key):
+    out, saved = lookup(key)(inputs)
+    return [out, *saved]
+
+
+def fused_attention_backward(inputs, saved, grad_out, needs, key):
+    grads = lookup(key).backward(inputs, saved, grad_out, needs)
+    return [g if g is not None else x.new_empty(0) for g, x in zip(grads, inputs)]
+
+
+_LIB.impl("fused_attention_train", fused_attention_train, "CompositeExplicitAutograd")
+_LIB.impl("fused_attention_backward", fused_attention_backward, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("flashlight::fused_attention_train", lib=_LIB)
+def _(inputs, key):
+    ks = lookup(key).ks
+    rows = ks.batch * ks.M
+    return [inputs[0].new_empty(ks.out_shape, dtype=ks.out_dtype)] + [
+        inputs[0].new_empty((rows,) if kind == "row" else (rows, ks.sizes["e"]), dtype=torch.float32)
+        for _, kind in ks.saved]
+
+
+@torch.library.register_fake("flashlight::fused_attention_backward", lib=_LIB)
+def _(inputs, saved, grad_out, needs, key):
+    return [torch.empty_like(x) if n else x.new_empty(0) for x, n in zip(inputs, needs)]
+
+
+def _setup_context(ctx, inputs, output):
+    leaves, key = inputs
+    ctx.key, ctx.n = key, len(leaves)
+    ctx.save_for_backward(*leaves, *output[1:])
+
+
+def _backward(ctx, grads):
+    if torch.is_grad_enabled() and any(g is not None and g.requires_grad for g in grads):
+        raise RuntimeError("flashlight: double backward (a gradient of a gradient) through a fused attention "
+                           "region is not supported; compile without flashlight for that computation")
+    saved = ctx.saved_tensors
+    leaves, state = list(saved[:ctx.n]), list(saved[ctx.n:])
+    needs = [bool(n) for n in ctx.needs_input_grad[0]]
+    g_out = grads[0] if grads[0] is not None else torch.zeros_like(lookup(ctx.key)(leaves)[0])
+    res = torch.ops.flashlight.fused_attention_backward(leaves, state, g_out, needs, ctx.key)
+    return [r if n else None for r, n in zip(res, needs)], None
+
+
+torch.library.register_autograd("flashlight::fused_attention_train", _backward, setup_context=_setup_context,
+                                lib=_LIB)

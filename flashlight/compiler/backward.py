@@ -1,0 +1,495 @@
+"""Generate the backward of a fused attention region: two Triton kernels over recomputed score tiles.
+
+The forward (codegen.py, ``training=True``) also stores its online accumulators and running maxes.
+The backward is derived from the same analysed region and online program, never per variant:
+
+1. Row values (late.py, PyTorch): the lines the forward runs after its key loop (row values, the
+   ·V combination, the epilogue) are run again on the saved accumulators, all rows at once, and
+   torch.autograd differentiates them. That gives the gradient of the ·V product (``dPV``), of every
+   row sum (``g_<sum>``) and of the inputs only row values read (sink logits, gates), plus every row
+   value the tiles need. Row tensors only, nothing of size queries × keys.
+2. Tiles (this module): each score tile is recomputed at its true value (``exp(x - c)`` from the row
+   value ``c`` it was normalised by), then differentiated in reverse, op by op, with torch's
+   derivative formulas written in Triton (``_vjp``). Seeds: ``dP = dPV·Vᵀ`` for the probabilities fed
+   to ·V, and ``g_<sum>`` for what each row sum adds up. The adjoint reaching each score matmul is
+   dS: ``dQ = dS·K``, ``dK = dSᵀ·Q``, and ``dV = Pᵀ·dPV``. Score-side inputs (biases, slopes, λ,
+   gathered tables, per-token gates) get their adjoint summed over the axes they are broadcast
+   along, and added atomically into a float32 buffer of their own shape (a table gathered by index
+   gets a scatter-add). One kernel per query tile (dQ and the score-side inputs), one per key tile
+   (dK, dV); tiles every -inf mask removes are skipped in both.
+
+The derivative of the row max is not propagated: the program must not depend on the max except
+through exp(x - max) normalised away, which late.check_shift_invariance proves before fusing.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import textwrap
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+from flashlight.compiler.analysis import GATHERS, MATMULS, WHERE, NotFusable, Region, flat_axes
+from flashlight.compiler.codegen import (LOG2E, LoadSlot, _batch_decomposition, _Emitter, _forward_copies,
+                                         _lit, _prune, _tl_dtype)
+from flashlight.compiler.indexing import VIEW_OPS, freeze_chain
+from flashlight.compiler.rewrite import OnlineProgram, build, lname, vname
+from flashlight.compiler.sparsity import emit_tile_skip
+
+aten = torch.ops.aten
+prims = torch.ops.prims
+
+CASTS = {aten._to_copy.default, prims.convert_element_type.default}
+
+
+@dataclass
+class BackwardSource:
+    source: str
+    dq_name: str
+    dkv_name: str | None          # None when neither K nor V of any score needs a gradient
+    dq_slots: tuple               # (input LoadSlots, gradient-buffer LoadSlots) of the dQ kernel
+    dkv_slots: tuple
+    grad_leaves: tuple            # leaf indices that get a gradient buffer, in kernel-argument order
+    row_names: tuple              # per-row values the kernels load (late.py computes them), in order
+    needs: tuple
+    sizes: dict = field(default_factory=dict)
+    batch: int = 1
+    M: int = 0
+    N: int = 0
+    E: int = 0
+
+
+class _TileEmitter(_Emitter):
+    """The forward's emitter, with loads placed by the axis this kernel loops over."""
+
+    def __init__(self, region: Region, loop_axis: str):
+        super().__init__(region, None)
+        self.loop_axis = loop_axis   # "n": one program per query tile; "m": one per key tile
+        self.grad_slots: list = []
+        self.grad_params: list = []
+
+    def varies_with_keys(self, acc):   # here: varies along the loop axis
+        axes = set(flat_axes(acc.axes)) | {a for _, _, ix in acc.gather for a in ix}
+        return self.loop_axis in axes
+
+    def operand(self, node, i, prog=None):
+        a = node.args[i]
+        if not isinstance(a, fx.Node):
+            return _lit(a)
+        if a in self.internal or a is self.r.pv:
+            return lname(a) if self.prog.kind[a] == "late" else vname(a)
+        acc = self.r.accesses[(node, i)]
+        return self.access(acc, ("m", "n"), self.loop if self.varies_with_keys(acc) else self.pre)
+
+    def node_in_loop(self, node):
+        return self.loop_axis in flat_axes(self.r.axes[node])
+
+    def grad_address(self, acc, ctx):
+        """(pointer + offsets, mask) of the gradient buffer (contiguous float32) of an access's tensor."""
+        name = f"g{len(self.grad_slots)}"
+        offs, params, used = self.address(acc, ctx, name)
+        leaf = self.r.leaf_index(acc.source)
+        self.grad_slots.append(LoadSlot(leaf, freeze_chain(acc.chain), acc.axes, params))
+        self.grad_params += [p[0] for p in params]
+        return f"grad{leaf}_ptr + {offs}", self.mask_expr(used, ctx)
+
+
+def _needs_grad(node):
+    val = node.meta.get("val")
+    return val is not None and val.dtype.is_floating_point
+
+
+def differentiable_leaves(region: Region):
+    """Per leaf: can the backward produce its gradient (floating-point tensors)."""
+    return tuple(_needs_grad(leaf) for leaf in region.leaves)
+
+
+def _vjp(em: _TileEmitter, node, g):
+    """[(argument index, adjoint contribution)] of one op: torch's derivative formulas, in Triton."""
+    t = node.target
+    y = vname(node)
+    x = lambda i: em.float_operand(node, i)  # noqa: E731
+    if t in VIEW_OPS or t in CASTS:
+        return [(0, g)] if node.args[0].meta["val"].dtype.is_floating_point else []
+    if t in GATHERS:
+        return [(0, g)]          # the table: a scatter-add at the gathered positions
+    if node in em.prog.stab_max:          # x - c, c the row value it is normalised by (see module doc)
+        return [(0, g)]
+    if t in (aten.add.Tensor, aten.sub.Tensor):
+        alpha = node.kwargs.get("alpha", 1)
+        sign = -1 if t is aten.sub.Tensor else 1
+        k = sign * alpha
+        return [(0, g), (1, g if k == 1 else f"({_lit(float(k))}) * {g}")]
+    if t in (aten.add.Scalar, aten.sub.Scalar):
+        return [(0, g)]
+    if t is aten.mul.Tensor:
+        return [(0, f"{g} * {x(1)}"), (1, f"{g} * {x(0)}")]
+    if t is aten.mul.Scalar:
+        return [(0, f"{g} * {x(1)}")]
+    if t is aten.div.Tensor:
+        return [(0, f"{g} / {x(1)}"), (1, f"-{g} * {y} / {x(1)}")]
+    if t is aten.div.Scalar:
+        return [(0, f"{g} / {x(1)}")]
+    if t is aten.neg.default:
+        return [(0, f"-{g}")]
+    if t is aten.exp.default:
+        return [(0, f"{g} * {y}")]
+    if t is aten.exp2.default:
+        return [(0, f"{g} * {y} * 0.6931471805599453")]
+    if t is aten.log.default:
+        return [(0, f"{g} / {x(0)}")]
+    if t is aten.log1p.default:
+        return [(0, f"{g} / (1.0 + {x(0)})")]
+    if t is aten.expm1.default:
+        return [(0, f"{g} * ({y} + 1.0)")]
+    if t is aten.tanh.default:
+        return [(0, f"{g} * (1.0 - {y} * {y})")]
+    if t is aten.sigmoid.default:
+        return [(0, f"{g} * {y} * (1.0 - {y})")]
+    if t is aten.relu.default:
+        return [(0, f"tl.where({y} > 0, {g}, 0.0)")]
+    if t is aten.abs.default:
+        return [(0, f"{g} * tl.where({x(0)} > 0, 1.0, tl.where({x(0)} < 0, -1.0, 0.0))")]
+    if t is aten.sqrt.default:
+        return [(0, f"{g} * 0.5 / {y}")]
+    if t is aten.rsqrt.default:
+        return [(0, f"{g} * -0.5 * {y} * {y} * {y}")]
+    if t is aten.reciprocal.default:
+        return [(0, f"-{g} * {y} * {y}")]
+    if t is aten.square.default:
+        return [(0, f"2.0 * {g} * {x(0)}")]
+    if t is aten.erf.default:
+        return [(0, f"{g} * 1.1283791670955126 * tl.exp(-{x(0)} * {x(0)})")]
+    if t is aten.sin.default:
+        return [(0, f"{g} * tl.cos({x(0)})")]
+    if t is aten.cos.default:
+        return [(0, f"-{g} * tl.sin({x(0)})")]
+    if t in (aten.maximum.default, aten.minimum.default):
+        # torch: the larger (smaller) input takes the gradient; ties split it evenly
+        a, b = x(0), x(1)
+        op = ">" if t is aten.maximum.default else "<"
+        return [(0, f"tl.where({a} {op} {b}, {g}, tl.where({a} == {b}, 0.5 * {g}, 0.0))"),
+                (1, f"tl.where({b} {op} {a}, {g}, tl.where({a} == {b}, 0.5 * {g}, 0.0))")]
+    if t is aten.clamp_min.default:
+        return [(0, f"tl.where({x(0)} >= {x(1)}, {g}, 0.0)")]
+    if t is aten.clamp_max.default:
+        return [(0, f"tl.where({x(0)} <= {x(1)}, {g}, 0.0)")]
+    if t is aten.clamp.default:
+        lo = node.args[1] if len(node.args) > 1 else None
+        hi = node.args[2] if len(node.args) > 2 else None
+        keep = [c for c in ((f"({x(0)} >= {_lit(lo)})" if lo is not None else None),
+                            (f"({x(0)} <= {_lit(hi)})" if hi is not None else None)) if c]
+        return [(0, f"tl.where({' & '.join(keep)}, {g}, 0.0)" if keep else g)]
+    if t is aten.pow.Tensor_Scalar:
+        p = node.args[1]
+        if p == 1:
+            return [(0, g)]
+        if p == 2:
+            return [(0, f"2.0 * {g} * {x(0)}")]
+        if p == 0.5:
+            return [(0, f"{g} * 0.5 / {y}")]
+        if p == -1:
+            return [(0, f"-{g} * {y} * {y}")]
+        raise NotFusable(f"no derivative for pow with exponent {p}")
+    if t in WHERE:
+        c = em.operand(node, 0)
+        return [(1, f"tl.where({c}, {g}, 0.0)"), (2, f"tl.where({c}, 0.0, {g})")]
+    if t in (aten.sign.default,) or not node.meta["val"].dtype.is_floating_point:
+        return []   # piecewise constant, comparisons, logic: no gradient
+    raise NotFusable(f"no derivative for {t} in the backward")
+
+
+def check_differentiable(region: Region, prog: OnlineProgram):
+    """Raise NotFusable (the backward's reason) for what the generated backward does not cover."""
+    em = _TileEmitter(region, "n")
+    em.prog = prog
+    for node in region.nodes:
+        if node.target in MATMULS or prog.kind.get(node) == "late":
+            continue
+        if node.target is aten.pow.Tensor_Scalar and node.args[1] not in (1, 2, 0.5, -1):
+            raise NotFusable(f"no derivative for pow with exponent {node.args[1]} in the backward")
+        if node.target in GATHERS:
+            continue
+        _vjp(em, node, "g")
+    for acc in [*(sm.q for sm in region.scores), *(sm.k for sm in region.scores), region.value]:
+        if acc.gather:
+            raise NotFusable("a gathered Q, K or V operand")
+
+
+def backward_for(region: Region, ks, block_sparse: bool = True):
+    """needs -> BackwardSource for a region whose training forward is `ks`; NotFusable (the reason)
+    where the generated backward would not be exact."""
+    from flashlight.compiler.late import check_shift_invariance
+
+    check_differentiable(region, build(region, lambda node, i: "x", OnlineProgram(region)))
+    why = check_shift_invariance(ks.row_program)
+    if why:
+        raise NotFusable(why)
+    cache: dict = {}
+
+    def make(needs):
+        needs = tuple(bool(n) and _needs_grad(leaf) for n, leaf in zip(needs, region.leaves))
+        if needs not in cache:
+            cache[needs] = generate_backward(region, needs, block_sparse)
+        return cache[needs]
+    make(differentiable_leaves(region))   # generated once now, so that any failure shows at compile time
+    return make
+
+
+def generate_backward(region: Region, needs: tuple, block_sparse: bool = True) -> BackwardSource:
+    """The backward kernels of a region, for the leaves whose `needs` flag is set."""
+    dq = _tile_kernel(region, "n", needs, block_sparse)
+    dkv_needed = any(needs[region.leaf_index(a.source)] for sm in region.scores for a in (sm.k,)) or \
+        needs[region.leaf_index(region.value.source)]
+    dkv = _tile_kernel(region, "m", needs, block_sparse) if dkv_needed else None
+    row_names = tuple(sorted((set(dq.rows) | (set(dkv.rows) if dkv else set())) - {"dpv"}))
+    grad_leaves = tuple(i for i, n in enumerate(needs) if n)
+    digest = hashlib.sha256((dq.text + (dkv.text if dkv else "") + repr(row_names)).encode()).hexdigest()[:16]
+    dq_name, dkv_name = f"flashlight_bwd_dq_{digest}", (f"flashlight_bwd_dkv_{digest}" if dkv else None)
+    sizes = region.sizes
+    head = textwrap.dedent(f'''\
+        # Generated by Flashlight: the backward of the fused attention region ending at `{region.pv.name}`.
+        # batch dims {tuple(region.batch_sizes)}, queries {sizes["m"]}, keys {sizes["n"]}, value dim {sizes["e"]}
+        import triton
+        import triton.language as tl
+        ''')
+    source = head
+    for kern, name in ((dq, dq_name), (dkv, dkv_name)):
+        if kern is None:
+            continue
+        body = kern.body(row_names, grad_leaves)
+        source += f"\n\n@triton.jit\ndef {name}({kern.signature(grad_leaves)}):\n" + body + "\n"
+    return BackwardSource(source, dq_name, dkv_name, (dq.em.slots, dq.em.grad_slots),
+                          (dkv.em.slots, dkv.em.grad_slots) if dkv else ([], []), grad_leaves, row_names,
+                          tuple(needs), sizes=dict(sizes),
+                          batch=math.prod(region.batch_sizes) if region.batch_sizes else 1,
+                          M=sizes["m"], N=sizes["n"], E=sizes["e"])
+
+
+class _Kernel:
+    """One backward kernel: a program per tile of the fixed axis, a loop over tiles of `loop_axis`."""
+
+    def __init__(self, em, pre, loop, post, rows, text):
+        self.em, self.pre, self.loop, self.post, self.rows, self.text = em, pre, loop, post, rows, text
+
+    def signature(self, grad_leaves):
+        r = self.em.r
+        ptrs = [f"in{i}_ptr" for i in range(len(r.leaves))] + [f"grad{i}_ptr" for i in grad_leaves]
+        return ", ".join(ptrs + ["dpv_ptr", "rows_ptr"] + self.em.params + self.em.grad_params +
+                         ["BLOCK_M: tl.constexpr", "BLOCK_N: tl.constexpr"])
+
+    def body(self, row_names, grad_leaves):
+        em, r = self.em, self.em.r
+        sizes = r.sizes
+        M, N = sizes["m"], sizes["n"]
+        R = (math.prod(r.batch_sizes) if r.batch_sizes else 1) * M
+        fixed, loop_axis = ("m", "n") if em.loop_axis == "n" else ("n", "m")
+        big = {"m": M, "n": N}
+        block = {"m": "BLOCK_M", "n": "BLOCK_N"}
+        # the names the forward's tile predicate uses: pid_m (query tile), start_n (first key)
+        lines = ["pid = tl.program_id(0)",
+                 f"pid_{fixed} = pid % tl.cdiv({big[fixed]}, {block[fixed]})",
+                 f"pid_b = pid // tl.cdiv({big[fixed]}, {block[fixed]})"]
+        lines += _batch_decomposition("pid_b", r.batch_axes, sizes)
+        lines += [f"start_{fixed} = pid_{fixed} * {block[fixed]}",
+                  f"offs_{fixed} = start_{fixed} + tl.arange(0, {block[fixed]})",
+                  f"mask_{fixed} = offs_{fixed} < {big[fixed]}"]
+        for a, bs in em.block_size.items():
+            lines += [f"offs_{a} = tl.arange(0, {bs})", f"mask_{a} = offs_{a} < {sizes[a]}"]
+        row_loads = self._row_loads(row_names, R)
+        loop_head = [f"offs_{loop_axis} = start_{loop_axis} + tl.arange(0, {block[loop_axis]})",
+                     f"mask_{loop_axis} = offs_{loop_axis} < {big[loop_axis]}"]
+        if em.loop_axis == "n":
+            pre = row_loads + self.pre
+            inner = loop_head + self.loop
+        else:
+            pre = list(self.pre)
+            inner = [f"pid_m = start_m // BLOCK_M"] + loop_head + row_loads + self.loop
+        live = set(self.carried) | {"_atomic", "tile_empty"}
+        inner = _prune(inner, live)
+        lines += [""] + _prune(pre + self.init, set(_names("\n".join(inner + self.post))))
+        lines.append(f"for start_{loop_axis} in range(0, {big[loop_axis]}, {block[loop_axis]}):")
+        lines += ["    " + ln for ln in _indent_tile_skip(inner)]
+        lines += [""] + self.post
+        lines = _forward_copies(lines)
+        return "\n".join("    " + ln if ln else "" for ln in lines)
+
+    def _row_loads(self, row_names, R):
+        em = self.em
+        E = em.r.sizes["e"]
+        out = ["row = pid_b * {M} + offs_m".format(M=em.r.sizes["m"])]
+        if "dpv" in self.rows:
+            out.append(f"dpv = tl.load(dpv_ptr + row[:, None] * {E} + offs_e[None, :], "
+                       f"mask=mask_m[:, None] & mask_e[None, :], other=0.0)  # dLoss/d(P·V), from the row pass")
+        for k, name in enumerate(row_names):
+            if name not in self.rows:
+                continue
+            out.append(f"{name} = tl.load(rows_ptr + {k * R} + row, mask=mask_m, other=0.0)[:, None]")
+            if name.startswith("mu_"):
+                R_ = name[3:]
+                out.append(f"s2_{R_} = tl.where(tl.abs({name}) > 1e38, 1.0, {LOG2E})")
+                out.append(f"mu2_{R_} = {name} * s2_{R_}")
+        return out
+
+
+def _names(text):
+    import re
+    return re.findall(r"[A-Za-z_]\w*", text)
+
+
+def _indent_tile_skip(inner):
+    """Put the tile body under `if tile_live:` when the masks give a tile predicate."""
+    for i, ln in enumerate(inner):
+        if ln.startswith("tile_empty = "):
+            head = inner[:i + 1] + ["tile_live = tile_empty == 0", "if tile_live:  # tiles the masks remove are skipped"]
+            rest = [ln2 for ln2 in inner[i + 1:] if not ln2.startswith("tile_full = ")]
+            return head + ["    " + ln2 for ln2 in rest]
+    return inner
+
+
+def _tile_kernel(region: Region, loop_axis: str, needs, block_sparse) -> _Kernel:
+    em = _TileEmitter(region, loop_axis)
+    prog = em.prog = OnlineProgram(region)
+    build(region, em.operand, prog)
+    em.pre, em.loop = [], []           # what build() loaded for the forward's accumulators is not needed
+    em.access_names.clear()
+    # the tile predicate: per key tile, and per query tile where the query tile is fixed
+    em.guard, em.guard_pre = [], []
+    em.tiles = emit_tile_skip(region, em, em.guard, em.guard if loop_axis == "m" else em.guard_pre) \
+        if block_sparse else None
+    kinds = prog.kind
+    r, sizes = region, region.sizes
+    mask_any = em.need_mask["m"] or em.need_mask["n"]
+    valid = "valid"
+    tile = "[BLOCK_M, BLOCK_N]"
+    body: list = []
+
+    # 1. recompute the scores and the score program at their true values
+    for sm in r.scores:
+        q_where = em.loop if loop_axis == "m" else em.pre
+        k_where = em.loop if loop_axis == "n" else em.pre
+        q = em.access(sm.q, ("m", sm.axis), q_where)
+        k = em.access(sm.k, (sm.axis, "n"), k_where)
+        sm_q, sm_k = q, k
+        if sm.q.dtype != sm.k.dtype:
+            sm_q, sm_k = f"{q}.to(tl.float32)", f"{k}.to(tl.float32)"
+        body.append(f"# scores {sm.node.name} = Q·Kᵀ, recomputed")
+        body.append(f"{vname(sm.node)} = tl.dot({sm_q}, {sm_k})")
+    element = [n for n in r.nodes if n.target not in MATMULS and kinds[n] in ("early", "stabsub", "mixed")]
+    for node in element:
+        line = f"{vname(node)} = {em.expr(node)}"
+        (body if em.node_in_loop(node) else em.pre).append(line)
+
+    # 2. seeds: dP = dPV·Vᵀ for what ·V multiplies, the row gradient of each sum for what it sums
+    adj: dict = {}
+    leaf_adj: dict = {}
+
+    def give(consumer, i, code):
+        a = consumer.args[i]
+        if isinstance(a, fx.Node) and a in em.internal:
+            if kinds[a] == "late":
+                return   # row values: their gradient came from the row pass
+            adj.setdefault(a, []).append(code)
+            return
+        acc = r.accesses.get((consumer, i))
+        if acc is None or acc.kind != "tensor" or not needs[r.leaf_index(acc.source)]:
+            return
+        key = (acc.source, acc.chain, acc.axes, acc.gather)
+        leaf_adj.setdefault(key, (acc, []))[1].append(code)
+
+    rows = {"dpv"}
+    v = em.access(r.value, ("n", "e"), em.loop if loop_axis == "n" else em.pre)
+    body.append("# dP = dO·Vᵀ: the adjoint of the probabilities fed to ·V")
+    body.append(f"dp = tl.dot(dpv.to({v}.dtype), tl.trans({v}))")
+    give(r.pv, 0, "dp")
+    for node in r.nodes:
+        if node.target is aten.sum.dim_IntList:
+            rows.add(f"g_{node.name}")
+            give(node, 0, f"g_{node.name}")
+
+    # 3. reverse through the score program, op by op
+    if mask_any:
+        body.append(f"{valid} = mask_m[:, None] & mask_n[None, :]")
+
+    def reduce_to(code, axes):
+        """A contribution summed over the tile axes its target does not span."""
+        if "m" in axes and "n" in axes:
+            return code
+        c = f"tl.broadcast_to({code}, {tile})"
+        if mask_any:
+            c = f"tl.where({valid}, {c}, 0.0)"
+        if "n" not in axes:
+            c = f"tl.sum({c}, 1, keep_dims=True)"
+        if "m" not in axes:
+            c = f"tl.sum({c}, 0, keep_dims=True)"
+        return c
+
+    score_adj = {}
+    for node in reversed([n for n in r.nodes if n.target in MATMULS or n in set(element)]):
+        contribs = adj.get(node)
+        if not contribs:
+            continue
+        axes = set(flat_axes(r.axes[node]))
+        g = f"a_{node.name}"
+        body.append(f"{g} = {reduce_to(' + '.join(contribs), axes)}  # adjoint of {node.name} ({node.target})")
+        if node.target in MATMULS:
+            score_adj[node] = g
+            continue
+        for i, code in _vjp(em, node, g):
+            give(node, i, code)
+
+    # 4. what the gradients accumulate
+    ctx = ("m", "n")
+    init, post, carried = [], [], []
+    for sm in r.scores:
+        g = score_adj.get(sm.node)
+        q_leaf, k_leaf = (r.leaf_index(a.source) for a in (sm.q, sm.k))
+        if g is None:
+            continue
+        ds = f"ds_{sm.node.name}"
+        body.append(f"{ds} = {f'tl.where({valid}, {g}, 0.0)' if mask_any else g}  # dS")
+        q, k = em.access(sm.q, ("m", sm.axis), em.pre), em.access(sm.k, (sm.axis, "n"), em.pre)
+        bd = em.block_size[sm.axis]
+        if loop_axis == "n" and needs[q_leaf]:
+            name = f"dq_{sm.node.name}"
+            init.append(f"{name} = tl.zeros([BLOCK_M, {bd}], tl.float32)  # dQ of {sm.node.name}")
+            body.append(f"{name} = {name} + tl.dot({ds}.to({k}.dtype), tl.trans({k}))")
+            carried.append(name)
+            ptr, mask = em.grad_address(sm.q, ("m", sm.axis))
+            post.append(f"tl.atomic_add({ptr}, {name}" + (f", mask={mask})" if mask else ")"))
+        if loop_axis == "m" and needs[k_leaf]:
+            name = f"dk_{sm.node.name}"
+            init.append(f"{name} = tl.zeros([{bd}, BLOCK_N], tl.float32)  # dK of {sm.node.name}")
+            body.append(f"{name} = {name} + tl.dot(tl.trans({q}), {ds}.to({q}.dtype))")
+            carried.append(name)
+            ptr, mask = em.grad_address(sm.k, (sm.axis, "n"))
+            post.append(f"tl.atomic_add({ptr}, {name}" + (f", mask={mask})" if mask else ")"))
+    v_leaf = r.leaf_index(r.value.source)
+    if loop_axis == "m" and needs[v_leaf]:
+        p = vname(r.pv.args[0])
+        pm = f"tl.where({valid}, {p}, 0.0)" if mask_any else p
+        init.append(f"dv = tl.zeros([BLOCK_N, {em.block_size['e']}], tl.float32)  # dV")
+        body.append(f"dv = dv + tl.dot(tl.trans(tl.broadcast_to({pm}, {tile}).to({v}.dtype)), dpv.to({v}.dtype))")
+        carried.append("dv")
+        ptr, mask = em.grad_address(r.value, ("n", "e"))
+        post.append(f"tl.atomic_add({ptr}, dv" + (f", mask={mask})" if mask else ")"))
+    if loop_axis == "n":
+        # score-side inputs: their adjoint, summed over what they are broadcast along, added in place
+        for key, (acc, codes) in leaf_adj.items():
+            axes = set(flat_axes(acc.axes)) | {a for _, _, ix in acc.gather for a in ix}
+            code = reduce_to(" + ".join(codes), axes)
+            if mask_any and "m" in axes and "n" in axes:
+                code = f"tl.where({valid}, {code}, 0.0)"
+            ptr, mask = em.grad_address(acc, ctx)
+            body.append(f"_atomic = tl.atomic_add({ptr}, {code}" + (f", mask={mask})" if mask else ")") +
+                        f"  # d{acc.source.name}")
+    text = "\n".join(em.pre + em.guard + body + post)
+    params = set(em.params) | set(em.grad_params)
+    rows |= {n for n in _names(text) if n.startswith(("r_", "mu_", "g_")) and n not in params}
+    rows |= {"mu_" + n.split("_", 1)[1] for n in _names(text) if n.startswith(("mu2_", "s2_"))}
+    rows = {n for n in rows if not n.startswith("s2_") and not n.startswith("mu2_")}
+    kern = _Kernel(em, em.guard_pre + em.pre, em.guard + em.loop + body, post, rows, text)
+    kern.init, kern.carried = init, carried + ["_atomic"]
+    return kern

@@ -1,0 +1,215 @@
+"""Row values of a fused region in PyTorch: the first step of the backward (see backward.py).
+
+A training forward stores, per row, its online accumulators and running maxes. The lines the kernel
+ran after its key loop (row sums, normalisers, the ·V combination, the epilogue) are plain
+elementwise Triton over rows; here they run again in PyTorch, over every row at once, through a
+small stand-in for ``triton.language`` (``_TorchTL``). torch.autograd then differentiates them, so
+the gradient of each row value comes from torch's own derivative formulas, whatever the program:
+the gradient of the ·V product before the epilogue, of every row sum, and of the inputs that only
+row values read (sink logits, gates, λ used after ·V). The tensors are [rows] or [rows, Dv]:
+nothing here is of size queries × keys.
+"""
+from __future__ import annotations
+
+import math
+import random
+
+import torch
+
+
+class _Addr:
+    """A pointer plus offsets, as `in0_ptr + offs` builds it in a kernel."""
+
+    def __init__(self, base, offs=0):
+        self.base, self.offs = base, offs
+
+    def __add__(self, other):
+        return _Addr(self.base, self.offs + other)
+
+    __radd__ = __add__
+
+
+class _TorchTL:
+    """The part of triton.language the after-the-loop lines use, on torch tensors."""
+    float32, float16, bfloat16, float64 = torch.float32, torch.float16, torch.bfloat16, torch.float64
+    int1, int32, int64 = torch.bool, torch.int32, torch.int64
+
+    def __init__(self, random_loads=None):
+        self.random_loads = random_loads   # for check_shift_invariance: loads give random values
+
+    @staticmethod
+    def _t(x):
+        return x if isinstance(x, torch.Tensor) else torch.tensor(x, dtype=torch.float64)
+
+    def exp(self, x):
+        return torch.exp(self._t(x))
+
+    def exp2(self, x):
+        return torch.exp2(self._t(x))
+
+    def log(self, x):
+        return torch.log(self._t(x))
+
+    def sigmoid(self, x):
+        return torch.sigmoid(self._t(x))
+
+    def abs(self, x):
+        return torch.abs(self._t(x))
+
+    def sqrt(self, x):
+        return torch.sqrt(self._t(x))
+
+    def rsqrt(self, x):
+        return torch.rsqrt(self._t(x))
+
+    def erf(self, x):
+        return torch.erf(self._t(x))
+
+    def sin(self, x):
+        return torch.sin(self._t(x))
+
+    def cos(self, x):
+        return torch.cos(self._t(x))
+
+    def maximum(self, a, b):
+        a, b = torch.broadcast_tensors(self._t(a), self._t(b).to(self._t(a).dtype))
+        return torch.maximum(a, b)
+
+    def minimum(self, a, b):
+        a, b = torch.broadcast_tensors(self._t(a), self._t(b).to(self._t(a).dtype))
+        return torch.minimum(a, b)
+
+    def where(self, c, a, b):
+        return torch.where(self._t(c).bool(), a, b)
+
+    def full(self, shape, value, dtype):
+        return torch.full([1 if isinstance(s, str) else s for s in shape], value, dtype=dtype)
+
+    def load(self, addr, mask=None, other=0):
+        if self.random_loads is not None:
+            shape = torch.as_tensor(addr.offs).shape
+            return self.random_loads(addr.base, shape)
+        flat, offs = addr.base, torch.as_tensor(addr.offs)
+        safe = offs.clamp(0, flat.numel() - 1)
+        val = flat[safe]
+        if mask is not None:
+            val = torch.where(torch.as_tensor(mask), val, torch.as_tensor(other, dtype=val.dtype))
+        return val
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    """The memory a kernel pointer to `t` reaches, as a 1-D tensor (differentiable back to t)."""
+    span = 1 + sum((s - 1) * st for s, st in zip(t.shape, t.stride()) if s > 0)
+    return t.as_strided((span,), (1,))
+
+
+def _row_index(batch_axes, sizes, device):
+    """offs_m and each batch index, over all rows (row-major over batch axes, then queries)."""
+    M = sizes["m"]
+    batch = math.prod(sizes[a] for a in batch_axes) if batch_axes else 1
+    row = torch.arange(batch * M, device=device)
+    names = {"offs_m": row % M, "mask_m": torch.ones(batch * M, dtype=torch.bool, device=device)}
+    rem = row // M
+    for a in reversed(batch_axes):
+        names[a] = (rem % sizes[a])[:, None]
+        rem = rem // sizes[a]
+    E = sizes["e"]
+    names["offs_e"] = torch.arange(E, device=device)
+    names["mask_e"] = torch.ones(E, dtype=torch.bool, device=device)
+    return names
+
+
+def run_rows(program: dict, inputs, params, saved, tl=None):
+    """Run the after-the-loop lines: the namespace after them (row values by kernel name)."""
+    sizes = program["sizes"]
+    device = saved[0].device if saved else inputs[0].device
+    ns = {"tl": tl or _TorchTL(), "float": float}
+    ns.update(_row_index(program["batch_axes"], sizes, device))
+    ns.update(dict(zip(program["param_names"], params)))
+    for i, t in enumerate(inputs):
+        ns[f"in{i}_ptr"] = _Addr(_flat(t) if isinstance(t, torch.Tensor) else t)
+    for (name, kind), t in zip(program["saved"], saved):
+        ns[name] = t.reshape(-1, 1) if kind == "row" else t.reshape(-1, sizes["e"])
+    exec(compile("\n".join(program["lines"]), "<flashlight row program>", "exec"), ns)
+    return ns
+
+
+def row_backward(program: dict, inputs, needs, params, saved, grad_out):
+    """The row step of the backward: (dPV [rows, Dv], {row value name: [rows]}, grads of the inputs
+    that row values read)."""
+    sizes = program["sizes"]
+    leaves = [t.detach().requires_grad_(bool(n)) if isinstance(t, torch.Tensor) and t.is_floating_point()
+              else t for t, n in zip(inputs, needs)]
+    with torch.enable_grad():
+        saved = [s.detach().float().requires_grad_(s.is_floating_point()) for s in saved]
+        ns = run_rows(program, leaves, params, saved)
+        out = ns["out"]
+        go = grad_out.reshape(out.shape).to(out.dtype)
+        wrt = [ns[program["pv"]]] + [ns[f"r_{s}"] for s in program["sums"]]
+        leaf_ix = [i for i, t in enumerate(leaves) if isinstance(t, torch.Tensor) and t.requires_grad]
+        targets = wrt + [leaves[i] for i in leaf_ix]
+        live = [i for i, t in enumerate(targets) if t.requires_grad]
+        got = torch.autograd.grad(out, [targets[i] for i in live], go, allow_unused=True) if live else []
+        grads = [None] * len(targets)
+        for i, g in zip(live, got):
+            grads[i] = g
+    R = out.shape[0]
+    dpv = grads[0]
+    dpv = torch.zeros(R, sizes["e"], device=out.device) if dpv is None else dpv.expand(R, sizes["e"])
+    rows = {"dpv": dpv.float().contiguous()}
+    for s, g in zip(program["sums"], grads[1:1 + len(program["sums"])]):
+        rows[f"g_{s}"] = torch.zeros(R, device=out.device) if g is None else g.float().reshape(-1).expand(R).contiguous()
+    for R_name, src in program["mu_of"].items():
+        rows[f"mu_{R_name}"] = ns[src].detach().float().reshape(-1).expand(R).contiguous()
+    for name, val in ns.items():
+        if name.startswith("r_") and isinstance(val, torch.Tensor) and val.numel() in (1, R):
+            rows.setdefault(name, val.detach().float().reshape(-1).expand(R).contiguous())
+    leaf_grads = {i: g for i, g in zip(leaf_ix, grads[1 + len(program["sums"]):]) if g is not None}
+    return rows, leaf_grads
+
+
+def check_shift_invariance(program: dict, trials: int = 3):
+    """None if the region's output does not depend on any row max except through exp(x - max)
+    normalised away (softmax in every spelling, sinks); else why not. The backward drops the row max's
+    own gradient (the argmax path), which is exact only then."""
+    if not program["maxes"]:
+        return None
+    sizes = program["sizes"]
+    for trial in range(trials):
+        rng = random.Random(trial)
+        cache: dict = {}
+
+        def random_loads(base, shape, cache=cache, rng=rng):
+            key = (id(base), tuple(shape))
+            if key not in cache:
+                g = torch.Generator().manual_seed(rng.randrange(1 << 30))
+                cache[key] = torch.randn(shape, generator=g, dtype=torch.float64)
+            return cache[key]
+
+        fake_sizes = dict(sizes, m=2, **{a: 1 for a in program["batch_axes"]})
+        prog = dict(program, sizes=fake_sizes)
+        g = torch.Generator().manual_seed(trial)
+        saved = []
+        for name, kind in program["saved"]:
+            shape = (2, 1) if kind == "row" else (2, sizes["e"])
+            val = torch.rand(shape, generator=g, dtype=torch.float64) + 0.5
+            if name.startswith("m_"):
+                val = torch.randn(shape, generator=g, dtype=torch.float64)
+            saved.append(val)
+        params = [0] * len(program["param_names"])
+        inputs = [torch.zeros(1, dtype=torch.float64) for _ in range(program["leaves"])]
+        base = run_rows(prog, inputs, params, saved, tl=_TorchTL(random_loads))["out"]
+        shifted = dict(prog, lines=[_shift_max(ln, program["maxes"]) for ln in program["lines"]])
+        moved = run_rows(shifted, inputs, params, saved, tl=_TorchTL(random_loads))["out"]
+        if not torch.allclose(base, moved, rtol=1e-9, atol=1e-12, equal_nan=True):
+            return ("the output depends on a row max itself, not only through exp(x - max) normalised "
+                    "away; its gradient would need the argmax, which the fused backward does not compute")
+    return None
+
+
+def _shift_max(line, maxes):
+    """`r_<amax> = m_<amax>` with the max moved by a constant (the stabiliser mu stays)."""
+    for R, name in maxes.items():
+        if line.startswith(f"{name} = m_{R}"):
+            return f"{name} = m_{R} + 0.375"
+    return line
