@@ -270,14 +270,20 @@ def test_unsupported_dtype_or_device_falls_back_with_reason(case, monkeypatch):
     assert rel_err(out, sm_handwritten(q.double(), k.double(), v.double())) < TOL
 
 
-def test_training_inputs_stay_on_inductor_with_reason():
+def test_training_inputs_fuse_forward_and_backward():
     q, k, v = (rand(1, 2, 24, 16).requires_grad_() for _ in range(3))
     report = flashlight.explain(sm_handwritten, q, k, v)
-    assert not report.fused and "backward" in report.regions[0].reason
+    assert report.fused and report.regions[0].backward_fused, str(report)
+    assert "backward: fused" in str(report)
     torch._dynamo.reset()
+    before = flashlight.counters["fused_backward_launches"]
     out = flashlight.compile(sm_handwritten, inductor=False)(q, k, v)
     out.sum().backward()
-    assert q.grad is not None and torch.isfinite(q.grad).all()
+    assert flashlight.counters["fused_backward_launches"] == before + 1
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    sm_handwritten(q64, k64, v64).sum().backward()
+    for x, ref in ((q, q64), (k, k64), (v, v64)):
+        assert rel_err(x.grad, ref.grad) < TOL
 
 
 def test_explain_reads_well():

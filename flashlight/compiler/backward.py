@@ -83,9 +83,6 @@ class _TileEmitter(_Emitter):
         acc = self.r.accesses[(node, i)]
         return self.access(acc, ("m", "n"), self.loop if self.varies_with_keys(acc) else self.pre)
 
-    def node_in_loop(self, node):
-        return self.loop_axis in flat_axes(self.r.axes[node])
-
     def grad_address(self, acc, ctx):
         """(pointer + offsets, mask) of the gradient buffer (contiguous float32) of an access's tensor."""
         name = f"g{len(self.grad_slots)}"
@@ -364,7 +361,7 @@ def _tile_kernel(region: Region, loop_axis: str, needs, block_sparse) -> _Kernel
     mask_any = em.need_mask["m"] or em.need_mask["n"]
     valid = "valid"
     tile = "[BLOCK_M, BLOCK_N]"
-    body: list = []
+    body = em.loop   # loads made while emitting land in order with the code that reads them
 
     # 1. recompute the scores and the score program at their true values
     for sm in r.scores:
@@ -378,9 +375,8 @@ def _tile_kernel(region: Region, loop_axis: str, needs, block_sparse) -> _Kernel
         body.append(f"# scores {sm.node.name} = Q·Kᵀ, recomputed")
         body.append(f"{vname(sm.node)} = tl.dot({sm_q}, {sm_k})")
     element = [n for n in r.nodes if n.target not in MATMULS and kinds[n] in ("early", "stabsub", "mixed")]
-    for node in element:
-        line = f"{vname(node)} = {em.expr(node)}"
-        (body if em.node_in_loop(node) else em.pre).append(line)
+    for node in element:   # all in the loop: loads the tile predicate made there may feed any of them
+        body.append(f"{vname(node)} = {em.expr(node)}")
 
     # 2. seeds: dP = dPV·Vᵀ for what ·V multiplies, the row gradient of each sum for what it sums
     adj: dict = {}
@@ -490,6 +486,6 @@ def _tile_kernel(region: Region, loop_axis: str, needs, block_sparse) -> _Kernel
     rows |= {n for n in _names(text) if n.startswith(("r_", "mu_", "g_")) and n not in params}
     rows |= {"mu_" + n.split("_", 1)[1] for n in _names(text) if n.startswith(("mu2_", "s2_"))}
     rows = {n for n in rows if not n.startswith("s2_") and not n.startswith("mu2_")}
-    kern = _Kernel(em, em.guard_pre + em.pre, em.guard + em.loop + body, post, rows, text)
+    kern = _Kernel(em, em.guard_pre + em.pre, em.guard + body, post, rows, text)
     kern.init, kern.carried = init, carried + ["_atomic"]
     return kern

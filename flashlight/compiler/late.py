@@ -20,11 +20,11 @@ import torch
 class _Addr:
     """A pointer plus offsets, as `in0_ptr + offs` builds it in a kernel."""
 
-    def __init__(self, base, offs=0):
-        self.base, self.offs = base, offs
+    def __init__(self, base, offs=0, source=None):
+        self.base, self.offs, self.source = base, offs, source
 
     def __add__(self, other):
-        return _Addr(self.base, self.offs + other)
+        return _Addr(self.base, self.offs + other, self.source)
 
     __radd__ = __add__
 
@@ -88,7 +88,7 @@ class _TorchTL:
     def load(self, addr, mask=None, other=0):
         if self.random_loads is not None:
             shape = torch.as_tensor(addr.offs).shape
-            return self.random_loads(addr.base, shape)
+            return self.random_loads(addr.source, shape)
         flat, offs = addr.base, torch.as_tensor(addr.offs)
         safe = offs.clamp(0, flat.numel() - 1)
         val = flat[safe]
@@ -127,7 +127,7 @@ def run_rows(program: dict, inputs, params, saved, tl=None):
     ns.update(_row_index(program["batch_axes"], sizes, device))
     ns.update(dict(zip(program["param_names"], params)))
     for i, t in enumerate(inputs):
-        ns[f"in{i}_ptr"] = _Addr(_flat(t) if isinstance(t, torch.Tensor) else t)
+        ns[f"in{i}_ptr"] = _Addr(_flat(t) if isinstance(t, torch.Tensor) else t, source=t)
     for (name, kind), t in zip(program["saved"], saved):
         ns[name] = t.reshape(-1, 1) if kind == "row" else t.reshape(-1, sizes["e"])
     exec(compile("\n".join(program["lines"]), "<flashlight row program>", "exec"), ns)
