@@ -35,7 +35,7 @@ def explain(fn, *args, **kwargs) -> Report:
 
     inputs = [*args, *kwargs.values()]
     gm = normalize(flat, inputs)
-    planned = plan(gm, training=is_training(inputs))
+    planned = plan(gm, training=is_training(inputs), example_inputs=inputs)
     report = Report([rep for rep, _, _ in planned])
     if not planned:
         report.notes.append("no attention region (matmul → row program → matmul) found")

@@ -8,7 +8,10 @@ import torch
 
 COLUMNS = ["variant", "backend", "mode", "dtype", "device", "B", "H", "Sq", "Sk", "D", "Dv", "ms", "tflops",
            "rel_err", "status", "reason", "peak_mem_mb", "compile_s", "torch", "triton", "gpu", "params",
-           "config"]  # config: the flashlight tile config(s) launched (JSON), last so older readers keep working
+           "config", "grad_rel_err"]
+# config: the flashlight tile config(s) launched (JSON); grad_rel_err (mode=fwdbwd): the relative error of
+# every gradient, {input name: error} as JSON (rel_err is the largest of the output's and these). Both
+# last, so older readers keep working.
 
 
 def tolerance(dtype: torch.dtype, device: torch.device) -> float:

@@ -16,7 +16,7 @@ import torch.fx as fx
 
 from flashlight.compiler.analysis import NotFusable, analyse, find_pv_candidates, shape_of
 from flashlight.compiler.capture import normalize
-from flashlight.compiler.backward import backward_for, differentiable_leaves
+from flashlight.compiler.backward import backward_for
 from flashlight.compiler.codegen import generate
 from flashlight.compiler.explain import RegionReport, Report
 from flashlight.compiler.runtime import CompiledRegion, interpreting, register
@@ -40,9 +40,30 @@ def _check_device(region):
                                  "(set TRITON_INTERPRET=1 to run them on CPU, slowly, for tests)")
 
 
-def plan(gm: fx.GraphModule, training: bool = False, dump=None, config=None, block_sparse=True):
+def requires_grad_nodes(gm: fx.GraphModule, example_inputs) -> set:
+    """Nodes whose value requires grad: a floating value computed from an input that requires grad."""
+    out = set()
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for n, x in zip(placeholders, example_inputs):
+        if isinstance(x, torch.Tensor) and x.requires_grad:
+            out.add(n)
+    def floating(val):
+        if isinstance(val, (list, tuple)):   # split, unbind…: read through getitem
+            return any(floating(v) for v in val)
+        return isinstance(val, torch.Tensor) and val.dtype.is_floating_point
+
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and floating(n.meta.get("val")) and n.target is not aten.detach.default \
+                and any(a in out for a in n.all_input_nodes):
+            out.add(n)
+    return out
+
+
+def plan(gm: fx.GraphModule, training: bool = False, dump=None, config=None, block_sparse=True,
+         example_inputs=()):
     """Analyse every attention region of a normalised graph: [(report, region, compiled | None)]."""
     out = []
+    grad_nodes = requires_grad_nodes(gm, example_inputs) if training else set()
     for pv in find_pv_candidates(gm):
         rep = RegionReport(output=pv.name, fused=False)
         try:
@@ -62,12 +83,12 @@ def plan(gm: fx.GraphModule, training: bool = False, dump=None, config=None, blo
             backward = None
             if training:
                 try:
-                    backward = backward_for(region, ks, block_sparse)
+                    backward = backward_for(region, ks, block_sparse, [n in grad_nodes for n in region.leaves])
                 except NotFusable as e:
                     rep.backward_fused, rep.backward_reason = False, str(e)
                     raise NotFusable(f"inputs require grad, and the backward cannot be generated: {e}") from None
                 rep.backward_fused = True
-                rep.backward_source = backward(differentiable_leaves(region)).source
+                rep.backward_source = backward(()).source
             rep.fused = True
             out.append((rep, region, CompiledRegion(ks, dict(config or {}), dump, backward_source=backward)))
         except NotFusable as e:
@@ -103,7 +124,8 @@ def is_training(inputs) -> bool:
 def fuse(gm, example_inputs, dump=None, config=None, block_sparse=True):
     """Normalise and fuse; returns (graph module to run, report, number of regions fused)."""
     aten_gm = normalize(gm, example_inputs)
-    planned = plan(aten_gm, training=is_training(example_inputs), dump=dump, config=config, block_sparse=block_sparse)
+    planned = plan(aten_gm, training=is_training(example_inputs), dump=dump, config=config, block_sparse=block_sparse,
+                   example_inputs=example_inputs)
     report = Report([rep for rep, _, _ in planned])
     if not planned:
         report.notes.append("no attention region (matmul → row program → matmul) in this graph")

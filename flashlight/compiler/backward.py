@@ -215,7 +215,7 @@ def check_differentiable(region: Region, prog: OnlineProgram):
             raise NotFusable("a gathered Q, K or V operand")
 
 
-def backward_for(region: Region, ks, block_sparse: bool = True):
+def backward_for(region: Region, ks, block_sparse: bool = True, requires_grad=None):
     """needs -> BackwardSource for a region whose training forward is `ks`; NotFusable (the reason)
     where the generated backward would not be exact."""
     from flashlight.compiler.late import check_shift_invariance
@@ -224,14 +224,16 @@ def backward_for(region: Region, ks, block_sparse: bool = True):
     why = check_shift_invariance(ks.row_program)
     if why:
         raise NotFusable(why)
-    cache: dict = {}
+    # generated now: the graph's nodes are gone once the region is replaced by the fused op
+    requires_grad = requires_grad or [True] * len(region.leaves)
+    needs = tuple(_needs_grad(leaf) and bool(rg) for leaf, rg in zip(region.leaves, requires_grad))
+    source = generate_backward(region, needs, block_sparse)
 
-    def make(needs):
-        needs = tuple(bool(n) and _needs_grad(leaf) for n, leaf in zip(needs, region.leaves))
-        if needs not in cache:
-            cache[needs] = generate_backward(region, needs, block_sparse)
-        return cache[needs]
-    make(differentiable_leaves(region))   # generated once now, so that any failure shows at compile time
+    def make(wanted):
+        if any(w and not n for w, n in zip(wanted, needs)):
+            raise RuntimeError("flashlight: a gradient is asked of an input that did not require grad when "
+                               "the region was compiled; recompile (torch._dynamo.reset())")
+        return source
     return make
 
 

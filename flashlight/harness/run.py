@@ -282,8 +282,11 @@ def run_case(backend: str, plan: Plan, cfg, out_dir: Path | None = None) -> dict
         if backend in COMPILED:
             row["compile_s"] = round(first_s, 3)
 
-        err = max(rel_err(o, r) for o, r in zip(outs, refs))
+        errs = [rel_err(o, r) for o, r in zip(outs, refs)]
+        err = max(errs)
         row["rel_err"] = err
+        if bwd:
+            row["grad_rel_err"] = json.dumps({n: float(f"{e:.3g}") for n, e in zip(v.learnable, errs[1:])})
         outs = None
 
         if dev.type == "cuda":
