@@ -418,6 +418,8 @@ def _tile_kernel(region: Region, loop_axis: str, needs, block_sparse) -> _Kernel
         c = f"tl.broadcast_to({code}, {tile})"
         if mask_any:
             c = f"tl.where({valid}, {c}, 0.0)"
+        if "m" not in axes and "n" not in axes:   # a scalar (per batch index), as its pointer
+            return f"tl.sum(tl.sum({c}, 1), 0)"
         if "n" not in axes:
             c = f"tl.sum({c}, 1, keep_dims=True)"
         if "m" not in axes:

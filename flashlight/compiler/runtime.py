@@ -168,7 +168,7 @@ class CompiledRegion:
         rows, row_grads = row_backward(program, inputs, needs, params, saved, grad_out)
         bs, module = self._backward_kernels(needs)
         device = inputs[0].device
-        cfg = backward_config(bs, device.type)
+        cfg = self.config.get("backward") or backward_config(bs, device.type)
         bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
         R = bs.batch * bs.M
         table = torch.stack([rows[n] for n in bs.row_names]) if bs.row_names else torch.zeros(1, device=device)

@@ -1,0 +1,54 @@
+"""Where the time of a fused forward+backward goes, and how the backward's tiles change it (GPU).
+
+    python scripts/backward_breakdown.py --variant causal --configs 64,64,4,2 128,64,8,2 64,128,8,2
+
+Prints, per backward tile config (BLOCK_M, BLOCK_N, num_warps, num_stages), the median fwd+bwd time
+(triton.testing.do_bench), then a per-kernel CUDA time table of one fwd+bwd step under torch.profiler
+for the first config: the forward kernel, the row step's PyTorch ops, the dQ and dK/dV kernels.
+"""
+import argparse
+
+import torch
+import triton.testing
+
+import flashlight
+from flashlight.harness import variant_registry as vr
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--variant", default="causal")
+    ap.add_argument("--B", type=int, default=4)
+    ap.add_argument("--H", type=int, default=32)
+    ap.add_argument("--S", type=int, default=4096)
+    ap.add_argument("--D", type=int, default=64)
+    ap.add_argument("--configs", nargs="+", default=["64,64,4,2"])
+    a = ap.parse_args()
+    v = vr.get(a.variant)
+    shape = v.shape(B=a.B, H=a.H, Sq=a.S, Sk=a.S, D=a.D)
+    x = v.make_inputs(shape, torch.bfloat16, "cuda", requires_grad=True)
+    wrt = [x[n] for n in v.learnable]
+    flops = 3.5 * v.flops(shape)
+    for i, c in enumerate(a.configs):
+        bm, bn, w, st = (int(t) for t in c.split(","))
+        torch._dynamo.reset()
+        fn = flashlight.compile(v.bind(shape), config={"backward": {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w,
+                                                                    "num_stages": st}})
+        out = fn(**x)
+        g = torch.randn_like(out)
+
+        def step():
+            return torch.autograd.grad(fn(**x), wrt, g)
+        step()
+        ms = triton.testing.do_bench(step, rep=200, return_mode="median")
+        print(f"{a.variant} bwd tiles {c}: fwd+bwd {ms:.3f} ms, {flops / ms / 1e9:.0f} TFLOP/s "
+              f"(fused backward launches {flashlight.counters['fused_backward_launches']})", flush=True)
+        if i == 0:
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                step()
+                torch.cuda.synchronize()
+            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
+
+
+if __name__ == "__main__":
+    main()
