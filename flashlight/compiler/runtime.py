@@ -131,8 +131,9 @@ class CompiledRegion:
     def launch_config(self, device: torch.device) -> dict:
         """The explicit config, else the best one tuning stored for this kernel on this device (looked
         up once, and again after tune() runs in this process; never tunes), else the default."""
-        if self.config:
-            return self.config
+        forward = {k: v for k, v in self.config.items() if k != "backward"}
+        if forward:
+            return forward
         if self._tuned is None or self._tuned[0] != tuned_generation:
             self._tuned = (tuned_generation, _tuned_lookup(self.ks, device) if _tuned_lookup else None)
         return self._tuned[1] or default_config(self.ks, device.type)
