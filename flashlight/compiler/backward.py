@@ -70,6 +70,15 @@ class _TileEmitter(_Emitter):
         self.grad_slots: list = []
         self.grad_params: list = []
 
+    def expr(self, node):
+        # x / row value: one reciprocal per row, a multiply per element (division is slow on the GPU)
+        if node.target is aten.div.Tensor and self.is_row_value(node.args[1]):
+            return f"{self.float_operand(node, 0)} * (1.0 / {self.float_operand(node, 1)})"
+        return super().expr(node)
+
+    def is_row_value(self, a):
+        return isinstance(a, fx.Node) and a in self.internal and self.prog.kind.get(a) == "late"
+
     def varies_with_keys(self, acc):   # here: varies along the loop axis
         axes = set(flat_axes(acc.axes)) | {a for _, _, ix in acc.gather for a in ix}
         return self.loop_axis in axes
@@ -126,7 +135,8 @@ def _vjp(em: _TileEmitter, node, g):
     if t is aten.mul.Scalar:
         return [(0, f"{g} * {x(1)}")]
     if t is aten.div.Tensor:
-        return [(0, f"{g} / {x(1)}"), (1, f"-{g} * {y} / {x(1)}")]
+        inv = f"(1.0 / {x(1)})"
+        return [(0, f"{g} * {inv}"), (1, f"-{g} * {y} * {inv}")]
     if t is aten.div.Scalar:
         return [(0, f"{g} / {x(1)}")]
     if t is aten.neg.default:
@@ -300,17 +310,29 @@ class _Kernel:
         row_loads = self._row_loads(row_names, R)
         loop_head = [f"offs_{loop_axis} = start_{loop_axis} + tl.arange(0, {block[loop_axis]})",
                      f"mask_{loop_axis} = offs_{loop_axis} < {big[loop_axis]}"]
+        tile_of = [] if em.loop_axis == "n" else ["pid_m = start_m // BLOCK_M"]
         if em.loop_axis == "n":
             pre = row_loads + self.pre
-            inner = loop_head + self.loop
+            inner = loop_head + self.guard + self.loop
         else:
             pre = list(self.pre)
-            inner = [f"pid_m = start_m // BLOCK_M"] + loop_head + row_loads + self.loop
-        live = set(self.carried) | {"_atomic", "tile_empty"}
-        inner = _prune(inner, live)
-        lines += [""] + _prune(pre + self.init, set(_names("\n".join(inner + self.post))))
-        lines.append(f"for start_{loop_axis} in range(0, {big[loop_axis]}, {block[loop_axis]}):")
-        lines += ["    " + ln for ln in _indent_tile_skip(inner)]
+            inner = tile_of + loop_head + row_loads + self.guard + self.loop
+        inner = _prune(inner, set(self.carried) | {"_atomic"})
+        scan = []
+        lo, hi = "0", str(big[loop_axis])
+        if em.tiles is not None:
+            # the tiles the masks leave: a scan of index arithmetic (and the data the masks read)
+            # gives the loop's bounds; tiles inside them that the masks empty add zeros
+            lo, hi = "lo", "hi"
+            scan = [f"lo = tl.full([], {big[loop_axis]}, tl.int32)", "hi = tl.full([], 0, tl.int32)",
+                    f"for start_{loop_axis} in range(0, {big[loop_axis]}, {block[loop_axis]}):"]
+            scan += ["    " + ln for ln in _prune(tile_of + loop_head + self.guard, {"tile_empty"})]
+            scan += [f"    lo = tl.minimum(lo, tl.where(tile_empty, {big[loop_axis]}, start_{loop_axis}))",
+                     f"    hi = tl.maximum(hi, tl.where(tile_empty, 0, start_{loop_axis} + {block[loop_axis]}))"]
+        used = set(_names("\n".join(scan + inner + self.post)))
+        lines += [""] + _prune(pre + self.init, used) + scan
+        lines.append(f"for start_{loop_axis} in range({lo}, {hi}, {block[loop_axis]}):")
+        lines += ["    " + ln for ln in inner]
         lines += [""] + self.post
         lines = _forward_copies(lines)
         return "\n".join("    " + ln if ln else "" for ln in lines)
@@ -336,16 +358,6 @@ class _Kernel:
 def _names(text):
     import re
     return re.findall(r"[A-Za-z_]\w*", text)
-
-
-def _indent_tile_skip(inner):
-    """Put the tile body under `if tile_live:` when the masks give a tile predicate."""
-    for i, ln in enumerate(inner):
-        if ln.startswith("tile_empty = "):
-            head = inner[:i + 1] + ["tile_live = tile_empty == 0", "if tile_live:  # tiles the masks remove are skipped"]
-            rest = [ln2 for ln2 in inner[i + 1:] if not ln2.startswith("tile_full = ")]
-            return head + ["    " + ln2 for ln2 in rest]
-    return inner
 
 
 def _tile_kernel(region: Region, loop_axis: str, needs, block_sparse) -> _Kernel:
@@ -490,6 +502,6 @@ def _tile_kernel(region: Region, loop_axis: str, needs, block_sparse) -> _Kernel
     rows |= {n for n in _names(text) if n.startswith(("r_", "mu_", "g_")) and n not in params}
     rows |= {"mu_" + n.split("_", 1)[1] for n in _names(text) if n.startswith(("mu2_", "s2_"))}
     rows = {n for n in rows if not n.startswith("s2_") and not n.startswith("mu2_")}
-    kern = _Kernel(em, em.guard_pre + em.pre, em.guard + body, post, rows, text)
-    kern.init, kern.carried = init, carried + ["_atomic"]
+    kern = _Kernel(em, em.guard_pre + em.pre, body, post, rows, text)
+    kern.init, kern.carried, kern.guard = init, carried + ["_atomic"], em.guard
     return kern
