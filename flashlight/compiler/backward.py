@@ -67,6 +67,10 @@ class _TileEmitter(_Emitter):
     def __init__(self, region: Region, loop_axis: str):
         super().__init__(region, None)
         self.loop_axis = loop_axis   # "n": one program per query tile; "m": one per key tile
+        # tile orientation: (rows, columns). Per key tile the tiles are transposed, [keys, queries], so
+        # that dV = Pᵀ·dO and dK = dSᵀ·Q multiply computed tiles as they are (a transpose of a
+        # computed tile costs a trip through shared memory; of a loaded one, nothing)
+        self.ctx = ("m", "n") if loop_axis == "n" else ("n", "m")
         self.grad_slots: list = []
         self.grad_params: list = []
 
@@ -90,7 +94,7 @@ class _TileEmitter(_Emitter):
         if a in self.internal or a is self.r.pv:
             return lname(a) if self.prog.kind[a] == "late" else vname(a)
         acc = self.r.accesses[(node, i)]
-        return self.access(acc, ("m", "n"), self.loop if self.varies_with_keys(acc) else self.pre)
+        return self.access(acc, self.ctx, self.loop if self.varies_with_keys(acc) else self.pre)
 
     def grad_address(self, acc, ctx):
         """(pointer + offsets, mask) of the gradient buffer (contiguous float32) of an access's tensor."""
@@ -347,7 +351,8 @@ class _Kernel:
         for k, name in enumerate(row_names):
             if name not in self.rows:
                 continue
-            out.append(f"{name} = tl.load(rows_ptr + {k * R} + row, mask=mask_m, other=0.0)[:, None]")
+            out.append(f"{name} = tl.load(rows_ptr + {k * R} + row, mask=mask_m, other=0.0)" +
+                       ("[:, None]" if em.loop_axis == "n" else "[None, :]"))
             if name.startswith("mu_"):
                 R_ = name[3:]
                 out.append(f"s2_{R_} = tl.where(tl.abs({name}) > 1e38, 1.0, {LOG2E})")
@@ -374,20 +379,26 @@ def _tile_kernel(region: Region, loop_axis: str, needs, block_sparse) -> _Kernel
     r, sizes = region, region.sizes
     mask_any = em.need_mask["m"] or em.need_mask["n"]
     valid = "valid"
-    tile = "[BLOCK_M, BLOCK_N]"
+    rows_ax, cols_ax = em.ctx
+    tile = f"[BLOCK_{rows_ax.upper()}, BLOCK_{cols_ax.upper()}]"
     body = em.loop   # loads made while emitting land in order with the code that reads them
 
     # 1. recompute the scores and the score program at their true values
+    tiles_of = {}
     for sm in r.scores:
-        q_where = em.loop if loop_axis == "m" else em.pre
-        k_where = em.loop if loop_axis == "n" else em.pre
-        q = em.access(sm.q, ("m", sm.axis), q_where)
-        k = em.access(sm.k, (sm.axis, "n"), k_where)
-        sm_q, sm_k = q, k
+        if loop_axis == "n":     # S = Q·Kᵀ: Q [BLOCK_M, D] once, K as [D, BLOCK_N] per key tile
+            q = em.access(sm.q, ("m", sm.axis), em.pre)
+            k = em.access(sm.k, (sm.axis, "n"), em.loop)
+            a, b = q, k
+        else:                    # Sᵀ = K·Qᵀ: K [BLOCK_N, D] once, Q as [D, BLOCK_M] per query tile
+            k = em.access(sm.k, ("n", sm.axis), em.pre)
+            q = em.access(sm.q, (sm.axis, "m"), em.loop)
+            a, b = k, q
+        tiles_of[sm.node] = (q, k)
         if sm.q.dtype != sm.k.dtype:
-            sm_q, sm_k = f"{q}.to(tl.float32)", f"{k}.to(tl.float32)"
-        body.append(f"# scores {sm.node.name} = Q·Kᵀ, recomputed")
-        body.append(f"{vname(sm.node)} = tl.dot({sm_q}, {sm_k})")
+            a, b = f"{a}.to(tl.float32)", f"{b}.to(tl.float32)"
+        body.append(f"# scores {sm.node.name} = Q·Kᵀ, recomputed" + (" (transposed)" if loop_axis == "m" else ""))
+        body.append(f"{vname(sm.node)} = tl.dot({a}, {b})")
     element = [n for n in r.nodes if n.target not in MATMULS and kinds[n] in ("early", "stabsub", "mixed")]
     for node in element:   # all in the loop: loads the tile predicate made there may feed any of them
         body.append(f"{vname(node)} = {em.expr(node)}")
@@ -412,7 +423,10 @@ def _tile_kernel(region: Region, loop_axis: str, needs, block_sparse) -> _Kernel
     rows = {"dpv"}
     v = em.access(r.value, ("n", "e"), em.loop if loop_axis == "n" else em.pre)
     body.append("# dP = dO·Vᵀ: the adjoint of the probabilities fed to ·V")
-    body.append(f"dp = tl.dot(dpv.to({v}.dtype), tl.trans({v}))")
+    if loop_axis == "n":
+        body.append(f"dp = tl.dot(dpv.to({v}.dtype), tl.trans({v}))")
+    else:
+        body.append(f"dp = tl.dot({v}, tl.trans(dpv.to({v}.dtype)))  # transposed, [keys, queries]")
     give(r.pv, 0, "dp")
     for node in r.nodes:
         if node.target is aten.sum.dim_IntList:
@@ -421,7 +435,7 @@ def _tile_kernel(region: Region, loop_axis: str, needs, block_sparse) -> _Kernel
 
     # 3. reverse through the score program, op by op
     if mask_any:
-        body.append(f"{valid} = mask_m[:, None] & mask_n[None, :]")
+        body.append(f"{valid} = mask_{rows_ax}[:, None] & mask_{cols_ax}[None, :]")
 
     def reduce_to(code, axes):
         """A contribution summed over the tile axes its target does not span."""
@@ -432,9 +446,9 @@ def _tile_kernel(region: Region, loop_axis: str, needs, block_sparse) -> _Kernel
             c = f"tl.where({valid}, {c}, 0.0)"
         if "m" not in axes and "n" not in axes:   # a scalar (per batch index), as its pointer
             return f"tl.sum(tl.sum({c}, 1), 0)"
-        if "n" not in axes:
+        if cols_ax not in axes:
             c = f"tl.sum({c}, 1, keep_dims=True)"
-        if "m" not in axes:
+        if rows_ax not in axes:
             c = f"tl.sum({c}, 0, keep_dims=True)"
         return c
 
@@ -453,7 +467,7 @@ def _tile_kernel(region: Region, loop_axis: str, needs, block_sparse) -> _Kernel
             give(node, i, code)
 
     # 4. what the gradients accumulate
-    ctx = ("m", "n")
+    ctx = em.ctx
     init, post, carried = [], [], []
     for sm in r.scores:
         g = score_adj.get(sm.node)
@@ -462,7 +476,7 @@ def _tile_kernel(region: Region, loop_axis: str, needs, block_sparse) -> _Kernel
             continue
         ds = f"ds_{sm.node.name}"
         body.append(f"{ds} = {f'tl.where({valid}, {g}, 0.0)' if mask_any else g}  # dS")
-        q, k = em.access(sm.q, ("m", sm.axis), em.pre), em.access(sm.k, (sm.axis, "n"), em.pre)
+        q, k = tiles_of[sm.node]
         bd = em.block_size[sm.axis]
         if loop_axis == "n" and needs[q_leaf]:
             name = f"dq_{sm.node.name}"
@@ -473,17 +487,17 @@ def _tile_kernel(region: Region, loop_axis: str, needs, block_sparse) -> _Kernel
             post.append(f"tl.atomic_add({ptr}, {name}" + (f", mask={mask})" if mask else ")"))
         if loop_axis == "m" and needs[k_leaf]:
             name = f"dk_{sm.node.name}"
-            init.append(f"{name} = tl.zeros([{bd}, BLOCK_N], tl.float32)  # dK of {sm.node.name}")
-            body.append(f"{name} = {name} + tl.dot(tl.trans({q}), {ds}.to({q}.dtype))")
+            init.append(f"{name} = tl.zeros([BLOCK_N, {bd}], tl.float32)  # dK of {sm.node.name}")
+            body.append(f"{name} = {name} + tl.dot({ds}.to({q}.dtype), tl.trans({q}))  # dSᵀ·Q")
             carried.append(name)
-            ptr, mask = em.grad_address(sm.k, (sm.axis, "n"))
+            ptr, mask = em.grad_address(sm.k, ("n", sm.axis))
             post.append(f"tl.atomic_add({ptr}, {name}" + (f", mask={mask})" if mask else ")"))
     v_leaf = r.leaf_index(r.value.source)
     if loop_axis == "m" and needs[v_leaf]:
         p = vname(r.pv.args[0])
         pm = f"tl.where({valid}, {p}, 0.0)" if mask_any else p
         init.append(f"dv = tl.zeros([BLOCK_N, {em.block_size['e']}], tl.float32)  # dV")
-        body.append(f"dv = dv + tl.dot(tl.trans(tl.broadcast_to({pm}, {tile}).to({v}.dtype)), dpv.to({v}.dtype))")
+        body.append(f"dv = dv + tl.dot(tl.broadcast_to({pm}, {tile}).to({v}.dtype), dpv.to({v}.dtype))  # Pᵀ·dO")
         carried.append("dv")
         ptr, mask = em.grad_address(r.value, ("n", "e"))
         post.append(f"tl.atomic_add({ptr}, dv" + (f", mask={mask})" if mask else ")"))
