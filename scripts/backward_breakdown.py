@@ -1,8 +1,9 @@
 """Where the time of a fused forward+backward goes, and how the backward's tiles change it (GPU).
 
-    python scripts/backward_breakdown.py --variant causal --configs 64,64,4,2 128,64,8,2 64,128,8,2
+    python scripts/backward_breakdown.py --variant causal --configs default 64,64,4,2 128,32,4,3/32,128,4,3
 
-Prints, per backward tile config (BLOCK_M, BLOCK_N, num_warps, num_stages), the median fwd+bwd time
+Prints, per backward tile config (BLOCK_M, BLOCK_N, num_warps, num_stages for both kernels, or
+dQ-kernel/dK,dV-kernel; "default": the compiler's choice), the median fwd+bwd time
 (triton.testing.do_bench), then a per-kernel CUDA time table of one fwd+bwd step under torch.profiler
 for the first config: the forward kernel, the row step's PyTorch ops, the dQ and dK/dV kernels.
 """
@@ -15,6 +16,14 @@ import flashlight
 from flashlight.harness import variant_registry as vr
 
 
+def tiles(spec):
+    def one(text):
+        bm, bn, w, st = (int(t) for t in text.split(","))
+        return {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": st}
+    parts = spec.split("/")
+    return one(parts[0]) if len(parts) == 1 else {"dq": one(parts[0]), "dkv": one(parts[1])}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--variant", default="causal")
@@ -22,7 +31,7 @@ def main():
     ap.add_argument("--H", type=int, default=32)
     ap.add_argument("--S", type=int, default=4096)
     ap.add_argument("--D", type=int, default=64)
-    ap.add_argument("--configs", nargs="+", default=["64,64,4,2"])
+    ap.add_argument("--configs", nargs="+", default=["default"])
     a = ap.parse_args()
     v = vr.get(a.variant)
     shape = v.shape(B=a.B, H=a.H, Sq=a.S, Sk=a.S, D=a.D)
@@ -30,10 +39,8 @@ def main():
     wrt = [x[n] for n in v.learnable]
     flops = 3.5 * v.flops(shape)
     for i, c in enumerate(a.configs):
-        bm, bn, w, st = (int(t) for t in c.split(","))
         torch._dynamo.reset()
-        fn = flashlight.compile(v.bind(shape), config={"backward": {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w,
-                                                                    "num_stages": st}})
+        fn = flashlight.compile(v.bind(shape), config={"backward": tiles(c)} if c != "default" else None)
         out = fn(**x)
         g = torch.randn_like(out)
 

@@ -169,21 +169,20 @@ class CompiledRegion:
         rows, row_grads = row_backward(program, inputs, needs, params, saved, grad_out)
         bs, module = self._backward_kernels(needs)
         device = inputs[0].device
-        cfg = self.config.get("backward") or backward_config(bs, device.type)
-        bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
-        R = bs.batch * bs.M
+        cfg = backward_config(bs, device.type, self.config.get("backward"))
         table = torch.stack([rows[n] for n in bs.row_names]) if bs.row_names else torch.zeros(1, device=device)
         table = table.to(device=device, dtype=torch.float32).contiguous()
         grads = {i: torch.zeros(inputs[i].shape, dtype=torch.float32, device=device) for i in bs.grad_leaves}
         gbufs = [grads[i] for i in bs.grad_leaves]
-        launches = [(bs.dq_name, bs.dq_slots, math.ceil(bs.M / bm)), (bs.dkv_name, bs.dkv_slots, math.ceil(bs.N / bn))]
-        for name, (in_slots, grad_slots), tiles in launches:
+        launches = [(bs.dq_name, bs.dq_slots, cfg["dq"], bs.M, "BLOCK_M"),
+                    (bs.dkv_name, bs.dkv_slots, cfg["dkv"], bs.N, "BLOCK_N")]
+        for name, (in_slots, grad_slots), c, size, fixed in launches:
             if name is None:
                 continue
-            args = slot_args(in_slots, inputs, bs.sizes) + slot_args(grad_slots, {i: grads[i] for i in grads}, bs.sizes)
-            getattr(module, name)[(tiles * bs.batch,)](
-                *inputs, *gbufs, rows["dpv"], table, *args, BLOCK_M=bm, BLOCK_N=bn,
-                num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 1))
+            args = slot_args(in_slots, inputs, bs.sizes) + slot_args(grad_slots, grads, bs.sizes)
+            getattr(module, name)[(math.ceil(size / c[fixed]) * bs.batch,)](
+                *inputs, *gbufs, rows["dpv"], table, *args, BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"],
+                num_warps=c.get("num_warps", 4), num_stages=c.get("num_stages", 1))
         counters["fused_backward_launches"] += 1
         out = []
         for i, t in enumerate(inputs):
@@ -237,14 +236,19 @@ def slot_args(slots, tensors, sizes):
     return params
 
 
-def backward_config(bs, device_type: str) -> dict:
-    """Tiles of the backward kernels: two tiles of scores and their adjoints live at once."""
+def backward_config(bs, device_type: str, given: dict | None = None) -> dict:
+    """Tiles of the two backward kernels, {"dq": {...}, "dkv": {...}}; `given` (compile(config=
+    {"backward": ...})) sets both with one flat dict, or each by name."""
+    if given:
+        return {"dq": given.get("dq", given), "dkv": given.get("dkv", given)}
     if device_type != "cuda":
-        return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
-    d = max((1 << max(4, (s - 1).bit_length())) for a, s in bs.sizes.items() if a.startswith("d") or a == "e")
-    if d <= 64:
-        return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
-    return {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+        cpu = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
+        return {"dq": cpu, "dkv": cpu}
+    # the key-tile kernel keeps dV and every dK in registers: narrower key tiles when they are wide
+    width = sum((1 << max(4, (s - 1).bit_length())) for a, s in bs.sizes.items() if a.startswith("d") or a == "e")
+    dq = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
+    dkv = {"BLOCK_M": 64, "BLOCK_N": 64 if width <= 128 else 32, "num_warps": 4, "num_stages": 3}
+    return {"dq": dq, "dkv": dkv}
 
 
 def _classification_state(tensors, args, bm, bn):
