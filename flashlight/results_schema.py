@@ -8,7 +8,12 @@ import torch
 
 COLUMNS = ["variant", "backend", "mode", "dtype", "device", "B", "H", "Sq", "Sk", "D", "Dv", "ms", "tflops",
            "rel_err", "status", "reason", "peak_mem_mb", "compile_s", "torch", "triton", "gpu", "params",
-           "config"]  # config: the flashlight tile config(s) launched (JSON), last so older readers keep working
+           "config", "prep_ms", "per_batch_ms"]
+# config: the flashlight tile config(s) launched (JSON); prep_ms: the backend's one-off preparation for the
+# case (FlexAttention's create_block_mask, SDPA's materialised mask/bias; flashlight's data-mask tile
+# classification, as per_batch_ms - ms), timed apart from ms, empty where it prepares nothing;
+# per_batch_ms: preparation + call with the mask inputs new every call (document ids), for variants whose
+# mask changes every batch. New columns go last so that older readers keep working.
 
 
 def tolerance(dtype: torch.dtype, device: torch.device) -> float:
