@@ -164,7 +164,8 @@ def test_bad_inputs_beside_good_ones_still_give_a_report(sweep, tmp_path):
     torn = tmp_path / "torn" / "results.csv"
     write(torn, [row(variant="vanilla")])
     with open(torn, "a") as f:
-        f.write("vanilla,flex,fwd,bfloat16,cuda,4,32,4096,4096,64,64,1.0,1,2,3,4,5,6,7,8,9,10,11,12,13\n")
+        head = "vanilla,flex,fwd,bfloat16,cuda,4,32,4096,4096,64,64,1.0".split(",")  # more fields than columns:
+        f.write(",".join(head + [str(i) for i in range(len(COLUMNS) + 2 - len(head))]) + "\n")  # torn/garbled
     out = tmp_path / "rep"
     assert report_cli(sweep, tmp_path / "empty", tmp_path / "odd", torn, tmp_path / "nope", "-o", out,
                       "--no-notebook") == 0

@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import flex_attention
 
-from flashlight.harness.variant_registry import cached_block_mask, causal_density, dense_flops, qkv
+from flashlight.harness.variant_registry import block_mask, causal_density, dense_flops, qkv
 
 DESCRIPTION = "causal attention + ALiBi linear position bias per head"
 PARAMS = {}
@@ -39,22 +39,31 @@ def causal_mask(b, h, q_idx, kv_idx):
     return q_idx >= kv_idx
 
 
-def flex(inputs, attention=flex_attention):
+def flex_prepare(inputs):
+    """The causal block mask and the per-head slopes, built once."""
+    q, k = inputs["q"], inputs["k"]
+    return block_mask(causal_mask, None, None, q.shape[-2], k.shape[-2], q.device), slopes(q.shape[-3], q.device)
+
+
+def flex(inputs, prep, attention=flex_attention):
     q, k, v = inputs["q"], inputs["k"], inputs["v"]
-    m = slopes(q.shape[-3], q.device)
+    bm, m = prep
 
     def alibi(score, b, h, q_idx, kv_idx):
         return score + m[h] * (kv_idx - q_idx)
 
-    bm = cached_block_mask("causal", causal_mask, None, None, q.shape[-2], k.shape[-2], q.device)
     return attention(q, k, v, score_mod=alibi, block_mask=bm)
 
 
-def sdpa(inputs):
-    q, k, v = inputs["q"], inputs["k"], inputs["v"]
+def sdpa_prepare(inputs):
+    """SDPA takes ALiBi only as a dense additive mask: an H×Sq×Sk bias (−inf above the diagonal), built once."""
+    q, k = inputs["q"], inputs["k"]
     Sq, Sk = q.shape[-2], k.shape[-2]
     i = torch.arange(Sq, device=q.device)[:, None]
     j = torch.arange(Sk, device=q.device)[None, :]
     bias = slopes(q.shape[-3], q.device)[:, None, None] * (j - i)
-    bias = bias.masked_fill(j > i, float("-inf")).to(q.dtype)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    return bias.masked_fill(j > i, float("-inf")).to(q.dtype)
+
+
+def sdpa(inputs, bias):
+    return F.scaled_dot_product_attention(inputs["q"], inputs["k"], inputs["v"], attn_mask=bias)

@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import flex_attention
 
-from flashlight.harness.variant_registry import cached_block_mask, causal_density, dense_flops, qkv
+from flashlight.harness.variant_registry import block_mask, causal_density, dense_flops, qkv
 
 DESCRIPTION = "causal softmax attention"
 PARAMS = {}
@@ -32,11 +32,14 @@ def causal_mask(b, h, q_idx, kv_idx):
     return q_idx >= kv_idx
 
 
-def flex(inputs, attention=flex_attention):
-    q, k, v = inputs["q"], inputs["k"], inputs["v"]
-    bm = cached_block_mask("causal", causal_mask, None, None, q.shape[-2], k.shape[-2], q.device)
-    return attention(q, k, v, block_mask=bm)
+def flex_prepare(inputs):
+    q, k = inputs["q"], inputs["k"]
+    return block_mask(causal_mask, None, None, q.shape[-2], k.shape[-2], q.device)
 
 
-def sdpa(inputs):
+def flex(inputs, bm, attention=flex_attention):
+    return attention(inputs["q"], inputs["k"], inputs["v"], block_mask=bm)
+
+
+def sdpa(inputs, prep):
     return F.scaled_dot_product_attention(inputs["q"], inputs["k"], inputs["v"], is_causal=True)

@@ -39,12 +39,12 @@ def flops(shape):
     return dense_flops(shape, n_scores=2)
 
 
-def flex(inputs, attention=flex_attention):
+def flex(inputs, prep, attention=flex_attention):
     x = inputs
     return attention(x["q1"], x["k1"], x["v"]) - x["lam"] * attention(x["q2"], x["k2"], x["v"])
 
 
-def sdpa(inputs):
+def sdpa(inputs, prep):
     x = inputs
     a1 = F.scaled_dot_product_attention(x["q1"], x["k1"], x["v"])
     a2 = F.scaled_dot_product_attention(x["q2"], x["k2"], x["v"])

@@ -2,13 +2,14 @@
 Document ids are a runtime tensor [B, S]; the mask is formed inside the function."""
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+from torch.nn.attention.flex_attention import flex_attention
 
-from flashlight.harness.variant_registry import dense_flops, generator, qkv
+from flashlight.harness.variant_registry import block_mask, dense_flops, generator, qkv
 
 DESCRIPTION = "packed documents: attend only within the same document (runtime doc ids)"
 PARAMS = {"docs": 8, "equal": True}
 INPUTS = ("q", "k", "v", "doc_ids")
+MASK_INPUTS = ("doc_ids",)  # new every batch in training: the runner also reports prep + call (per_batch_ms)
 SDPA_NOTE = "exact, but materialises a B×Sq×Sk boolean attn_mask"
 
 
@@ -54,28 +55,26 @@ def flops(shape):
     return dense_flops(shape, kept / (shape.B * shape.Sq * shape.Sk))
 
 
-_bm_cache = {}
+def flex_prepare(inputs, docs=8, equal=True):
+    """The block mask of this batch's documents (one per batch in training; heads share it), built with a
+    compiled create_block_mask on CUDA as the FlexAttention docs advise for masks rebuilt every batch."""
+    ids, S = inputs["doc_ids"], inputs["q"].shape[-2]
+
+    def same_doc(b, h, q_idx, kv_idx):
+        return ids[b, q_idx] == ids[b, kv_idx]
+
+    return block_mask(same_doc, ids.shape[0], None, S, S, ids.device, compiled=True)
 
 
-def _block_mask(doc_ids, H, S):
-    """Data-dependent block mask, rebuilt only when doc_ids changes (as a FlexAttention user would)."""
-    key = (doc_ids.data_ptr(), doc_ids._version, tuple(doc_ids.shape), H, str(doc_ids.device))
-    if key not in _bm_cache:
-
-        def same_doc(b, h, q_idx, kv_idx):
-            return doc_ids[b, q_idx] == doc_ids[b, kv_idx]
-
-        _bm_cache.clear()
-        _bm_cache[key] = create_block_mask(same_doc, doc_ids.shape[0], None, S, S, device=doc_ids.device)
-    return _bm_cache[key]
+def flex(inputs, bm, attention=flex_attention, docs=8, equal=True):
+    return attention(inputs["q"], inputs["k"], inputs["v"], block_mask=bm)
 
 
-def flex(inputs, attention=flex_attention, docs=8, equal=True):
-    q, k, v, ids = inputs["q"], inputs["k"], inputs["v"], inputs["doc_ids"]
-    return attention(q, k, v, block_mask=_block_mask(ids, q.shape[1], q.shape[-2]))
+def sdpa_prepare(inputs, docs=8, equal=True):
+    """This batch's B×1×S×S boolean mask, materialised (once per batch in training)."""
+    ids = inputs["doc_ids"]
+    return ids[:, None, :, None] == ids[:, None, None, :]
 
 
-def sdpa(inputs, docs=8, equal=True):
-    q, k, v, ids = inputs["q"], inputs["k"], inputs["v"], inputs["doc_ids"]
-    mask = ids[:, None, :, None] == ids[:, None, None, :]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+def sdpa(inputs, mask, docs=8, equal=True):
+    return F.scaled_dot_product_attention(inputs["q"], inputs["k"], inputs["v"], attn_mask=mask)

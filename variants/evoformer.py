@@ -36,7 +36,7 @@ def flops(shape):
     return dense_flops(shape, batch=shape.N)
 
 
-def flex(inputs, attention=flex_attention, N=16):
+def flex(inputs, prep, attention=flex_attention, N=16):
     q, k, v, bias, gate = (inputs[n] for n in INPUTS)
     B, n, H, Sq, D = q.shape
     Sk, Dv = k.shape[-2], v.shape[-1]
@@ -49,6 +49,6 @@ def flex(inputs, attention=flex_attention, N=16):
     return torch.sigmoid(gate) * o.view(B, n, H, Sq, Dv)
 
 
-def sdpa(inputs, N=16):
+def sdpa(inputs, prep, N=16):
     q, k, v, bias, gate = (inputs[n] for n in INPUTS)
     return torch.sigmoid(gate) * F.scaled_dot_product_attention(q, k, v, attn_mask=bias)

@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import flex_attention
 
-from flashlight.harness.variant_registry import cached_block_mask, causal_density, dense_flops, qkv
+from flashlight.harness.variant_registry import block_mask, causal_density, dense_flops, qkv
 
 DESCRIPTION = "causal GQA: `groups` query heads share each K/V head"
 PARAMS = {"groups": 4}
@@ -41,11 +41,14 @@ def causal_mask(b, h, q_idx, kv_idx):
     return q_idx >= kv_idx
 
 
-def flex(inputs, attention=flex_attention, groups=4):
-    q, k, v = inputs["q"], inputs["k"], inputs["v"]
-    bm = cached_block_mask("causal", causal_mask, None, None, q.shape[-2], k.shape[-2], q.device)
-    return attention(q, k, v, block_mask=bm, enable_gqa=True)
+def flex_prepare(inputs, groups=4):
+    q, k = inputs["q"], inputs["k"]
+    return block_mask(causal_mask, None, None, q.shape[-2], k.shape[-2], q.device)
 
 
-def sdpa(inputs, groups=4):
+def flex(inputs, bm, attention=flex_attention, groups=4):
+    return attention(inputs["q"], inputs["k"], inputs["v"], block_mask=bm, enable_gqa=True)
+
+
+def sdpa(inputs, prep, groups=4):
     return F.scaled_dot_product_attention(inputs["q"], inputs["k"], inputs["v"], is_causal=True, enable_gqa=True)

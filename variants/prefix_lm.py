@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import flex_attention
 
-from flashlight.harness.variant_registry import cached_block_mask, dense_flops, mask_density, qkv
+from flashlight.harness.variant_registry import block_mask, dense_flops, mask_density, qkv
 
 DESCRIPTION = "prefix-LM: full attention to a prefix, causal elsewhere"
 PARAMS = {"prefix": None}
@@ -35,20 +35,28 @@ def flops(shape):
     return dense_flops(shape, mask_density(lambda i, j: (j <= i) | (j < p), shape.Sq, shape.Sk))
 
 
-def flex(inputs, attention=flex_attention, prefix=None):
-    q, k, v = inputs["q"], inputs["k"], inputs["v"]
+def flex_prepare(inputs, prefix=None):
+    q, k = inputs["q"], inputs["k"]
     p = _prefix(prefix, k.shape[-2])
 
     def prefix_lm(b, h, q_idx, kv_idx):
         return (kv_idx <= q_idx) | (kv_idx < p)
 
-    bm = cached_block_mask(("prefix_lm", p), prefix_lm, None, None, q.shape[-2], k.shape[-2], q.device)
-    return attention(q, k, v, block_mask=bm)
+    return block_mask(prefix_lm, None, None, q.shape[-2], k.shape[-2], q.device)
 
 
-def sdpa(inputs, prefix=None):
-    q, k, v = inputs["q"], inputs["k"], inputs["v"]
+def flex(inputs, bm, attention=flex_attention, prefix=None):
+    return attention(inputs["q"], inputs["k"], inputs["v"], block_mask=bm)
+
+
+def sdpa_prepare(inputs, prefix=None):
+    """The Sq×Sk boolean mask, materialised once."""
+    q, k = inputs["q"], inputs["k"]
     p = _prefix(prefix, k.shape[-2])
     i = torch.arange(q.shape[-2], device=q.device)[:, None]
     j = torch.arange(k.shape[-2], device=q.device)[None, :]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=(j <= i) | (j < p))
+    return (j <= i) | (j < p)
+
+
+def sdpa(inputs, mask, prefix=None):
+    return F.scaled_dot_product_attention(inputs["q"], inputs["k"], inputs["v"], attn_mask=mask)

@@ -4,7 +4,7 @@ the sink joins each row's softmax as one extra column, then is sliced off, so ro
 import torch
 from torch.nn.attention.flex_attention import flex_attention
 
-from flashlight.harness.variant_registry import Unsupported, cached_block_mask, causal_density, dense_flops, generator, qkv
+from flashlight.harness.variant_registry import Unsupported, block_mask, causal_density, dense_flops, generator, qkv
 
 DESCRIPTION = "causal attention + one learnable sink logit per head (concatenated, softmaxed, sliced off)"
 PARAMS = {}
@@ -38,13 +38,17 @@ def causal_mask(b, h, q_idx, kv_idx):
     return q_idx >= kv_idx
 
 
-def flex(inputs, attention=flex_attention):
+def flex_prepare(inputs):
+    q, k = inputs["q"], inputs["k"]
+    return block_mask(causal_mask, None, None, q.shape[-2], k.shape[-2], q.device)
+
+
+def flex(inputs, bm, attention=flex_attention):
     # softmax over [scores, sink] = softmax(scores) · sigmoid(lse - sink), lse the scores' log-sum-exp
     q, k, v, sink = inputs["q"], inputs["k"], inputs["v"], inputs["sink"]
-    bm = cached_block_mask("causal", causal_mask, None, None, q.shape[-2], k.shape[-2], q.device)
     out, lse = attention(q, k, v, block_mask=bm, return_lse=True)
     return out * torch.sigmoid(lse - sink.view(1, -1, 1)).unsqueeze(-1).to(out.dtype)
 
 
-def sdpa(inputs):
+def sdpa(inputs, prep):
     raise Unsupported("sinks: SDPA cannot add a per-head extra logit to the softmax")

@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import flex_attention
 
-from flashlight.harness.variant_registry import cached_block_mask, dense_flops, mask_density, qkv
+from flashlight.harness.variant_registry import block_mask, dense_flops, mask_density, qkv
 
 DESCRIPTION = "causal sliding-window (local) attention"
 PARAMS = {"window": 1024}
@@ -31,18 +31,26 @@ def flops(shape):
     return dense_flops(shape, mask_density(lambda i, j: (j <= i) & (i - j < w), shape.Sq, shape.Sk))
 
 
-def flex(inputs, attention=flex_attention, window=1024):
-    q, k, v = inputs["q"], inputs["k"], inputs["v"]
+def flex_prepare(inputs, window=1024):
+    q, k = inputs["q"], inputs["k"]
 
     def sliding(b, h, q_idx, kv_idx):
         return (kv_idx <= q_idx) & (q_idx - kv_idx < window)
 
-    bm = cached_block_mask(("sliding_window", window), sliding, None, None, q.shape[-2], k.shape[-2], q.device)
-    return attention(q, k, v, block_mask=bm)
+    return block_mask(sliding, None, None, q.shape[-2], k.shape[-2], q.device)
 
 
-def sdpa(inputs, window=1024):
-    q, k, v = inputs["q"], inputs["k"], inputs["v"]
+def flex(inputs, bm, attention=flex_attention, window=1024):
+    return attention(inputs["q"], inputs["k"], inputs["v"], block_mask=bm)
+
+
+def sdpa_prepare(inputs, window=1024):
+    """The Sq×Sk boolean mask, materialised once."""
+    q, k = inputs["q"], inputs["k"]
     i = torch.arange(q.shape[-2], device=q.device)[:, None]
     j = torch.arange(k.shape[-2], device=q.device)[None, :]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=(j <= i) & (i - j < window))
+    return (j <= i) & (i - j < window)
+
+
+def sdpa(inputs, mask, window=1024):
+    return F.scaled_dot_product_attention(inputs["q"], inputs["k"], inputs["v"], attn_mask=mask)

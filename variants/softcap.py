@@ -2,7 +2,7 @@
 import torch
 from torch.nn.attention.flex_attention import flex_attention
 
-from flashlight.harness.variant_registry import Unsupported, cached_block_mask, causal_density, dense_flops, qkv
+from flashlight.harness.variant_registry import Unsupported, block_mask, causal_density, dense_flops, qkv
 
 DESCRIPTION = "causal attention with tanh soft-capping of the scores"
 PARAMS = {"cap": 20.0}
@@ -32,15 +32,19 @@ def causal_mask(b, h, q_idx, kv_idx):
     return q_idx >= kv_idx
 
 
-def flex(inputs, attention=flex_attention, cap=20.0):
+def flex_prepare(inputs, cap=20.0):
+    q, k = inputs["q"], inputs["k"]
+    return block_mask(causal_mask, None, None, q.shape[-2], k.shape[-2], q.device)
+
+
+def flex(inputs, bm, attention=flex_attention, cap=20.0):
     q, k, v = inputs["q"], inputs["k"], inputs["v"]
 
     def softcap(score, b, h, q_idx, kv_idx):
         return torch.tanh(score / cap) * cap
 
-    bm = cached_block_mask("causal", causal_mask, None, None, q.shape[-2], k.shape[-2], q.device)
     return attention(q, k, v, score_mod=softcap, block_mask=bm)
 
 
-def sdpa(inputs, cap=20.0):
+def sdpa(inputs, prep, cap=20.0):
     raise Unsupported("softcap: tanh soft-capping transforms the scores; SDPA takes only an additive mask")

@@ -46,18 +46,38 @@ def flops(shape):
     return dense_flops(shape)
 
 
-def flex(inputs, attention=flex_attention, buckets=32, max_distance=128):
+def flex_prepare(inputs, buckets=32, max_distance=128):
+    """The bucket of every distance j - i, once: index d = j - i + Sq - 1 of a [Sq + Sk - 1] int table."""
+    q, k = inputs["q"], inputs["k"]
+    Sq, Sk = q.shape[-2], k.shape[-2]
+    rel = torch.arange(-(Sq - 1), Sk, device=q.device)
+    return bucket(rel, buckets, max_distance)
+
+
+def flex(inputs, dist_bucket, attention=flex_attention, buckets=32, max_distance=128):
+    """The idiomatic form: a per-distance bias [H, Sq + Sk - 1] (gathered from the learnable table in the call,
+    so gradients reach it; a few thousand elements) read in score_mod by one index."""
     q, k, v, table = inputs["q"], inputs["k"], inputs["v"], inputs["table"]
+    dist_bias = table.t()[:, dist_bucket].contiguous()      # [H, Sq + Sk - 1]
+    off = q.shape[-2] - 1
 
     def t5(score, b, h, q_idx, kv_idx):
-        return score + table[bucket(kv_idx - q_idx, buckets, max_distance), h]
+        return score + dist_bias[h, kv_idx - q_idx + off]
 
     return attention(q, k, v, score_mod=t5)
 
 
-def sdpa(inputs, buckets=32, max_distance=128):
-    q, k, v, table = inputs["q"], inputs["k"], inputs["v"], inputs["table"]
+def sdpa_prepare(inputs, buckets=32, max_distance=128):
+    """The Sq×Sk bucket index, once (it depends on positions only)."""
+    q, k = inputs["q"], inputs["k"]
     i = torch.arange(q.shape[-2], device=q.device)[:, None]
     j = torch.arange(k.shape[-2], device=q.device)[None, :]
-    bias = table[bucket(j - i, buckets, max_distance)].permute(2, 0, 1).to(q.dtype)
+    return bucket(j - i, buckets, max_distance)
+
+
+def sdpa(inputs, idx, buckets=32, max_distance=128):
+    """SDPA takes the bias only dense: an H×Sq×Sk tensor gathered from the learnable table in the call
+    (contiguous, so SDPA's fused kernels accept it)."""
+    q, k, v, table = inputs["q"], inputs["k"], inputs["v"], inputs["table"]
+    bias = table.t().to(q.dtype)[:, idx]                      # [H, Sq, Sk], contiguous
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)

@@ -25,9 +25,9 @@ def flops(shape):
     return dense_flops(shape)
 
 
-def flex(inputs, attention=flex_attention):
+def flex(inputs, prep, attention=flex_attention):
     return attention(inputs["q"], inputs["k"], inputs["v"])
 
 
-def sdpa(inputs):
+def sdpa(inputs, prep):
     return F.scaled_dot_product_attention(inputs["q"], inputs["k"], inputs["v"])

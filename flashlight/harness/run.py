@@ -148,8 +148,10 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def _bench(step, plan: Plan, cfg) -> float:
-    """Median ms of step()."""
+def _bench(step, plan: Plan, cfg, what: str = "run") -> float:
+    """Median ms of step(). ``what`` names what is timed (run: the call, the ``ms`` column; prep: a
+    backend's one-off preparation, ``prep_ms``; per_batch: preparation + call with the mask inputs new
+    every call, ``per_batch_ms``), for tests that check what each timing contains."""
     if plan.device.type == "cuda":
         import triton.testing
 
@@ -194,23 +196,29 @@ class FallbackWatch:
 
 
 def make_fn(backend: str, plan: Plan, inputs: dict, info: dict):
+    """(call, prepare): ``call(x, prep)`` runs the backend on the input dict x; ``prepare(x)`` is the one-off
+    work a user of that backend does before the calls — FlexAttention's block masks, SDPA's materialised
+    masks/biases — or None. The runner times prepare on its own (prep_ms), never inside the timed call."""
     v, shape = plan.variant, plan.shape
     bound = v.bind(shape)
     if backend == "eager":
-        return bound
+        return (lambda x, prep: bound(**x)), None
     if backend == "compile":
-        return torch.compile(bound)
+        compiled = torch.compile(bound)
+        return (lambda x, prep: compiled(**x)), None
     if backend == "sdpa":
         if v.sdpa_note:
             info["note"] = v.sdpa_note
-        return lambda **x: v.sdpa(x, shape)
+        prepare = (lambda x: v.sdpa_prepare(x, shape)) if v.has_sdpa_prepare else None
+        return (lambda x, prep: v.sdpa(x, shape, prep=prep)), prepare
     if backend == "flex":
         if not v.has_flex:
             raise Unsupported(f"{v.name}: no FlexAttention formulation")
         from torch.nn.attention.flex_attention import flex_attention
 
         compiled = torch.compile(flex_attention)
-        return lambda **x: v.flex(x, shape, attention=compiled)
+        prepare = (lambda x: v.flex_prepare(x, shape)) if v.has_flex_prepare else None
+        return (lambda x, prep: v.flex(x, shape, attention=compiled, prep=prep)), prepare
     if backend == "flashlight":
         try:
             import flashlight
@@ -229,14 +237,35 @@ def make_fn(backend: str, plan: Plan, inputs: dict, info: dict):
         info["launch_configs"] = runtime.launch_configs
         if plan.tune.get("storage"):  # compile-time lookups of tuned configs read this storage
             tune.set_storage(plan.tune["storage"])
-        return flashlight.compile(bound, config=plan.tune.get("config") or None)
+        fused = flashlight.compile(bound, config=plan.tune.get("config") or None)
+        return (lambda x, prep: fused(**x)), None  # its data-mask classification: see per_batch_ms
     raise ConfigError(backend)
+
+
+def _per_batch(call, prepare, inputs, mask_inputs, plan: Plan, cfg, info: dict, watch) -> tuple[float, bool]:
+    """Median ms of preparation + call when the mask inputs (document ids) are new every call, as in training:
+    two copies of them (other tensors, same values) alternate, so nothing prepared for one is reused for the
+    next (FlexAttention's block mask, SDPA's mask, flashlight's tile classification, which is kept while the
+    tensors it read are the same and unmodified). Also says whether flashlight classified during it."""
+    batches = [inputs, {**inputs, **{n: inputs[n].clone() for n in mask_inputs}}]
+    turn = [0]
+
+    def batch_step():
+        turn[0] ^= 1
+        x = batches[turn[0]]
+        return call(x, prepare(x) if prepare is not None else None)
+
+    counters = info.get("counters")
+    before = counters["classifications"] if counters is not None else 0
+    with watch:
+        ms = _bench(batch_step, plan, cfg, what="per_batch")
+    return ms, counters is not None and counters["classifications"] > before
 
 
 def run_case(backend: str, plan: Plan, cfg, out_dir: Path | None = None) -> dict:
     v, shape, mode, dev = plan.variant, plan.shape, plan.mode, plan.device
     row = {"status": "ok", "reason": None, "ms": None, "tflops": None, "rel_err": None,
-           "peak_mem_mb": None, "compile_s": None}
+           "peak_mem_mb": None, "compile_s": None, "prep_ms": None, "per_batch_ms": None}
     bwd = mode == "fwdbwd"
     info: dict = {}
     try:
@@ -258,21 +287,27 @@ def run_case(backend: str, plan: Plan, cfg, out_dir: Path | None = None) -> dict
 
         if backend in COMPILED:
             torch._dynamo.reset()
-        fn = make_fn(backend, plan, inputs, info)
+        fn, prepare = make_fn(backend, plan, inputs, info)
         if backend == "flashlight" and plan.tune.get("enabled") and info.get("fused"):
             info["note"] = "; ".join(filter(None, [info.get("note"), tune_case(plan, inputs, out_dir)]))
+        prep = None
 
-        def step():
-            out = fn(**inputs)
+        def call(x, p):
+            out = fn(x, p)
             if bwd:
                 return [out, *torch.autograd.grad(out, wrt, grad_out)]
             return [out]
+
+        def step():  # the timed call: preparation is done (prep), as its users do it
+            return call(inputs, prep)
 
         watch = FallbackWatch()
         with watch:
             t0 = time.perf_counter()
             launches0 = info["counters"]["fused_launches"] if "counters" in info else 0
             info.get("launch_configs", {}).clear()
+            if prepare is not None:  # the first build (compile_s counts it), then the first call
+                prep = prepare(inputs)
             outs = step()
             _sync(dev)
             first_s = time.perf_counter() - t0
@@ -296,6 +331,12 @@ def run_case(backend: str, plan: Plan, cfg, out_dir: Path | None = None) -> dict
         if dev.type == "cuda":
             row["peak_mem_mb"] = round(torch.cuda.max_memory_allocated(dev) / 2**20, 1)
         row["ms"] = ms
+        if prepare is not None:
+            row["prep_ms"] = _bench(lambda: prepare(inputs), plan, cfg, what="prep")
+        if v.mask_inputs:
+            row["per_batch_ms"], derived_prep = _per_batch(call, prepare, inputs, v.mask_inputs, plan, cfg, info, watch)
+            if prepare is None and derived_prep:  # flashlight: its data-mask classification, per_batch - ms
+                row["prep_ms"] = max(0.0, row["per_batch_ms"] - ms)
         flops = v.flops(shape) * (FWDBWD_FLOP_FACTOR if bwd else 1.0)
         row["tflops"] = flops / (ms * 1e-3) / 1e12
 
@@ -455,14 +496,16 @@ def _summary(df: pd.DataFrame, title: str) -> None:
     from rich.table import Table
 
     t = Table(title=title)
-    for c in ("backend", "status", "ms", "TFLOP/s", "rel_err", "compile_s", "peak MB", "reason"):
+    for c in ("backend", "status", "ms", "TFLOP/s", "prep_ms", "per_batch_ms", "rel_err", "compile_s", "peak MB",
+              "reason"):
         t.add_column(c, overflow="fold")
     fmt = lambda x, f: "" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, f)  # noqa: E731
     style = {"ok": "green", "wrong": "red", "error": "red", "oom": "red", "not_fused": "yellow",
              "unsupported": "dim"}
     for r in df.to_dict("records"):
         t.add_row(r["backend"], f"[{style.get(r['status'], '')}]{r['status']}", fmt(r["ms"], ".3f"),
-                  fmt(r["tflops"], ".3g"), fmt(r["rel_err"], ".2e"), fmt(r["compile_s"], ".1f"),
+                  fmt(r["tflops"], ".3g"), fmt(r.get("prep_ms"), ".3f"), fmt(r.get("per_batch_ms"), ".3f"),
+                  fmt(r["rel_err"], ".2e"), fmt(r["compile_s"], ".1f"),
                   fmt(r["peak_mem_mb"], ".0f"), "" if not isinstance(r["reason"], str) else r["reason"][:120])
     Console(width=max(120, shutil.get_terminal_size().columns)).print(t)
 

@@ -10,8 +10,18 @@ A variant is one module in the top-level ``variants`` package. It defines:
     make_inputs(shape, dtype, device, requires_grad=False, seed=0) -> dict[str, Tensor]
     check(shape)                      # optional: raise ValueError if the shape cannot work
     flops(shape) -> float             # useful forward FLOPs (masked-out work not counted)
-    flex(inputs, attention=flex_attention, **params) -> Tensor   # or flex = None
-    sdpa(inputs, **params) -> Tensor  # may raise Unsupported(reason)
+    flex(inputs, prep, attention=flex_attention, **params) -> Tensor   # or flex = None
+    sdpa(inputs, prep, **params) -> Tensor  # may raise Unsupported(reason)
+    flex_prepare(inputs, **params) -> prep  # optional: one-off work an expert does before the calls
+    sdpa_prepare(inputs, **params) -> prep  # (block masks, materialised masks/biases); default None
+    MASK_INPUTS: tuple[str, ...]      # optional: inputs that define the mask and change every batch in
+                                      # training (document ids): their preparation is redone per batch
+
+Preparation is what a user builds once per (variant, params, shape, device) — or, for MASK_INPUTS, once
+per batch — and passes to every call: the runner times it on its own (results column ``prep_ms``), never
+inside the timed call (``ms``). What depends on a learnable input (a bias table) stays in the call, so
+that gradients reach it. For MASK_INPUTS variants the runner also times prep + call with the mask inputs
+changing every call (``per_batch_ms``).
 
 Adding a variant = one file in variants/ + one configs/variant/<name>.yaml.
 """
@@ -106,13 +116,26 @@ def mask_density(mask_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], 
     return kept / (Sq * Sk)
 
 
-@functools.lru_cache(maxsize=64)
-def cached_block_mask(key, mask_mod, B, H, Sq, Sk, device):
-    """Block masks for index-only masks are built once per (variant, params, shape, device),
-    the way a FlexAttention user would; ``key`` identifies the mask_mod."""
-    from torch.nn.attention.flex_attention import create_block_mask
+def block_mask(mask_mod, B, H, Sq, Sk, device, compiled=False):
+    """A FlexAttention block mask, built now (a variant's flex_prepare; the runner calls that once per case,
+    outside the timed calls). ``compiled``: through ``torch.compile(create_block_mask)``, as the
+    FlexAttention docs advise for masks rebuilt every batch; used on CUDA only (on CPU Inductor's C++
+    compile would dominate the tests).
 
-    return create_block_mask(mask_mod, B, H, Sq, Sk, device=device)
+    create_block_mask is looked up on its module at each call (not bound at import), so a test can count
+    its calls."""
+    from torch.nn.attention import flex_attention as fa
+
+    if compiled and torch.device(device).type == "cuda":
+        return _compiled_create_block_mask()(mask_mod, B, H, Sq, Sk, device=device)
+    return fa.create_block_mask(mask_mod, B, H, Sq, Sk, device=device)
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled_create_block_mask():
+    from torch.nn.attention import flex_attention as fa
+
+    return torch.compile(fa.create_block_mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -183,17 +206,48 @@ class Variant:
     def flops(self, shape: Shape) -> float:
         return float(self.module.flops(shape))
 
-    def flex(self, inputs: dict, shape: Shape, attention=None) -> torch.Tensor:
+    @property
+    def mask_inputs(self) -> tuple[str, ...]:
+        """Inputs that define the mask and change every batch in training (document ids)."""
+        return tuple(getattr(self.module, "MASK_INPUTS", ()))
+
+    def flex_prepare(self, inputs: dict, shape: Shape):
+        """What a FlexAttention user builds before the calls (block masks, index tables); None if nothing."""
+        fn = getattr(self.module, "flex_prepare", None)
+        return None if fn is None else fn(inputs, **shape.params)
+
+    def sdpa_prepare(self, inputs: dict, shape: Shape):
+        """What an SDPA user builds before the calls (materialised masks/biases); None if nothing."""
+        fn = getattr(self.module, "sdpa_prepare", None)
+        return None if fn is None else fn(inputs, **shape.params)
+
+    @property
+    def has_flex_prepare(self) -> bool:
+        return getattr(self.module, "flex_prepare", None) is not None
+
+    @property
+    def has_sdpa_prepare(self) -> bool:
+        return getattr(self.module, "sdpa_prepare", None) is not None
+
+    _UNSET = object()
+
+    def flex(self, inputs: dict, shape: Shape, attention=None, prep=_UNSET) -> torch.Tensor:
+        """The FlexAttention formulation; ``prep`` from flex_prepare (built here when not given)."""
         if not self.has_flex:
             raise Unsupported(f"{self.name}: no FlexAttention formulation")
+        if prep is Variant._UNSET:
+            prep = self.flex_prepare(inputs, shape)
         kw = {} if attention is None else {"attention": attention}
-        return self.module.flex(inputs, **kw, **shape.params)
+        return self.module.flex(inputs, prep, **kw, **shape.params)
 
-    def sdpa(self, inputs: dict, shape: Shape) -> torch.Tensor:
+    def sdpa(self, inputs: dict, shape: Shape, prep=_UNSET) -> torch.Tensor:
+        """The SDPA formulation; ``prep`` from sdpa_prepare (built here when not given)."""
         fn = getattr(self.module, "sdpa", None)
         if fn is None:
             raise Unsupported(f"{self.name}: no scaled_dot_product_attention formulation")
-        return fn(inputs, **shape.params)
+        if prep is Variant._UNSET:
+            prep = self.sdpa_prepare(inputs, shape)
+        return fn(inputs, prep, **shape.params)
 
     @property
     def sdpa_note(self) -> str | None:

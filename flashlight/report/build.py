@@ -245,6 +245,7 @@ def write_markdown(inp: Inputs, figures: list, tuning_md: list, command: str, no
            _md_table(gm) if len(gm) else "(no case has ok rows of both flex and another backend)", "",
            "## Results (TFLOP/s where ok, otherwise the status)", "", _md_table(results_table(df)) if len(df) else
            "(no results rows)", ""]
+    md += _baseline_notes(df)
     md += ["## Figures", ""]
     for heading, stems, why in figures:
         md += [f"### {heading}", ""]
@@ -253,6 +254,31 @@ def write_markdown(inp: Inputs, figures: list, tuning_md: list, command: str, no
     if tuning_md:
         md += ["## Tuning", ""] + tuning_md
     return "\n".join(md) + "\n"
+
+
+def _baseline_notes(df: pd.DataFrame) -> list:
+    """What the baselines' ok rows did beyond the attention call: SDPA given a materialised dense mask or bias
+    (its reason), and the preparation timed apart from ms (prep_ms, per_batch_ms; runner columns since issue 15)."""
+    ok = df[(df["status"] == "ok") & (df["backend"] == "sdpa") & df["reason"].notna() & (df["reason"] != "")]
+    md = []
+    if len(ok):
+        notes = ok.drop_duplicates("variant")[["variant", "reason"]].sort_values("variant")
+        md += ["## How the baselines express each variant", "",
+               "How SDPA's ok rows express the variant (a materialised dense mask or bias is what SDPA can do, not a "
+               "fused kernel of the variant):", "", _md_table(notes), ""]
+    cols = [c for c in ("prep_ms", "per_batch_ms") if c in df.columns and df[c].notna().any()]
+    if cols:
+        prep = df[(df["status"] == "ok") & df[cols].notna().any(axis=1)]
+        prep = rp.sort_cases(prep)[["variant", "backend", "mode", "Sq", "ms", *cols]]
+        for c in ("ms", *cols):
+            prep[c] = prep[c].map(lambda x: "" if pd.isna(x) else f"{x:.3g}")
+        prep["Sq"] = prep["Sq"].map("{:.0f}".format)
+        md += ["## Preparation timed apart from the call", "",
+               "prep_ms: one-off work before the calls (FlexAttention's create_block_mask, SDPA's materialised "
+               "mask/bias; flashlight's data-mask classification as per_batch_ms − ms), not in ms. per_batch_ms: "
+               "preparation + call when the mask inputs (document ids) are new every call, as in training.", "",
+               _md_table(prep), ""]
+    return md
 
 
 HTML = """<!doctype html>
