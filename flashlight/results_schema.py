@@ -8,7 +8,10 @@ import torch
 
 COLUMNS = ["variant", "backend", "mode", "dtype", "device", "B", "H", "Sq", "Sk", "D", "Dv", "ms", "tflops",
            "rel_err", "status", "reason", "peak_mem_mb", "compile_s", "torch", "triton", "gpu", "params",
-           "config"]  # config: the flashlight tile config(s) launched (JSON), last so older readers keep working
+           "config", "gpu_index"]
+# config: the flashlight tile config(s) launched (JSON); gpu_index: the physical GPU (its CUDA_VISIBLE_DEVICES
+# entry) the job held -- on device cuda the one that measured the row, with its name in `gpu`; empty where the
+# job was given no GPU. New columns go last, so that older readers keep working.
 
 
 def tolerance(dtype: torch.dtype, device: torch.device) -> float:
