@@ -89,6 +89,7 @@ class GpusLauncher(Launcher):
         def submit(item, gpu):
             executor.update_parameters(cuda_devices=gpu)
             job = executor.submit(self, *item)
+            job._results_timeout_s = 0  # local files: a job that ended without its result never writes it
             log.info(f"\t#{item[2]} started on GPU {gpu} (submitit job {job.job_id})")
             return job
 
