@@ -113,6 +113,7 @@ def test_two_tuning_workers_share_one_sqlite_study(tmp_path):
     assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
     rows = read_results(tmp_path / "tune")
     assert len(rows) == 2 and set(rows["status"]) == {"ok"}, rows[["status", "reason"]]
+    assert all(str(r).startswith("tuned (") for r in rows["reason"]), list(rows["reason"])
     assert sorted(rows["gpu_index"].astype(str)) == ["0", "1"]
     (summary,) = optuna.get_all_study_summaries(f"sqlite:///{db}")
     trials = optuna.load_study(study_name=summary.study_name, storage=f"sqlite:///{db}").get_trials()
