@@ -74,8 +74,9 @@ class GpuLock:
     def __enter__(self):
         import fcntl
 
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-        self._f = os.fdopen(fd, "r+")
+        # read-only is enough for flock: a lock file another user created (umask 022) still opens
+        fd = os.open(self.path, os.O_RDONLY | os.O_CREAT, 0o666)
+        self._f = os.fdopen(fd, "r")
         try:
             fcntl.flock(self._f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
