@@ -8,14 +8,15 @@ import torch
 
 COLUMNS = ["variant", "backend", "mode", "dtype", "device", "B", "H", "Sq", "Sk", "D", "Dv", "ms", "tflops",
            "rel_err", "status", "reason", "peak_mem_mb", "compile_s", "torch", "triton", "gpu", "params",
-           "config", "prep_ms", "per_batch_ms", "grad_rel_err"]
+           "config", "prep_ms", "per_batch_ms", "grad_rel_err", "gpu_index"]
 # config: the flashlight tile config(s) launched (JSON); prep_ms: the backend's one-off preparation for the
 # case (FlexAttention's create_block_mask, SDPA's materialised mask/bias; flashlight's data-mask tile
 # classification, as per_batch_ms - ms), timed apart from ms, empty where it prepares nothing;
 # per_batch_ms: preparation + call with the mask inputs new every call (document ids), for variants whose
 # mask changes every batch; grad_rel_err (mode=fwdbwd): the relative error of every gradient, {input name:
-# error} as JSON (rel_err is the largest of the output's and these). New columns go last so that older
-# readers keep working.
+# error} as JSON (rel_err is the largest of the output's and these); gpu_index: the physical GPU (its
+# CUDA_VISIBLE_DEVICES entry) the job held -- on device cuda the one that measured the row, with its name
+# in `gpu`; empty where the job was given no GPU. New columns go last so that older readers keep working.
 
 
 def tolerance(dtype: torch.dtype, device: torch.device) -> float:

@@ -77,25 +77,26 @@ def open_storage(storage=None, sqlite_wait_s: float = 30):
             backend = optuna.storages.journal.JournalFileBackend(str(path))
             _STORAGES[key] = optuna.storages.JournalStorage(backend)
         elif storage.startswith("sqlite:"):
-            _STORAGES[key] = optuna.storages.RDBStorage(
-                storage, engine_kwargs={"connect_args": {"timeout": sqlite_wait_s}})
+            _STORAGES[key] = _shared_rdb(storage, engine_kwargs={"connect_args": {"timeout": sqlite_wait_s}})
         else:
             _STORAGES[key] = _shared_rdb(storage)
     return _STORAGES[key]
 
 
-def _shared_rdb(url: str, attempts: int = 8):
-    """RDBStorage on a server several workers may reach first at once: on a fresh database they all
-    create Optuna's tables, PostgreSQL lets one win and fails the others (duplicate key in pg_type);
-    a retry then finds the tables there."""
+def _shared_rdb(url: str, attempts: int = 8, **kwargs):
+    """RDBStorage that several workers may reach first at once: on a fresh database they all create
+    Optuna's tables; PostgreSQL lets one win and fails the others (duplicate key in pg_type), SQLite
+    fails them with "table ... already exists" (one tuning worker per GPU of a host on one file). A retry
+    then finds the tables there."""
     import sqlalchemy.exc
     import optuna
 
     for attempt in range(attempts):
         try:
-            return optuna.storages.RDBStorage(url)
-        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
-            if attempt == attempts - 1:
+            return optuna.storages.RDBStorage(url, **kwargs)
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError, sqlalchemy.exc.OperationalError) as e:
+            if attempt == attempts - 1 or (isinstance(e, sqlalchemy.exc.OperationalError)
+                                           and "already exists" not in str(e)):
                 raise
             time.sleep(0.2 * (attempt + 1))
 

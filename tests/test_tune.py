@@ -264,3 +264,26 @@ def test_hydra_optuna_sweeper_tunes_tiles_one_job_per_trial(tmp_path):
         assert cfg in launched
     best = yaml.safe_load((tmp_path / "sweep" / "optimization_results.yaml").read_text())
     assert best["best_value"] == pytest.approx(rows["ms"].min(), rel=1e-6)
+
+
+def test_workers_creating_one_sqlite_file_at_once_all_get_the_storage(fresh, tmp_path, monkeypatch):
+    """Two tuning workers on a fresh SQLite file race to create Optuna's tables; the loser's "table ...
+    already exists" is retried, not a failed tuning (hydra/launcher=gpus with one worker per GPU)."""
+    import sqlalchemy.exc
+
+    real, calls = optuna.storages.RDBStorage, []
+
+    def racing(url, **kw):
+        calls.append(url)
+        if len(calls) == 1:  # the other worker created the tables between our check and our CREATE
+            raise sqlalchemy.exc.OperationalError("CREATE TABLE studies", {}, Exception("table studies already exists"))
+        return real(url, **kw)
+
+    monkeypatch.setattr(optuna.storages, "RDBStorage", racing)
+    url = f"sqlite:///{tmp_path / 'fresh.db'}"
+    assert tune.open_storage(url) is not None and len(calls) == 2
+    calls.clear()
+    with pytest.raises(sqlalchemy.exc.OperationalError, match="disk I/O"):  # anything else is not retried
+        monkeypatch.setattr(optuna.storages, "RDBStorage", lambda url, **kw: (_ for _ in ()).throw(
+            sqlalchemy.exc.OperationalError("x", {}, Exception("disk I/O error"))))
+        tune.open_storage(f"sqlite:///{tmp_path / 'other.db'}")

@@ -407,6 +407,18 @@ def merge_results(*dirs) -> pd.DataFrame:
     return df[~case_keys(df).duplicated(keep="last")].reset_index(drop=True)
 
 
+def append_row(path: Path, row: dict) -> None:
+    """Append one row to a results.csv; a file written with an older schema (fewer columns) is first
+    rewritten with today's header, so that no row lands under the wrong column."""
+    if path.exists() and path.stat().st_size:
+        with open(path) as f:
+            header = f.readline().rstrip("\r\n").split(",")
+        if header != COLUMNS:
+            pd.read_csv(path, on_bad_lines="skip").reindex(columns=COLUMNS).to_csv(path, index=False)
+    pd.DataFrame([row], columns=COLUMNS).to_csv(path, mode="a", header=not path.exists() or not path.stat().st_size,
+                                                index=False)
+
+
 def _resume_dir(cfg, out_dir: Path) -> Path:
     if cfg.get("resume_dir"):
         return Path(cfg.resume_dir)
@@ -488,7 +500,19 @@ def _versions(device) -> dict:
     except Exception:
         tv = None
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
-    return {"torch": torch.__version__, "triton": tv, "gpu": gpu}
+    return {"torch": torch.__version__, "triton": tv, "gpu": gpu, "gpu_index": physical_gpu(device)}
+
+
+def physical_gpu(device: torch.device) -> str | None:
+    """The physical GPU behind device, as named in CUDA_VISIBLE_DEVICES (an index, or a GPU-/MIG- UUID):
+    device cuda:i is its i-th entry (i itself where it is unset). On device cpu, the GPU this job was given
+    (hydra/launcher=gpus) if any, else None."""
+    cvd = os.environ.get("CUDA_VISIBLE_DEVICES")
+    entries = [e.strip() for e in cvd.split(",") if e.strip()] if cvd is not None else None
+    if device.type == "cuda":
+        i = device.index if device.index is not None else torch.cuda.current_device()
+        return entries[i] if entries and i < len(entries) else str(i)
+    return entries[0] if entries else None
 
 
 def _summary(df: pd.DataFrame, title: str) -> None:
@@ -537,8 +561,7 @@ def run(cfg: DictConfig, out_dir: Path) -> pd.DataFrame:
                 continue
             progress.update(task, description=f"{plan.variant.name} {plan.mode}: {backend}")
             row = {**base, "backend": backend, **run_case(backend, plan, cfg, out_dir)}
-            df = pd.DataFrame([row], columns=COLUMNS)
-            df.to_csv(path, mode="a", header=not path.exists(), index=False)
+            append_row(path, row)
             rows.append(row)
             progress.advance(task)
     if skipped:

@@ -11,6 +11,8 @@
 # provide those (a module, a container, a shared venv), and the CUDA build is gigabytes. To carry them
 # too, name them: scripts/cluster/make_wheelhouse.sh wheelhouse "torch==2.11.0" "triton==3.6.0"
 #
+# The cluster extra brings hydra-submitit-launcher and submitit (with cloudpickle, typing_extensions): both
+# launchers need them, hydra/launcher=slurm and hydra/launcher=gpus (every GPU of one host).
 # On the node (offline), from the checkout, with torch already importable:
 #   python -m pip install --no-index --find-links wheelhouse -e ".[cluster]"
 set -euo pipefail

@@ -1,0 +1,119 @@
+"""hydra/launcher=gpus: a multirun over every GPU of this host, one job per GPU at a time (configs/hydra/launcher/gpus.yaml).
+
+Each Hydra job runs as a submitit local job (its own process, pickled task, logs and result under
+<sweep dir>/.submitit/<pid>/) with CUDA_VISIBLE_DEVICES set to the one GPU it holds; the jobs beyond the
+GPU count queue (flashlight.harness.gpus). A job that fails or is killed does not stop the others; the
+launch then fails naming it. Imports here stay light: Hydra imports every hydra_plugins module at start.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from hydra.core.singleton import Singleton
+from hydra.core.utils import JobReturn, filter_overrides, run_job, setup_globals
+from hydra.plugins.launcher import Launcher
+from hydra.types import HydraContext, TaskFunction
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+log = logging.getLogger(__name__)
+
+
+class GpusLauncher(Launcher):
+    def __init__(self, **params: Any) -> None:
+        self.params = {k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
+                       for k, v in params.items()}
+        self.config: Optional[DictConfig] = None
+        self.task_function: Optional[TaskFunction] = None
+        self.hydra_context: Optional[HydraContext] = None
+
+    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
+        self.config, self.hydra_context, self.task_function = config, hydra_context, task_function
+
+    # ------------------------------------------------------------------ in the job's process
+    def __call__(self, sweep_overrides: List[str], job_dir_key: str, job_num: int, job_id: str,
+                 singleton_state: Dict[type, Singleton]) -> JobReturn:
+        import submitit
+
+        from flashlight.harness.gpus import GpuLock
+
+        Singleton.set_state(singleton_state)
+        setup_globals()
+        sweep_config = self.hydra_context.config_loader.load_sweep_config(self.config, sweep_overrides)
+        with open_dict(sweep_config.hydra.job) as job:
+            job.id = submitit.JobEnvironment().job_id
+            sweep_config.hydra.job.num = job_num
+        gpu = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+        with GpuLock(gpu, self.params.get("lock_dir")):  # never beside another job on this GPU
+            return run_job(hydra_context=self.hydra_context, task_function=self.task_function,
+                           config=sweep_config, job_dir_key=job_dir_key, job_subdir_key="hydra.sweep.subdir")
+
+    # ------------------------------------------------------------------ in the launching process
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        import submitit
+        from submitit.local.local import LocalExecutor, LocalJob, start_controller
+
+        from flashlight.harness import gpus as pool
+
+        p = self.params
+        gpus = pool.visible_gpus(p.get("gpus"))
+
+        class OneGpuExecutor(LocalExecutor):
+            """submitit's local executor, but CUDA_VISIBLE_DEVICES is the GPU given, not 0..n-1."""
+
+            def _submit_command(self, command: str) -> LocalJob:
+                proc = start_controller(folder=self.folder, command=command, tasks_per_node=1,
+                                        cuda_devices=self.parameters["cuda_devices"],
+                                        timeout_min=self.parameters.get("timeout_min", 60),
+                                        signal_delay_s=self.parameters.get("signal_delay_s", 30),
+                                        stderr_to_stdout=self.parameters.get("stderr_to_stdout", False),
+                                        setup=self.parameters.get("setup") or ())
+                return LocalJob(folder=self.folder, job_id=str(proc.pid), process=proc, tasks=[0])
+
+        executor = OneGpuExecutor(folder=p["submitit_folder"], max_num_timeout=0)
+        executor.update_parameters(timeout_min=p.get("timeout_min", 120), signal_delay_s=p.get("signal_delay_s", 30),
+                                   stderr_to_stdout=bool(p.get("stderr_to_stdout")), setup=p.get("setup") or [])
+        sweep_dir = Path(str(self.config.hydra.sweep.dir))
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        log.info(f"GPUs of this host: {len(job_overrides)} job(s) on {len(gpus)} GPU(s) {','.join(gpus)}, "
+                 f"one job per GPU at a time; sweep output dir: {sweep_dir}")
+        items = []
+        for i, overrides in enumerate(job_overrides):
+            idx = initial_job_idx + i
+            log.info(f"\t#{idx} : {' '.join(filter_overrides(overrides))}")
+            items.append((list(overrides), "hydra.sweep.dir", idx, f"job_id_for_{idx}", Singleton.get_state()))
+
+        def submit(item, gpu):
+            executor.update_parameters(cuda_devices=gpu)
+            job = executor.submit(self, *item)
+            job._results_timeout_s = 0  # local files: a job that ended without its result never writes it
+            log.info(f"\t#{item[2]} started on GPU {gpu} (submitit job {job.job_id})")
+            return job
+
+        t0 = time.time()
+        done = pool.run_queue(items, gpus, submit, poll_s=float(p.get("poll_s", 0.2)),
+                              log=lambda m: log.info("\t" + m), name=lambda i, item: str(item[2]))
+        returns, failed, records = [], [], []
+        for r in done:
+            job, idx = r["job"], r["item"][2]
+            try:
+                returns.append(job.results()[0])
+                state = "COMPLETED"
+            except Exception as e:  # failed, killed, timed out: reported below, the others' results kept
+                state = f"{job.state}: {type(e).__name__}"
+                reason = " ".join(str(e).split())[-600:]
+                failed.append(f"#{idx} ({' '.join(filter_overrides(r['item'][0]))}) on GPU {r['gpu']}: {state}: "
+                              f"{reason} (log: {job.paths.stderr})")
+            records.append({"job": idx, "gpu": r["gpu"], "start": f"{r['start']:.3f}", "end": f"{r['end']:.3f}",
+                            "seconds": f"{r['end'] - r['start']:.2f}", "state": state,
+                            "overrides": " ".join(filter_overrides(r["item"][0]))})
+        pool.write_job_log(sweep_dir / "gpu_jobs.csv", records)
+        log.info(f"{len(done)} job(s) on {len(gpus)} GPU(s) in {time.time() - t0:.1f} s "
+                 f"({sweep_dir / 'gpu_jobs.csv'})")
+        if failed:
+            raise RuntimeError(f"{len(failed)} of {len(done)} job(s) did not finish (the others did; running the "
+                               "same command again measures only what is missing):\n  " + "\n  ".join(failed))
+        return returns
