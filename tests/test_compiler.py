@@ -480,3 +480,76 @@ def test_sizes_marked_dynamic_are_compiled_per_layout(monkeypatch):
             assert "dynamic-shape compile" in str(flashlight.compiler.backend.last_report)
         assert (flashlight.counters["fused_launches"] > before) == expect_fused
         assert rel_err(out, attn(q.double(), k.double(), v.double())) < TOL
+
+
+# ---- never crash, never wrong (issue 11) --------------------------------------------------------
+def bool_tril_mask(q, k, v):
+    n = q.shape[-2]
+    keep = torch.ones(n, n, dtype=torch.bool).tril()
+    return (q @ k.mT * 0.3).masked_fill(~keep, float("-inf")).softmax(-1) @ v
+
+
+def bool_triu_finfo_mask(q, k, v):
+    n = q.shape[-2]
+    drop = torch.triu(torch.ones(n, n, dtype=torch.bool), 1)
+    return (q @ k.mT * 0.3).masked_fill(drop, torch.finfo(q.dtype).min).softmax(-1) @ v
+
+
+def int_constant_mask(q, k, v):
+    n = q.shape[-2]
+    band = torch.full((n, n), 3, dtype=torch.int64).tril(-2)   # integer constants stay integers
+    s = (q @ k.mT * 0.3).masked_fill(band == 3, float("-inf"))
+    return s.masked_fill(torch.zeros(n, n, dtype=torch.int32) > 0, float("nan")).softmax(-1) @ v
+
+
+@pytest.mark.parametrize("fn", [bool_tril_mask, bool_triu_finfo_mask, int_constant_mask])
+def test_constants_keep_their_dtype(fn):
+    q, k, v = rand(2, 2, 40, 16), rand(2, 2, 40, 16), rand(2, 2, 40, 16)
+    out, ref, _ = run_fused(fn, q, k, v)
+    assert rel_err(out, ref) < TOL
+
+
+def _boom(*args, **kwargs):
+    raise RuntimeError("injected failure")
+
+
+class _FailingKernel:
+    def __getitem__(self, grid):
+        return _boom
+
+
+class _FailingModule:
+    def __getattr__(self, name):
+        return _FailingKernel()
+
+
+@pytest.mark.parametrize("stage", ["generate", "load_kernel", "launch"])
+@pytest.mark.parametrize("inductor", [False, True])
+def test_failure_after_matching_falls_back_with_one_warning(stage, inductor, monkeypatch, tmp_path):
+    import warnings
+
+    from flashlight.compiler import backend, runtime
+
+    if stage == "generate":
+        monkeypatch.setattr(backend, "generate", _boom)
+    elif stage == "load_kernel":
+        monkeypatch.setattr(runtime, "load_kernel", _boom)
+    else:
+        monkeypatch.setattr(runtime, "load_kernel", lambda *a, **k: _FailingModule())
+    monkeypatch.setenv("FLASHLIGHT_CACHE_DIR", str(tmp_path))
+    q, k, v = rand(1, 2, 24 + inductor, 16), rand(1, 2, 24, 16), rand(1, 2, 24, 16)
+    torch._dynamo.reset()
+    fn = flashlight.compile(sm_handwritten, inductor=inductor)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = fn(q, k, v)
+        again = fn(q, k, v)
+    ours = [w for w in caught if "flashlight" in str(w.message)]
+    assert len(ours) == 1, [str(w.message) for w in caught]
+    assert torch.allclose(out, sm_handwritten(q, k, v), atol=1e-5) and torch.equal(out, again)
+    rep = backend.last_report.regions[0]
+    assert not rep.fused and "injected failure" in rep.reason and "RuntimeError" in rep.reason, str(rep)
+    if stage == "generate":
+        with pytest.warns(UserWarning, match="injected failure"):
+            report = flashlight.explain(sm_handwritten, q, k, v)
+        assert not report.fused and "injected failure" in report.regions[0].reason

@@ -124,10 +124,24 @@ def constant_value(node):
         return None
     t = src.target
     if t is aten.scalar_tensor.default:
-        return src.args[0]
-    if t in (aten.full.default, aten.full_like.default):
-        return src.args[1]
-    return 0.0 if t in (aten.zeros.default, aten.zeros_like.default) else 1.0
+        value = src.args[0]
+    elif t in (aten.full.default, aten.full_like.default):
+        value = src.args[1]
+    else:
+        value = 0 if t in (aten.zeros.default, aten.zeros_like.default) else 1
+    return typed_scalar(value, src.meta["val"].dtype if "val" in src.meta else None)
+
+
+def typed_scalar(value, dtype):
+    """`value` as the Python scalar a tensor of `dtype` holds: ones(dtype=bool) is True, not 1.0, so the
+    generated code combines it with masks as a boolean (`t & 1.0` does not compile)."""
+    if dtype is None or not isinstance(value, (bool, int, float)):
+        return value
+    if dtype == torch.bool:
+        return bool(value)
+    if not dtype.is_floating_point and not dtype.is_complex:
+        return int(value)
+    return float(value)
 
 
 def _source_of(node):
