@@ -553,3 +553,37 @@ def test_failure_after_matching_falls_back_with_one_warning(stage, inductor, mon
         with pytest.warns(UserWarning, match="injected failure"):
             report = flashlight.explain(sm_handwritten, q, k, v)
         assert not report.fused and "injected failure" in report.regions[0].reason
+
+
+class CausalSelfAttention(torch.nn.Module):
+    def __init__(self, d=32, heads=2, n=64):
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v = (torch.nn.Linear(d, d) for _ in range(3))
+        self.register_buffer("tril", torch.tril(torch.ones(n, n)))
+
+    def forward(self, x, scale=None):
+        B, S, D = x.shape
+        q, k, v = (p(x).view(B, S, self.heads, -1).transpose(1, 2) for p in (self.q, self.k, self.v))
+        s = q @ k.mT * (scale or (D // self.heads) ** -0.5)
+        s = s.masked_fill(self.tril[:S, :S] == 0, float("-inf"))
+        return (s.softmax(-1) @ v).transpose(1, 2).reshape(B, S, D)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"scale": 0.1}])
+def test_explain_takes_modules_kwargs_and_closures(kwargs):
+    import copy
+
+    m, x = CausalSelfAttention().eval(), rand(2, 40, 32)
+    report = flashlight.explain(m, x, **kwargs)
+    assert report.fused, str(report)
+    bias = rand(40, 40)
+    closure = lambda q, k, v: (q @ k.mT + bias).softmax(-1) @ v  # noqa: E731
+    assert flashlight.explain(closure, x, x, x).fused
+    with torch.no_grad():
+        torch._dynamo.reset()
+        before = flashlight.counters["fused_launches"]
+        out = flashlight.compile(m, inductor=False)(x, **kwargs)
+        assert flashlight.counters["fused_launches"] > before
+        ref = copy.deepcopy(m).double()(x.double(), **kwargs)
+    assert rel_err(out, ref) < TOL

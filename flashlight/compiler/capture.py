@@ -165,8 +165,10 @@ def normalize(fn, example_inputs) -> fx.GraphModule:
                 gm = make_fx(fn, decomposition_table=decompositions(), tracing_mode="real",
                              record_stack_traces=True)(*example_inputs)
         else:
+            # tensors the function closes over (a module's weights, a mask built outside) are real:
+            # they become constants of the graph, as in torch.compile
             gm = make_fx(fn, decomposition_table=decompositions(), tracing_mode="fake",
-                         record_stack_traces=True)(*example_inputs)
+                         record_stack_traces=True, _allow_non_fake_inputs=True)(*example_inputs)
     _values_only_max(gm)
     _split_concats(gm)
     return gm
