@@ -139,8 +139,69 @@ def sinks_free_gate(q, k, v, g):
     return torch.sigmoid(g) * (torch.softmax(q @ k.mT, -1) @ v)
 
 
+def sm_pow2(q, k, v):
+    s = q @ k.mT * 0.3
+    e = torch.pow(2.0, s - s.max(-1, keepdim=True).values)
+    return (e / e.sum(-1, keepdim=True)) @ v
+
+
+def sm_exp2(q, k, v):
+    s = q @ k.mT * 0.3
+    e = torch.exp2(s - s.amax(-1, keepdim=True))
+    return (e / e.sum(-1, keepdim=True)) @ v
+
+
+def sm_two_starstar(q, k, v):
+    s = q @ k.mT * 0.3
+    e = 2 ** (s - s.amax(-1, keepdim=True))
+    return (e / e.sum(-1, keepdim=True)) @ v
+
+
+def sm_pow10_no_max(q, k, v):
+    e = torch.pow(10.0, q @ k.mT * 0.1)
+    return e @ v / e.sum(-1, keepdim=True)
+
+
+def sm_softmax_dtype(q, k, v):
+    return F.softmax(q @ k.mT * 0.3, -1, dtype=torch.float32).to(q.dtype) @ v
+
+
+def sm_log_softmax_exp(q, k, v):
+    return F.log_softmax(q @ k.mT * 0.3, -1).exp() @ v
+
+
+_softmax_module = torch.nn.Softmax(dim=-1)
+_dropout_module = torch.nn.Dropout(0.1).eval()
+
+
+def sm_nn_softmax(q, k, v):
+    return _softmax_module(q @ k.mT * 0.3) @ v
+
+
+def sm_baddbmm(q, k, v):
+    B, H, S, D = q.shape
+    q3, k3, v3 = (t.reshape(B * H, t.shape[2], t.shape[3]) for t in (q, k, v))
+    s = torch.baddbmm(q3.new_zeros(B * H, q3.shape[1], k3.shape[1]), q3, k3.transpose(1, 2), alpha=D ** -0.5)
+    return torch.bmm(s.softmax(-1), v3).view(B, H, S, -1)
+
+
+def sm_einsum_scaled_q(q, k, v):
+    s = torch.einsum("bhqd,bhkd->bhqk", q * q.shape[-1] ** -0.5, k)
+    return torch.einsum("bhqk,bhkd->bhqd", s.softmax(-1), v)
+
+
+def sm_dropout_zero(q, k, v):
+    return F.dropout((q @ k.mT * 0.3).softmax(-1), p=0.0) @ v
+
+
+def sm_nn_dropout_eval(q, k, v):
+    return _dropout_module((q @ k.mT * 0.3).softmax(-1)) @ v
+
+
 @pytest.mark.parametrize("fn", [sm_einsum, sm_bmm3d, sm_handwritten, sm_no_max, sigmoid_attn, relu_norm,
-                                gqa_expand, sinks_free_gate])
+                                gqa_expand, sinks_free_gate, sm_pow2, sm_exp2, sm_two_starstar,
+                                sm_pow10_no_max, sm_softmax_dtype, sm_log_softmax_exp, sm_nn_softmax,
+                                sm_baddbmm, sm_einsum_scaled_q, sm_dropout_zero, sm_nn_dropout_eval])
 def test_spellings(fn):
     B, H, Sq, Sk, D, Dv = 2, 4, 33, 50, 20, 12  # odd sizes, Sq != Sk, head dims not powers of two
     q, k, v = rand(B, H, Sq, D), rand(B, H, Sk, D), rand(B, H, Sk, Dv)
@@ -587,3 +648,20 @@ def test_explain_takes_modules_kwargs_and_closures(kwargs):
         assert flashlight.counters["fused_launches"] > before
         ref = copy.deepcopy(m).double()(x.double(), **kwargs)
     assert rel_err(out, ref) < TOL
+
+
+def test_dropout_in_training_falls_back_with_reason():
+    def f(q, k, v):
+        return F.dropout((q @ k.mT * 0.3).softmax(-1), p=0.1, training=True) @ v
+
+    q, k, v = rand(1, 2, 24, 16), rand(1, 2, 24, 16), rand(1, 2, 24, 16)
+    report = flashlight.explain(f, q, k, v)
+    assert not report.fused and "dropout with p > 0 is not fused" in report.regions[0].reason, str(report)
+    torch._dynamo.reset()
+    before = flashlight.counters["fused_launches"]
+    torch.manual_seed(0)
+    out = flashlight.compile(f, inductor=False)(q, k, v)
+    torch.manual_seed(0)
+    ref = f(q, k, v)
+    assert flashlight.counters["fused_launches"] == before
+    assert out.shape == ref.shape and torch.isfinite(out).all()

@@ -250,8 +250,35 @@ def _norm(axes, shape, sizes):
     return tuple(tuple(x for x in a if sizes.get(x, 2) != 1) if s != 1 else () for a, s in zip(axes, shape))
 
 
+RANDOM = ("bernoulli", "native_dropout", "rand", "randn", "rand_like", "randn_like", "randint", "multinomial")
+
+
 def analyse(gm: fx.GraphModule, pv: fx.Node) -> Region:
     """Build the Region ending at the ·V matmul `pv`, or raise NotFusable."""
+    try:
+        return _analyse(gm, pv)
+    except NotFusable as e:
+        random = _random_ops_before(pv.args[0])
+        if random:   # dropout (training, p > 0) traces to a Bernoulli mask multiplied into the probabilities
+            raise NotFusable(f"dropout with p > 0 is not fused (random {', '.join(random)} on the way to "
+                             f"the ·V product): left to Inductor; [{e}]") from None
+        raise
+
+
+def _random_ops_before(node):
+    seen, stack, found = set(), [node], []
+    while stack:
+        n = stack.pop()
+        if n in seen or not isinstance(n, fx.Node):
+            continue
+        seen.add(n)
+        if n.op == "call_function" and getattr(n.target, "__name__", "").split(".")[0].rstrip("_") in RANDOM:
+            found.append(n.name)
+        stack.extend(n.all_input_nodes)
+    return sorted(found)
+
+
+def _analyse(gm: fx.GraphModule, pv: fx.Node) -> Region:
     p, p_chain = _source_of(pv.args[0])
     p_shape = shape_of(p)
     if len(p_shape) < 2:
