@@ -27,13 +27,24 @@ def compile(fn, *, dump=None, config=None, inductor=True, block_sparse=True, ful
 
 
 def explain(fn, *args, **kwargs) -> Report:
-    """Trace `fn(*args, **kwargs)` and report, per attention region, what fused and why not."""
+    """Trace `fn(*args, **kwargs)` and report, per attention region, what fused and why not.
+
+    `fn` is anything torch.compile takes: a function (closing over tensors or not) or an nn.Module,
+    whose parameters and buffers become inputs of the graph, as dynamo lifts them."""
     names = list(kwargs)
+    state = {}
+    if isinstance(fn, torch.nn.Module):
+        state = {**dict(fn.named_parameters()), **dict(fn.named_buffers())}
+    keys = list(state)
+    n_call = len(args) + len(names)
 
     def flat(*xs):
-        return fn(*xs[:len(args)], **dict(zip(names, xs[len(args):])))
+        call_args, call_kwargs = xs[:len(args)], dict(zip(names, xs[len(args):n_call]))
+        if not keys:
+            return fn(*call_args, **call_kwargs)
+        return torch.func.functional_call(fn, dict(zip(keys, xs[n_call:])), call_args, call_kwargs)
 
-    inputs = [*args, *kwargs.values()]
+    inputs = [*args, *kwargs.values(), *state.values()]
     gm = normalize(flat, inputs)
     planned = plan(gm, training=is_training(inputs), example_inputs=inputs)
     report = Report([rep for rep, _, _ in planned])

@@ -21,10 +21,10 @@ mods = ["torch", "hydra", "optuna", "pandas", "matplotlib", "rich", "variants", 
 if sys.argv[1:] == ["test"]:
     mods += ["pytest", "hypothesis", "hydra_plugins.hydra_submitit_launcher", "psycopg2",  # + the cluster extra
              "hydra_plugins.hydra_optuna_sweeper"]
-    import numpy  # the Triton interpreter needs numpy<2.4 (see pyproject's test extra)
-    assert tuple(int(x) for x in numpy.__version__.split(".")[:2]) < (2, 4)
 for m in mods:
     importlib.import_module(m)
+import numpy  # the Triton interpreter needs numpy<2.4 (see pyproject's dependencies): pip fixes it
+assert tuple(int(x) for x in numpy.__version__.split(".")[:2]) < (2, 4)
 import variants
 assert pathlib.Path(variants.__file__).resolve().parent == pathlib.Path("variants").resolve()
 PYEOF

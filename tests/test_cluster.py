@@ -127,25 +127,41 @@ def test_sweep_on_slurm_resumes_after_a_killed_job(slurm, tmp_path):
     sweep = tmp_path / "sweep"
     env = {**slurm, "TRITON_INTERPRET": "1"}  # must reach the jobs (sbatch exports the environment)
 
-    # 1. kill a running job after its first case, while it measures its second
+    # 1. kill a running job after its first case, while it measures its second. Between reading its
+    # results.csv and the kill landing, the job may finish that case and exit (it did: the launcher then
+    # rightly exited 0 and the test failed). So the job is suspended (SIGSTOP) first and its file read
+    # again: only a job frozen with one row is killed; one that got further is resumed and left alone.
     first = subprocess.Popen(sweep_cmd(sweep, "hydra.launcher.array_parallelism=2"), env=env, text=True,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+    def rows(f):
+        try:
+            return pd.read_csv(f)
+        except (pd.errors.EmptyDataError, pd.errors.ParserError, FileNotFoundError):  # being written
+            return None
+
+    def scontrol(*args):
+        return subprocess.run(["scontrol", *args], env=env, capture_output=True, text=True, timeout=30)
+
     killed = None
     deadline = time.time() + 240
     while killed is None and time.time() < deadline and first.poll() is None:
         for f in sweep.glob("*/results.csv"):
-            try:
-                df = pd.read_csv(f)
-            except pd.errors.EmptyDataError:  # being written
-                continue
+            df = rows(f)
             # array task i runs Hydra job i, which writes into <sweep>/i/
             running = {i.split("_")[-1]: i for i in squeue(env, "-t", "R", "-o", "%i")}
-            if len(df) == 1 and f.parent.name in running:
+            if df is None or len(df) != 1 or f.parent.name not in running:
+                continue
+            task = running[f.parent.name]
+            if scontrol("suspend", task).returncode != 0:   # it ended meanwhile
+                continue
+            df = rows(f)
+            if df is not None and len(df) == 1:
                 # SIGKILL: no grace period (KillWait) in which the case could still finish
-                task = running[f.parent.name]
                 subprocess.run(["scancel", "--signal=KILL", task], env=env, check=True, timeout=30)
                 killed = (task, f.parent.name, df.iloc[0].to_dict())
                 break
+            scontrol("resume", task)
         time.sleep(0.1)
     out1, _ = first.communicate(timeout=300)
     assert killed, f"no job was caught between its two cases:\n{out1[-3000:]}"

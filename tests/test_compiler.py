@@ -139,8 +139,69 @@ def sinks_free_gate(q, k, v, g):
     return torch.sigmoid(g) * (torch.softmax(q @ k.mT, -1) @ v)
 
 
+def sm_pow2(q, k, v):
+    s = q @ k.mT * 0.3
+    e = torch.pow(2.0, s - s.max(-1, keepdim=True).values)
+    return (e / e.sum(-1, keepdim=True)) @ v
+
+
+def sm_exp2(q, k, v):
+    s = q @ k.mT * 0.3
+    e = torch.exp2(s - s.amax(-1, keepdim=True))
+    return (e / e.sum(-1, keepdim=True)) @ v
+
+
+def sm_two_starstar(q, k, v):
+    s = q @ k.mT * 0.3
+    e = 2 ** (s - s.amax(-1, keepdim=True))
+    return (e / e.sum(-1, keepdim=True)) @ v
+
+
+def sm_pow10_no_max(q, k, v):
+    e = torch.pow(10.0, q @ k.mT * 0.1)
+    return e @ v / e.sum(-1, keepdim=True)
+
+
+def sm_softmax_dtype(q, k, v):
+    return F.softmax(q @ k.mT * 0.3, -1, dtype=torch.float32).to(q.dtype) @ v
+
+
+def sm_log_softmax_exp(q, k, v):
+    return F.log_softmax(q @ k.mT * 0.3, -1).exp() @ v
+
+
+_softmax_module = torch.nn.Softmax(dim=-1)
+_dropout_module = torch.nn.Dropout(0.1).eval()
+
+
+def sm_nn_softmax(q, k, v):
+    return _softmax_module(q @ k.mT * 0.3) @ v
+
+
+def sm_baddbmm(q, k, v):
+    B, H, S, D = q.shape
+    q3, k3, v3 = (t.reshape(B * H, t.shape[2], t.shape[3]) for t in (q, k, v))
+    s = torch.baddbmm(q3.new_zeros(B * H, q3.shape[1], k3.shape[1]), q3, k3.transpose(1, 2), alpha=D ** -0.5)
+    return torch.bmm(s.softmax(-1), v3).view(B, H, S, -1)
+
+
+def sm_einsum_scaled_q(q, k, v):
+    s = torch.einsum("bhqd,bhkd->bhqk", q * q.shape[-1] ** -0.5, k)
+    return torch.einsum("bhqk,bhkd->bhqd", s.softmax(-1), v)
+
+
+def sm_dropout_zero(q, k, v):
+    return F.dropout((q @ k.mT * 0.3).softmax(-1), p=0.0) @ v
+
+
+def sm_nn_dropout_eval(q, k, v):
+    return _dropout_module((q @ k.mT * 0.3).softmax(-1)) @ v
+
+
 @pytest.mark.parametrize("fn", [sm_einsum, sm_bmm3d, sm_handwritten, sm_no_max, sigmoid_attn, relu_norm,
-                                gqa_expand, sinks_free_gate])
+                                gqa_expand, sinks_free_gate, sm_pow2, sm_exp2, sm_two_starstar,
+                                sm_pow10_no_max, sm_softmax_dtype, sm_log_softmax_exp, sm_nn_softmax,
+                                sm_baddbmm, sm_einsum_scaled_q, sm_dropout_zero, sm_nn_dropout_eval])
 def test_spellings(fn):
     B, H, Sq, Sk, D, Dv = 2, 4, 33, 50, 20, 12  # odd sizes, Sq != Sk, head dims not powers of two
     q, k, v = rand(B, H, Sq, D), rand(B, H, Sk, D), rand(B, H, Sk, Dv)
@@ -486,3 +547,127 @@ def test_sizes_marked_dynamic_are_compiled_per_layout(monkeypatch):
             assert "dynamic-shape compile" in str(flashlight.compiler.backend.last_report)
         assert (flashlight.counters["fused_launches"] > before) == expect_fused
         assert rel_err(out, attn(q.double(), k.double(), v.double())) < TOL
+
+
+# ---- never crash, never wrong (issue 11) --------------------------------------------------------
+def bool_tril_mask(q, k, v):
+    n = q.shape[-2]
+    keep = torch.ones(n, n, dtype=torch.bool).tril()
+    return (q @ k.mT * 0.3).masked_fill(~keep, float("-inf")).softmax(-1) @ v
+
+
+def bool_triu_finfo_mask(q, k, v):
+    n = q.shape[-2]
+    drop = torch.triu(torch.ones(n, n, dtype=torch.bool), 1)
+    return (q @ k.mT * 0.3).masked_fill(drop, torch.finfo(q.dtype).min).softmax(-1) @ v
+
+
+def int_constant_mask(q, k, v):
+    n = q.shape[-2]
+    band = torch.full((n, n), 3, dtype=torch.int64).tril(-2)   # integer constants stay integers
+    s = (q @ k.mT * 0.3).masked_fill(band == 3, float("-inf"))
+    return s.masked_fill(torch.zeros(n, n, dtype=torch.int32) > 0, float("nan")).softmax(-1) @ v
+
+
+@pytest.mark.parametrize("fn", [bool_tril_mask, bool_triu_finfo_mask, int_constant_mask])
+def test_constants_keep_their_dtype(fn):
+    q, k, v = rand(2, 2, 40, 16), rand(2, 2, 40, 16), rand(2, 2, 40, 16)
+    out, ref, _ = run_fused(fn, q, k, v)
+    assert rel_err(out, ref) < TOL
+
+
+def _boom(*args, **kwargs):
+    raise RuntimeError("injected failure")
+
+
+class _FailingKernel:
+    def __getitem__(self, grid):
+        return _boom
+
+
+class _FailingModule:
+    def __getattr__(self, name):
+        return _FailingKernel()
+
+
+@pytest.mark.parametrize("stage", ["generate", "load_kernel", "launch"])
+@pytest.mark.parametrize("inductor", [False, True])
+def test_failure_after_matching_falls_back_with_one_warning(stage, inductor, monkeypatch, tmp_path):
+    import warnings
+
+    from flashlight.compiler import backend, runtime
+
+    if stage == "generate":
+        monkeypatch.setattr(backend, "generate", _boom)
+    elif stage == "load_kernel":
+        monkeypatch.setattr(runtime, "load_kernel", _boom)
+    else:
+        monkeypatch.setattr(runtime, "load_kernel", lambda *a, **k: _FailingModule())
+    monkeypatch.setenv("FLASHLIGHT_CACHE_DIR", str(tmp_path))
+    q, k, v = rand(1, 2, 24 + inductor, 16), rand(1, 2, 24, 16), rand(1, 2, 24, 16)
+    torch._dynamo.reset()
+    fn = flashlight.compile(sm_handwritten, inductor=inductor)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = fn(q, k, v)
+        again = fn(q, k, v)
+    ours = [w for w in caught if "flashlight" in str(w.message)]
+    assert len(ours) == 1, [str(w.message) for w in caught]
+    assert torch.allclose(out, sm_handwritten(q, k, v), atol=1e-5) and torch.equal(out, again)
+    rep = backend.last_report.regions[0]
+    assert not rep.fused and "injected failure" in rep.reason and "RuntimeError" in rep.reason, str(rep)
+    if stage == "generate":
+        with pytest.warns(UserWarning, match="injected failure"):
+            report = flashlight.explain(sm_handwritten, q, k, v)
+        assert not report.fused and "injected failure" in report.regions[0].reason
+
+
+class CausalSelfAttention(torch.nn.Module):
+    def __init__(self, d=32, heads=2, n=64):
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v = (torch.nn.Linear(d, d) for _ in range(3))
+        self.register_buffer("tril", torch.tril(torch.ones(n, n)))
+
+    def forward(self, x, scale=None):
+        B, S, D = x.shape
+        q, k, v = (p(x).view(B, S, self.heads, -1).transpose(1, 2) for p in (self.q, self.k, self.v))
+        s = q @ k.mT * (scale or (D // self.heads) ** -0.5)
+        s = s.masked_fill(self.tril[:S, :S] == 0, float("-inf"))
+        return (s.softmax(-1) @ v).transpose(1, 2).reshape(B, S, D)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"scale": 0.1}])
+def test_explain_takes_modules_kwargs_and_closures(kwargs):
+    import copy
+
+    m, x = CausalSelfAttention().eval(), rand(2, 40, 32)
+    report = flashlight.explain(m, x, **kwargs)
+    assert report.fused, str(report)
+    bias = rand(40, 40)
+    closure = lambda q, k, v: (q @ k.mT + bias).softmax(-1) @ v  # noqa: E731
+    assert flashlight.explain(closure, x, x, x).fused
+    with torch.no_grad():
+        torch._dynamo.reset()
+        before = flashlight.counters["fused_launches"]
+        out = flashlight.compile(m, inductor=False)(x, **kwargs)
+        assert flashlight.counters["fused_launches"] > before
+        ref = copy.deepcopy(m).double()(x.double(), **kwargs)
+    assert rel_err(out, ref) < TOL
+
+
+def test_dropout_in_training_falls_back_with_reason():
+    def f(q, k, v):
+        return F.dropout((q @ k.mT * 0.3).softmax(-1), p=0.1, training=True) @ v
+
+    q, k, v = rand(1, 2, 24, 16), rand(1, 2, 24, 16), rand(1, 2, 24, 16)
+    report = flashlight.explain(f, q, k, v)
+    assert not report.fused and "dropout with p > 0 is not fused" in report.regions[0].reason, str(report)
+    torch._dynamo.reset()
+    before = flashlight.counters["fused_launches"]
+    torch.manual_seed(0)
+    out = flashlight.compile(f, inductor=False)(q, k, v)
+    torch.manual_seed(0)
+    ref = f(q, k, v)
+    assert flashlight.counters["fused_launches"] == before
+    assert out.shape == ref.shape and torch.isfinite(out).all()

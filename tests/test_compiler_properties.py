@@ -9,12 +9,15 @@ import flashlight
 from test_compiler import TOL, rel_err
 
 SCORE_OPS = ["scale", "head_bias", "softcap", "alibi", "table"]
-MASKS = ["none", "causal", "window", "padding", "finfo_causal"]
-NORMS = ["softmax", "handwritten", "no_max", "sigmoid", "relu_sum", "sinks"]
+MASKS = ["none", "causal", "window", "padding", "finfo_causal", "ones_tril", "triu_finfo", "int_band",
+         "finfo_padding"]
+NORMS = ["softmax", "handwritten", "no_max", "sigmoid", "relu_sum", "sinks", "exp2", "pow2", "log_softmax"]
+DROPOUTS = ["none", "p0", "module_eval"]
 EPILOGUES = ["none", "gate"]
+_DROPOUT_EVAL = torch.nn.Dropout(0.2).eval()
 
 
-def build(score_op, mask, norm, epilogue):
+def build(score_op, mask, norm, epilogue, dropout="none"):
     def attn(q, k, v, hb, keep, gate):
         s = q @ k.transpose(-1, -2)
         i = torch.arange(q.shape[-2])[:, None]
@@ -37,6 +40,16 @@ def build(score_op, mask, norm, epilogue):
             s = s.masked_fill(~keep[:, None, None, :], float("-inf"))
         elif mask == "finfo_causal":
             s = s.masked_fill(j > i, torch.finfo(s.dtype).min)
+        elif mask == "ones_tril":   # a boolean constant mask
+            s = s.masked_fill(~torch.ones(s.shape[-2], s.shape[-1], dtype=torch.bool).tril(), float("-inf"))
+        elif mask == "triu_finfo":
+            above = torch.triu(torch.ones(s.shape[-2], s.shape[-1], dtype=torch.bool), 1)
+            s = s.masked_fill(above, torch.finfo(s.dtype).min)
+        elif mask == "int_band":    # an integer constant, compared
+            band = torch.full((s.shape[-2], s.shape[-1]), 2, dtype=torch.int64).tril(-3)
+            s = torch.where(band == 2, torch.finfo(s.dtype).max * -1, s)
+        elif mask == "finfo_padding":   # rows of a batch may be fully masked: uniform weights, as eager
+            s = s.masked_fill(~keep[:, None, None, :], torch.finfo(s.dtype).min)
         if norm == "softmax":
             p = s.softmax(-1)
         elif norm == "handwritten":
@@ -47,12 +60,24 @@ def build(score_op, mask, norm, epilogue):
             p = e / e.sum(-1, keepdim=True)
         elif norm == "sigmoid":
             p = torch.sigmoid(s)
+        elif norm == "exp2":
+            e = torch.exp2(s - s.amax(-1, keepdim=True))
+            p = e / e.sum(-1, keepdim=True)
+        elif norm == "pow2":
+            e = 2 ** (s - s.max(-1, keepdim=True).values)
+            p = e / e.sum(-1, keepdim=True)
+        elif norm == "log_softmax":
+            p = torch.log_softmax(s, -1).exp()
         elif norm == "sinks":       # one extra logit per head, softmaxed with the row, sliced off
             B, H, M, _ = s.shape
             p = torch.cat([s, hb.view(1, H, 1, 1).expand(B, H, M, 1)], -1).softmax(-1)[..., :-1]
         else:
             r = torch.relu(s)
             p = r / (r.sum(-1, keepdim=True) + 1.0)
+        if dropout == "p0":
+            p = torch.nn.functional.dropout(p, p=0.0)
+        elif dropout == "module_eval":
+            p = _DROPOUT_EVAL(p)
         o = p @ v
         return o * torch.sigmoid(gate) if epilogue == "gate" else o
     return attn
@@ -60,10 +85,10 @@ def build(score_op, mask, norm, epilogue):
 
 @settings(max_examples=20, deadline=None, suppress_health_check=list(HealthCheck))
 @given(score_op=st.sampled_from(SCORE_OPS), mask=st.sampled_from(MASKS), norm=st.sampled_from(NORMS),
-       epilogue=st.sampled_from(EPILOGUES), B=st.integers(1, 2), H=st.integers(1, 3),
+       epilogue=st.sampled_from(EPILOGUES), dropout=st.sampled_from(DROPOUTS), B=st.integers(1, 2), H=st.integers(1, 3),
        Sq=st.integers(1, 40), Sk=st.integers(1, 40), D=st.sampled_from([8, 12, 16, 20]),
        Dv=st.sampled_from([8, 12, 16]), transposed=st.booleans(), seed=st.integers(0, 2**16))
-def test_random_programs_fuse_or_fall_back_correctly(score_op, mask, norm, epilogue, B, H, Sq, Sk, D, Dv,
+def test_random_programs_fuse_or_fall_back_correctly(score_op, mask, norm, epilogue, dropout, B, H, Sq, Sk, D, Dv,
                                                      transposed, seed):
     g = torch.Generator().manual_seed(seed)
     rn = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
@@ -72,7 +97,7 @@ def test_random_programs_fuse_or_fall_back_correctly(score_op, mask, norm, epilo
     else:
         q, k, v = rn(B, H, Sq, D), rn(B, H, Sk, D), rn(B, H, Sk, Dv)
     hb, keep, gate = rn(H), torch.rand(B, Sk, generator=g) > 0.3, rn(B, H, Sq, Dv)
-    fn = build(score_op, mask, norm, epilogue)
+    fn = build(score_op, mask, norm, epilogue, dropout)
     args = (q, k, v, hb, keep, gate)
     report = flashlight.explain(fn, *args)
     assert report.regions, "every program here has one attention region"

@@ -124,10 +124,24 @@ def constant_value(node):
         return None
     t = src.target
     if t is aten.scalar_tensor.default:
-        return src.args[0]
-    if t in (aten.full.default, aten.full_like.default):
-        return src.args[1]
-    return 0.0 if t in (aten.zeros.default, aten.zeros_like.default) else 1.0
+        value = src.args[0]
+    elif t in (aten.full.default, aten.full_like.default):
+        value = src.args[1]
+    else:
+        value = 0 if t in (aten.zeros.default, aten.zeros_like.default) else 1
+    return typed_scalar(value, src.meta["val"].dtype if "val" in src.meta else None)
+
+
+def typed_scalar(value, dtype):
+    """`value` as the Python scalar a tensor of `dtype` holds: ones(dtype=bool) is True, not 1.0, so the
+    generated code combines it with masks as a boolean (`t & 1.0` does not compile)."""
+    if dtype is None or not isinstance(value, (bool, int, float)):
+        return value
+    if dtype == torch.bool:
+        return bool(value)
+    if not dtype.is_floating_point and not dtype.is_complex:
+        return int(value)
+    return float(value)
 
 
 def _source_of(node):
@@ -236,8 +250,35 @@ def _norm(axes, shape, sizes):
     return tuple(tuple(x for x in a if sizes.get(x, 2) != 1) if s != 1 else () for a, s in zip(axes, shape))
 
 
+RANDOM = ("bernoulli", "native_dropout", "rand", "randn", "rand_like", "randn_like", "randint", "multinomial")
+
+
 def analyse(gm: fx.GraphModule, pv: fx.Node) -> Region:
     """Build the Region ending at the ·V matmul `pv`, or raise NotFusable."""
+    try:
+        return _analyse(gm, pv)
+    except NotFusable as e:
+        random = _random_ops_before(pv.args[0])
+        if random:   # dropout (training, p > 0) traces to a Bernoulli mask multiplied into the probabilities
+            raise NotFusable(f"dropout with p > 0 is not fused (random {', '.join(random)} on the way to "
+                             f"the ·V product): left to Inductor; [{e}]") from None
+        raise
+
+
+def _random_ops_before(node):
+    seen, stack, found = set(), [node], []
+    while stack:
+        n = stack.pop()
+        if n in seen or not isinstance(n, fx.Node):
+            continue
+        seen.add(n)
+        if n.op == "call_function" and getattr(n.target, "__name__", "").split(".")[0].rstrip("_") in RANDOM:
+            found.append(n.name)
+        stack.extend(n.all_input_nodes)
+    return sorted(found)
+
+
+def _analyse(gm: fx.GraphModule, pv: fx.Node) -> Region:
     p, p_chain = _source_of(pv.args[0])
     p_shape = shape_of(p)
     if len(p_shape) < 2:

@@ -94,6 +94,11 @@ def plan(gm: fx.GraphModule, training: bool = False, dump=None, config=None, blo
         except NotFusable as e:
             rep.reason = str(e)
             out.append((rep, None, None))
+        except Exception as e:   # a bug of ours in generation must not become the user's exception
+            rep.reason = f"code generation failed ({type(e).__name__}: {e}); left to Inductor"
+            rep.fused = False
+            warnings.warn(f"flashlight: region ending at {pv.name}: {rep.reason}", stacklevel=2)
+            out.append((rep, None, None))
     return out
 
 
@@ -188,6 +193,48 @@ class PerShape:
         return self.dynamic
 
 
+class FallBackOnFailure:
+    """A graph with fused regions, and what to run if they fail: the same graph without fusion.
+
+    Generated kernels are compiled by Triton and launched on the first call; a failure there (a
+    compile error, too little shared memory, a launch error) is ours, not the user's. The first call
+    that raises switches, once and for all, to the graph compiled without fusion, with a warning and
+    the reason in the report. An exception the unfused graph raises too is the user's and propagates.
+    """
+
+    def __init__(self, fused, unfused, report: Report, inductor: bool):
+        self.fused, self.unfused, self.report, self.inductor = fused, unfused, report, inductor
+        self.fn = None   # set after the first call: the fused graph if it ran, else the unfused one
+
+    def __call__(self, *args):
+        if self.fn is not None:
+            return self.fn(*args)
+        try:
+            out = self.fused(*args)
+        except Exception as e:
+            self.fall_back(e, args, "the fused kernel failed on its first call")
+            return self.fn(*args)
+        self.fn = self.fused
+        return out
+
+    def fall_back(self, error, args, what):
+        global last_report
+        why = f"{what} ({type(error).__name__}: {error}); left to Inductor"
+        for rep in self.report.regions:
+            if rep.fused:
+                rep.fused, rep.reason = False, why
+        warnings.warn(f"flashlight: {why}", stacklevel=3)
+        last_report = self.report
+        self.fn = _compile_unfused(self.unfused, list(args), self.inductor)
+
+
+def _compile_unfused(gm, example_inputs, inductor):
+    if not inductor:
+        return gm
+    from torch._inductor.compile_fx import compile_fx
+    return compile_fx(gm, example_inputs)
+
+
 def flashlight_backend(gm: fx.GraphModule, example_inputs, *, dump=None, config=None, inductor=True,
                        block_sparse=True):
     global last_report
@@ -196,8 +243,12 @@ def flashlight_backend(gm: fx.GraphModule, example_inputs, *, dump=None, config=
                         block_sparse=block_sparse)
     aten_gm, report, n_fused = fuse(gm, example_inputs, dump=dump, config=config, block_sparse=block_sparse)
     last_report = report
-    target = aten_gm if n_fused else gm
-    if not inductor:
-        return target
-    from torch._inductor.compile_fx import compile_fx
-    return compile_fx(target, example_inputs)
+    if not n_fused:
+        return _compile_unfused(gm, example_inputs, inductor)
+    try:
+        fused = _compile_unfused(aten_gm, example_inputs, inductor)
+    except Exception as e:   # Inductor could not compile the graph around the fused op
+        fallback = FallBackOnFailure(None, gm, report, inductor)
+        fallback.fall_back(e, example_inputs, "compiling the graph around the fused kernel failed")
+        return fallback.fn
+    return FallBackOnFailure(fused, gm, report, inductor)

@@ -59,6 +59,71 @@ def _values_only_max(gm: fx.GraphModule) -> None:
     gm.recompile()
 
 
+def _natural_exponentials(gm: fx.GraphModule) -> None:
+    """Every exponential in base e, so the matcher knows one softmax:
+
+    - ``base ** x`` (pow.Scalar, a positive constant base; exp2) is ``exp(x * ln(base))``;
+    - ``exp(a - log(b))`` is ``exp(a) / b``: ``log_softmax(x).exp()`` becomes the ordinary softmax, and
+      the exp(a) the log-sum-exp already computed is reused."""
+    import math
+
+    g = gm.graph
+    for node in list(g.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target is aten.exp2.default:
+            x, base = node.args[0], 2.0
+        elif node.target is aten.pow.Scalar and isinstance(node.args[0], (int, float)) and \
+                not isinstance(node.args[0], bool) and node.args[0] > 0 and node.args[0] != 1:
+            x, base = node.args[1], float(node.args[0])
+        else:
+            continue
+        if not isinstance(x, fx.Node) or not x.meta["val"].is_floating_point():
+            continue
+        if base == math.e:
+            arg = x
+        elif base > 1 and x.target is aten.sub.Tensor and isinstance(x.args[1], fx.Node) and \
+                x.args[1].target is aten.amax.default and x.args[1].args[0] is x.args[0]:
+            # (s - max s) * ln(base) is y - max y for y = s * ln(base) > 0: the softmax's own form
+            y = _emit(g, node, aten.mul.Tensor, [x.args[0], math.log(base)])
+            arg = _emit(g, node, aten.sub.Tensor, [y, _emit(g, node, aten.amax.default, [y, *x.args[1].args[1:]])])
+        else:
+            arg = _emit(g, node, aten.mul.Tensor, [x, math.log(base)])
+        new = _emit(g, node, aten.exp.default, [arg])
+        new.meta = {**node.meta, **{"val": new.meta["val"]}}
+        node.replace_all_uses_with(new)
+        g.erase_node(node)
+    for node in list(g.nodes):
+        if node.op != "call_function" or node.target is not aten.exp.default:
+            continue
+        sub = node.args[0]
+        if not (isinstance(sub, fx.Node) and sub.target is aten.sub.Tensor and len(sub.args) == 2 and
+                not sub.kwargs and isinstance(sub.args[1], fx.Node) and sub.args[1].target is aten.log.default):
+            continue
+        a, b = sub.args[0], sub.args[1].args[0]
+        if not isinstance(a, fx.Node):
+            continue
+        exp_a = next((u for u in a.users if u.target is aten.exp.default and u is not node), None)
+        if exp_a is None or exp_a not in _ancestors_upto(node):
+            exp_a = _emit(g, node, aten.exp.default, [a])
+        new = _emit(g, node, aten.div.Tensor, [exp_a, b])
+        node.replace_all_uses_with(new)
+        g.erase_node(node)
+    g.eliminate_dead_code()
+    gm.recompile()
+
+
+def _ancestors_upto(node):
+    """Nodes `node` depends on (so they come before it in the graph)."""
+    seen, stack = set(), [node]
+    while stack:
+        for a in stack.pop().all_input_nodes:
+            if a not in seen:
+                seen.add(a)
+                stack.append(a)
+    return seen
+
+
 def _dim_of(node, dim):
     return dim % len(node.meta["val"].shape)
 
@@ -165,8 +230,11 @@ def normalize(fn, example_inputs) -> fx.GraphModule:
                 gm = make_fx(fn, decomposition_table=decompositions(), tracing_mode="real",
                              record_stack_traces=True)(*example_inputs)
         else:
+            # tensors the function closes over (a module's weights, a mask built outside) are real:
+            # they become constants of the graph, as in torch.compile
             gm = make_fx(fn, decomposition_table=decompositions(), tracing_mode="fake",
-                         record_stack_traces=True)(*example_inputs)
+                         record_stack_traces=True, _allow_non_fake_inputs=True)(*example_inputs)
     _values_only_max(gm)
+    _natural_exponentials(gm)
     _split_concats(gm)
     return gm

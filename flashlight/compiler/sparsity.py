@@ -167,6 +167,7 @@ class IntervalEmitter:
             return None
         if acc.kind == "const":
             c = _const_of(self.r, node, i)
+            c = int(c) if isinstance(c, bool) else c   # as for a literal bool above
             return None if c is None else ("num", repr(c), repr(c))
         axes = set(flat_axes(acc.axes))
         self.batch_axes |= {a for a in axes if a.startswith("b")}
