@@ -64,3 +64,35 @@ def test_every_variant_gradients(name):
     for k in v.module.LEARNABLE if hasattr(v.module, "LEARNABLE") else ():
         assert inputs[k].requires_grad
     check_grads(v.bind(shape), inputs)
+
+
+def sm_causal(q, k, v):
+    s = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5
+    i = torch.arange(q.shape[-2])[:, None]
+    j = torch.arange(k.shape[-2])[None, :]
+    return torch.softmax(s.masked_fill(j > i, float("-inf")), -1) @ v
+
+
+def test_a_failing_generated_backward_falls_back_to_the_regions_own_ops(monkeypatch):
+    from flashlight.compiler import runtime
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("injected: the backward kernels did not compile")
+    monkeypatch.setattr(runtime.CompiledRegion, "_backward_kernels", broken)
+    q, k, v = (torch.randn(2, 2, 40, 16, requires_grad=True) for _ in range(3))
+    torch._dynamo.reset()
+    out = flashlight.compile(sm_causal, inductor=False)(q, k, v)
+    with pytest.warns(UserWarning, match="generated backward failed"):
+        out.backward(torch.ones_like(out))
+    ref = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    sm_causal(*ref).backward(torch.ones_like(out).double())
+    for x, r in zip((q, k, v), ref):
+        assert rel_err(x.grad, r.grad) < TOL
+
+
+def test_double_backward_is_a_clear_error():
+    q, k, v = (torch.randn(1, 2, 32, 16, requires_grad=True) for _ in range(3))
+    torch._dynamo.reset()
+    out = flashlight.compile(sm_causal, inductor=False)(q, k, v)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(out.sum(), q, create_graph=True)

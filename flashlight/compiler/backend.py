@@ -22,6 +22,7 @@ from flashlight.compiler.explain import RegionReport, Report
 from flashlight.compiler.runtime import CompiledRegion, interpreting, register
 
 aten = torch.ops.aten
+prims = torch.ops.prims
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -38,6 +39,30 @@ def _check_device(region):
             if val.device.type != "cuda" and not interpreting():
                 raise NotFusable(f"inputs are on {val.device.type}: Triton kernels need a CUDA device "
                                  "(set TRITON_INTERPRET=1 to run them on CPU, slowly, for tests)")
+
+
+def region_subgraph(gm: fx.GraphModule, leaves, output) -> fx.GraphModule:
+    """The region as a graph of its own: its leaves in, its output out, the user's ops in between."""
+    needed, stack = set(), [output]
+    while stack:
+        n = stack.pop()
+        if n in needed or n in leaves:
+            continue
+        needed.add(n)
+        stack.extend(n.all_input_nodes)
+    g = fx.Graph()
+    env = {leaf: g.placeholder(leaf.name) for leaf in leaves}
+    for n in gm.graph.nodes:
+        if n not in needed:
+            continue
+        env[n] = g.node_copy(n, lambda a: env[a])
+        # the decompositions leave a few prims, which torch.autograd cannot differentiate: their aten twins
+        if n.target is prims.where.default:
+            env[n].target = torch.where
+        elif n.target is prims.convert_element_type.default:
+            env[n].target, env[n].args, env[n].kwargs = aten._to_copy.default, (env[n].args[0],), {"dtype": n.args[1]}
+    g.output(env[output])
+    return fx.GraphModule(gm, g)
 
 
 def requires_grad_nodes(gm: fx.GraphModule, example_inputs) -> set:
@@ -90,7 +115,10 @@ def plan(gm: fx.GraphModule, training: bool = False, dump=None, config=None, blo
                 rep.backward_fused = True
                 rep.backward_source = backward(()).source
             rep.fused = True
-            out.append((rep, region, CompiledRegion(ks, dict(config or {}), dump, backward_source=backward)))
+            compiled = CompiledRegion(ks, dict(config or {}), dump, backward_source=backward)
+            if training:   # the user's own ops for the region, kept for a backward that fails to run
+                compiled.reference = region_subgraph(gm, region.leaves, region.output)
+            out.append((rep, region, compiled))
         except NotFusable as e:
             rep.reason = str(e)
             out.append((rep, None, None))

@@ -365,6 +365,40 @@ def _names(text):
     return re.findall(r"[A-Za-z_]\w*", text)
 
 
+def _small_table(acc, region) -> bool:
+    """A table gathered by a computed index, small, and otherwise indexed by batch axes only (T5 buckets
+    × heads): its gradient is summed per table entry in registers, not scattered element by element
+    (millions of atomic adds into a few dozen addresses serialise)."""
+    if len(acc.gather) != 1:
+        return False
+    g = acc.gather[0][0]
+    rest = set(flat_axes(acc.axes)) - {g}
+    return rest <= set(region.batch_axes) and region.sizes[g] <= 256
+
+
+def _table_gradient(em, acc, codes, body, init, post, carried, valid):
+    """Per query tile: sum the adjoint of every gathered element into its table entry (a loop over the
+    entries, each a masked tile sum), then one atomic add of the whole table row per program."""
+    g = acc.gather[0][0]
+    G = em.r.sizes[g]
+    GB = 1 << max(4, (G - 1).bit_length())
+    name = f"dtable{len(carried)}"
+    idx = em.gather_code[g]
+    c = " + ".join(codes)
+    if valid:
+        c = f"tl.where({valid}, {c}, 0.0)"
+    init.append(f"{name} = tl.zeros([{GB}], tl.float32)  # d{acc.source.name}, per entry")
+    body.append(f"contrib_{name} = tl.broadcast_to({c}, [BLOCK_M, BLOCK_N])  # d{acc.source.name}[index]")
+    body.append(f"for entry in range({G}):")
+    body.append(f"    part = tl.sum(tl.sum(tl.where(({idx}) == entry, contrib_{name}, 0.0), 1), 0)")
+    body.append(f"    {name} = tl.where(tl.arange(0, {GB}) == entry, {name} + part, {name})")
+    carried.append(name)
+    em.gather_code[g], saved = f"tl.arange(0, {GB})", em.gather_code[g]
+    ptr, _ = em.grad_address(acc, em.ctx)
+    em.gather_code[g] = saved
+    post.append(f"tl.atomic_add({ptr}, {name}, mask=tl.arange(0, {GB}) < {G})")
+
+
 def _tile_kernel(region: Region, loop_axis: str, needs, block_sparse) -> _Kernel:
     em = _TileEmitter(region, loop_axis)
     prog = em.prog = OnlineProgram(region)
@@ -504,6 +538,9 @@ def _tile_kernel(region: Region, loop_axis: str, needs, block_sparse) -> _Kernel
     if loop_axis == "n":
         # score-side inputs: their adjoint, summed over what they are broadcast along, added in place
         for key, (acc, codes) in leaf_adj.items():
+            if _small_table(acc, r):
+                _table_gradient(em, acc, codes, body, init, post, carried, valid if mask_any else None)
+                continue
             axes = set(flat_axes(acc.axes)) | {a for _, _, ix in acc.gather for a in ix}
             code = reduce_to(" + ".join(codes), axes)
             if mask_any and "m" in axes and "n" in axes:

@@ -13,6 +13,7 @@ import importlib.util
 import math
 import os
 import sys
+import warnings
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,6 +114,8 @@ class CompiledRegion:
     # training: needs (which inputs want a gradient) -> BackwardSource; set when the backward was generated
     backward_source: object = field(default=None, repr=False)
     _backward: dict = field(default_factory=dict, repr=False)   # needs -> (BackwardSource, module)
+    reference: object = field(default=None, repr=False)   # the region's own ops (fx.GraphModule), training
+    backward_failed: str | None = None                    # why the generated backward was given up
 
     @property
     def key(self):
@@ -159,11 +162,30 @@ class CompiledRegion:
         return (out, saved) if ks.saved else out
 
     def backward(self, inputs, saved, grad_out, needs):
-        """Gradients of the inputs flagged in `needs` (None for the others): the row step in PyTorch
-        (late.py), then the generated tile kernels (backward.py)."""
+        """Gradients of the inputs flagged in `needs` (None for the others): the generated backward, or,
+        if it fails to compile or launch, the user's own ops for the region under torch.autograd (with one
+        warning: correct, but it materialises the scores, as eager does)."""
+        needs = tuple(bool(n) for n in needs)
+        if self.backward_failed is None:
+            try:
+                return self._generated_backward(inputs, saved, grad_out, needs)
+            except Exception as e:
+                if self.reference is None:
+                    raise
+                self.backward_failed = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+                warnings.warn(f"flashlight: the generated backward failed ({self.backward_failed}); this "
+                              "region's gradients now come from its own ops under autograd", stacklevel=2)
+        counters["backward_fallbacks"] += 1
+        with torch.enable_grad():
+            xs = [x.detach().requires_grad_(n) for x, n in zip(inputs, needs)]
+            out = self.reference(*xs)
+            wanted = [x for x, n in zip(xs, needs) if n]
+            got = iter(torch.autograd.grad(out, wanted, grad_out.reshape(out.shape), allow_unused=True))
+        return [(next(got) if n else None) for n in needs]
+
+    def _generated_backward(self, inputs, saved, grad_out, needs):
         from flashlight.compiler.late import row_backward
 
-        needs = tuple(bool(n) for n in needs)
         program = self.ks.row_program
         params = self.launch_args(inputs)
         rows, row_grads = row_backward(program, inputs, needs, params, saved, grad_out)
@@ -345,7 +367,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grads):
-    if torch.is_grad_enabled() and any(g is not None and g.requires_grad for g in grads):
+    if torch.is_grad_enabled():   # create_graph=True: a gradient of this gradient would be asked for
         raise RuntimeError("flashlight: double backward (a gradient of a gradient) through a fused attention "
                            "region is not supported; compile without flashlight for that computation")
     saved = ctx.saved_tensors
