@@ -54,6 +54,7 @@ class BackwardSource:
     grad_leaves: tuple            # leaf indices that get a gradient buffer, in kernel-argument order
     row_names: tuple              # per-row values the kernels load (late.py computes them), in order
     needs: tuple
+    stored: tuple = ()            # inputs whose gradient is written whole in their own dtype (no zero fill)
     sizes: dict = field(default_factory=dict)
     batch: int = 1
     M: int = 0
@@ -73,6 +74,7 @@ class _TileEmitter(_Emitter):
         self.ctx = ("m", "n") if loop_axis == "n" else ("n", "m")
         self.grad_slots: list = []
         self.grad_params: list = []
+        self.stored: set = set()     # inputs whose gradient this kernel stores whole (see _exclusive)
 
     def expr(self, node):
         # x / row value: one reciprocal per row, a multiply per element (division is slow on the GPU)
@@ -276,7 +278,8 @@ def generate_backward(region: Region, needs: tuple, block_sparse: bool = True) -
         source += f"\n\n@triton.jit\ndef {name}({kern.signature(grad_leaves)}):\n" + body + "\n"
     return BackwardSource(source, dq_name, dkv_name, (dq.em.slots, dq.em.grad_slots),
                           (dkv.em.slots, dkv.em.grad_slots) if dkv else ([], []), grad_leaves, row_names,
-                          tuple(needs), sizes=dict(sizes),
+                          tuple(needs), stored=tuple(sorted(dq.em.stored | (dkv.em.stored if dkv else set()))),
+                          sizes=dict(sizes),
                           batch=math.prod(region.batch_sizes) if region.batch_sizes else 1,
                           M=sizes["m"], N=sizes["n"], E=sizes["e"])
 
@@ -363,6 +366,31 @@ class _Kernel:
 def _names(text):
     import re
     return re.findall(r"[A-Za-z_]\w*", text)
+
+
+def _exclusive(acc, region) -> bool:
+    """Does each program of a kernel own its tile of this input's gradient? True when the input is read
+    once in the region, along every batch axis and with no broadcast (stride-0) dimension: then the
+    gradient is stored in the input's dtype, with no zero fill, no atomics and no conversion after."""
+    if sum(a.source is acc.source for a in region.accesses.values()) != 1 or acc.gather:
+        return False
+    if not set(region.batch_axes) <= set(flat_axes(acc.axes)):
+        return False
+    from flashlight.compiler.codegen import _contig, access_layout
+    shape = acc.source.meta["val"].shape
+    layout, _ = access_layout(acc.chain, acc.axes, tuple(shape), _contig(tuple(shape)), 0, region.sizes)
+    return all(st != 0 for (_, _, _, subdims) in layout for s, st in subdims if s > 1)
+
+
+def _write_gradient(em, acc, ctx, value, post):
+    ptr, mask = em.grad_address(acc, ctx)
+    leaf = em.r.leaf_index(acc.source)
+    if _exclusive(acc, em.r):
+        em.stored.add(leaf)
+        post.append(f"tl.store({ptr}, {value}.to(grad{leaf}_ptr.dtype.element_ty)" +
+                    (f", mask={mask})" if mask else ")"))
+    else:
+        post.append(f"tl.atomic_add({ptr}, {value}" + (f", mask={mask})" if mask else ")"))
 
 
 def _small_table(acc, region) -> bool:
@@ -517,15 +545,13 @@ def _tile_kernel(region: Region, loop_axis: str, needs, block_sparse) -> _Kernel
             init.append(f"{name} = tl.zeros([BLOCK_M, {bd}], tl.float32)  # dQ of {sm.node.name}")
             body.append(f"{name} = {name} + tl.dot({ds}.to({k}.dtype), tl.trans({k}))")
             carried.append(name)
-            ptr, mask = em.grad_address(sm.q, ("m", sm.axis))
-            post.append(f"tl.atomic_add({ptr}, {name}" + (f", mask={mask})" if mask else ")"))
+            _write_gradient(em, sm.q, ("m", sm.axis), name, post)
         if loop_axis == "m" and needs[k_leaf]:
             name = f"dk_{sm.node.name}"
             init.append(f"{name} = tl.zeros([BLOCK_N, {bd}], tl.float32)  # dK of {sm.node.name}")
             body.append(f"{name} = {name} + tl.dot({ds}.to({q}.dtype), tl.trans({q}))  # dSᵀ·Q")
             carried.append(name)
-            ptr, mask = em.grad_address(sm.k, ("n", sm.axis))
-            post.append(f"tl.atomic_add({ptr}, {name}" + (f", mask={mask})" if mask else ")"))
+            _write_gradient(em, sm.k, ("n", sm.axis), name, post)
     v_leaf = r.leaf_index(r.value.source)
     if loop_axis == "m" and needs[v_leaf]:
         p = vname(r.pv.args[0])
@@ -533,8 +559,7 @@ def _tile_kernel(region: Region, loop_axis: str, needs, block_sparse) -> _Kernel
         init.append(f"dv = tl.zeros([BLOCK_N, {em.block_size['e']}], tl.float32)  # dV")
         body.append(f"dv = dv + tl.dot(tl.broadcast_to({pm}, {tile}).to({v}.dtype), dpv.to({v}.dtype))  # Pᵀ·dO")
         carried.append("dv")
-        ptr, mask = em.grad_address(r.value, ("n", "e"))
-        post.append(f"tl.atomic_add({ptr}, dv" + (f", mask={mask})" if mask else ")"))
+        _write_gradient(em, r.value, ("n", "e"), "dv", post)
     if loop_axis == "n":
         # score-side inputs: their adjoint, summed over what they are broadcast along, added in place
         for key, (acc, codes) in leaf_adj.items():

@@ -194,7 +194,8 @@ class CompiledRegion:
         cfg = backward_config(bs, device.type, self.config.get("backward"))
         table = torch.stack([rows[n] for n in bs.row_names]) if bs.row_names else torch.zeros(1, device=device)
         table = table.to(device=device, dtype=torch.float32).contiguous()
-        grads = {i: torch.zeros(inputs[i].shape, dtype=torch.float32, device=device) for i in bs.grad_leaves}
+        grads = {i: torch.empty(inputs[i].shape, dtype=inputs[i].dtype, device=device) if i in bs.stored else
+                 torch.zeros(inputs[i].shape, dtype=torch.float32, device=device) for i in bs.grad_leaves}
         gbufs = [grads[i] for i in bs.grad_leaves]
         launches = [(bs.dq_name, bs.dq_slots, cfg["dq"], bs.M, "BLOCK_M"),
                     (bs.dkv_name, bs.dkv_slots, cfg["dkv"], bs.N, "BLOCK_N")]
@@ -213,8 +214,8 @@ class CompiledRegion:
                 continue
             g = grads[i] if i in grads else torch.zeros(t.shape, dtype=torch.float32, device=device)
             if i in row_grads:
-                g = g + row_grads[i].float()
-            out.append(g.to(t.dtype))
+                g = g + row_grads[i].to(g.dtype)
+            out.append(g if g.dtype == t.dtype else g.to(t.dtype))
         return out
 
     def _backward_kernels(self, needs):
