@@ -54,7 +54,11 @@ def main():
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
                 step()
                 torch.cuda.synchronize()
-            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
+            events = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)
+            total = sum(e.device_time_total for e in events)
+            print(f"  one step, {total / 1e3:.3f} ms of GPU time:")
+            for e in events[:12]:
+                print(f"  {e.device_time_total / 1e3:8.3f} ms  x{e.count:<3d} {e.key[:90]}")
 
 
 if __name__ == "__main__":
