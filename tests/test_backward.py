@@ -96,3 +96,72 @@ def test_double_backward_is_a_clear_error():
     out = flashlight.compile(sm_causal, inductor=False)(q, k, v)
     with pytest.raises(RuntimeError, match="double backward"):
         torch.autograd.grad(out.sum(), q, create_graph=True)
+
+
+class HFStyleAttention(torch.nn.Module):
+    """Attention as model files write it: Linear projections, rotary embeddings, GQA by expand + reshape,
+    an additive mask of 0 / finfo.min given as a [B, 1, S, S] tensor, an output projection."""
+
+    def __init__(self, d=32, heads=4, kv_heads=2):
+        super().__init__()
+        self.h, self.kv, self.hd = heads, kv_heads, d // heads
+        self.q = torch.nn.Linear(d, d)
+        self.k = torch.nn.Linear(d, kv_heads * self.hd)
+        self.v = torch.nn.Linear(d, kv_heads * self.hd)
+        self.o = torch.nn.Linear(d, d)
+
+    def rope(self, x):
+        S, hd = x.shape[-2], x.shape[-1]
+        freq = 1.0 / 10000 ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd)
+        ang = torch.arange(S, dtype=torch.float32)[:, None] * freq[None, :]
+        cos, sin = torch.cat([ang.cos(), ang.cos()], -1), torch.cat([ang.sin(), ang.sin()], -1)
+        x1, x2 = x[..., : hd // 2], x[..., hd // 2:]
+        return x * cos + torch.cat([-x2, x1], -1) * sin
+
+    def forward(self, x, mask):
+        B, S, _ = x.shape
+        q = self.rope(self.q(x).view(B, S, self.h, self.hd).transpose(1, 2))
+        k = self.rope(self.k(x).view(B, S, self.kv, self.hd).transpose(1, 2))
+        v = self.v(x).view(B, S, self.kv, self.hd).transpose(1, 2)
+        g = self.h // self.kv
+        k = k[:, :, None].expand(B, self.kv, g, S, self.hd).reshape(B, self.h, S, self.hd)
+        v = v[:, :, None].expand(B, self.kv, g, S, self.hd).reshape(B, self.h, S, self.hd)
+        s = q @ k.transpose(2, 3) / self.hd ** 0.5 + mask
+        p = torch.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype)
+        return self.o((p @ v).transpose(1, 2).reshape(B, S, -1))
+
+
+@pytest.mark.parametrize("inductor", [False, True])
+def test_module_trains_like_eager(inductor):
+    """A module with parameters, compiled and trained for a few steps, follows eager step for step."""
+    torch.manual_seed(int(torch.randint(0, 10**6, ())))
+    B, S = 2, 24
+    fused, eager = HFStyleAttention(), HFStyleAttention()
+    eager.load_state_dict(fused.state_dict())
+    causal = torch.ones(S, S, dtype=torch.bool).tril()
+    mask = torch.zeros(B, 1, S, S).masked_fill(~causal, torch.finfo(torch.float32).min)
+    mask[1, :, :, :5] = torch.finfo(torch.float32).min            # padding at the start of one sequence
+    opt_f = torch.optim.SGD(fused.parameters(), lr=0.1)
+    opt_e = torch.optim.SGD(eager.parameters(), lr=0.1)
+    torch._dynamo.reset()
+    compiled = flashlight.compile(fused, inductor=inductor)
+    before = flashlight.counters["fused_backward_launches"]
+    for _ in range(3):
+        x = torch.randn(B, S, 32)
+        for model, opt in ((compiled, opt_f), (eager, opt_e)):
+            opt.zero_grad()
+            model(x, mask).square().mean().backward()
+            opt.step()
+    assert flashlight.counters["fused_backward_launches"] >= before + 3
+    for (name, a), b in zip(fused.named_parameters(), eager.parameters()):
+        assert rel_err(a.detach(), b.detach()) < 1e-5, name
+
+
+def test_gqa_shares_key_gradients_across_heads():
+    def gqa(q, k, v):   # 4 query heads over 2 key/value heads
+        k = k.repeat_interleave(2, dim=1)
+        v = v.repeat_interleave(2, dim=1)
+        return torch.softmax(q @ k.transpose(-1, -2) * 0.25, -1) @ v
+    inputs = {"q": torch.randn(2, 4, 33, 16, requires_grad=True), "k": torch.randn(2, 2, 45, 16, requires_grad=True),
+              "v": torch.randn(2, 2, 45, 8, requires_grad=True)}
+    check_grads(gqa, inputs)

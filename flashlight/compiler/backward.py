@@ -383,6 +383,10 @@ def _exclusive(acc, region) -> bool:
 
 
 def _write_gradient(em, acc, ctx, value, post):
+    # a tile axis the input does not span (a size-1 dim: one query, one key) is summed away
+    for dim, axis in enumerate(ctx):
+        if axis not in flat_axes(acc.axes):
+            value = f"tl.sum({value}, {dim}, keep_dims=True)"
     ptr, mask = em.grad_address(acc, ctx)
     leaf = em.r.leaf_index(acc.source)
     if _exclusive(acc, em.r):
@@ -446,15 +450,24 @@ def _tile_kernel(region: Region, loop_axis: str, needs, block_sparse) -> _Kernel
     body = em.loop   # loads made while emitting land in order with the code that reads them
 
     # 1. recompute the scores and the score program at their true values
+    def full(acc, ctx, where):
+        """A Q, K or V tile at its full block shape (a size-1 query or key dim is read broadcast)."""
+        name = em.access(acc, ctx, where)
+        if all(a in flat_axes(acc.axes) for a in ctx):
+            return name
+        shape = ", ".join(f"BLOCK_{a.upper()}" if a in ("m", "n") else str(em.block_size[a]) for a in ctx)
+        where.append(f"{name}_full = tl.broadcast_to({name}, [{shape}])")
+        return f"{name}_full"
+
     tiles_of = {}
     for sm in r.scores:
         if loop_axis == "n":     # S = Q·Kᵀ: Q [BLOCK_M, D] once, K as [D, BLOCK_N] per key tile
-            q = em.access(sm.q, ("m", sm.axis), em.pre)
-            k = em.access(sm.k, (sm.axis, "n"), em.loop)
+            q = full(sm.q, ("m", sm.axis), em.pre)
+            k = full(sm.k, (sm.axis, "n"), em.loop)
             a, b = q, k
         else:                    # Sᵀ = K·Qᵀ: K [BLOCK_N, D] once, Q as [D, BLOCK_M] per query tile
-            k = em.access(sm.k, ("n", sm.axis), em.pre)
-            q = em.access(sm.q, (sm.axis, "m"), em.loop)
+            k = full(sm.k, ("n", sm.axis), em.pre)
+            q = full(sm.q, (sm.axis, "m"), em.loop)
             a, b = k, q
         tiles_of[sm.node] = (q, k)
         if sm.q.dtype != sm.k.dtype:
@@ -469,27 +482,30 @@ def _tile_kernel(region: Region, loop_axis: str, needs, block_sparse) -> _Kernel
     adj: dict = {}
     leaf_adj: dict = {}
 
-    def give(consumer, i, code):
+    def give(consumer, i, code, src=None):
+        """Pass an adjoint contribution to argument i of consumer; `src`: the tile axes it spans (those
+        of the consumer), so that it is summed over exactly the axes its target is broadcast along."""
+        src = set(flat_axes(r.axes[consumer])) & {"m", "n"} if src is None else src
         a = consumer.args[i]
         if isinstance(a, fx.Node) and a in em.internal:
             if kinds[a] == "late":
                 return   # row values: their gradient came from the row pass
-            adj.setdefault(a, []).append(code)
+            adj.setdefault(a, []).append((code, src))
             return
         acc = r.accesses.get((consumer, i))
         if acc is None or acc.kind != "tensor" or not needs[r.leaf_index(acc.source)]:
             return
         key = (acc.source, acc.chain, acc.axes, acc.gather)
-        leaf_adj.setdefault(key, (acc, []))[1].append(code)
+        leaf_adj.setdefault(key, (acc, []))[1].append((code, src))
 
     rows = {"dpv"}
-    v = em.access(r.value, ("n", "e"), em.loop if loop_axis == "n" else em.pre)
+    v = full(r.value, ("n", "e"), em.loop if loop_axis == "n" else em.pre)
     body.append("# dP = dO·Vᵀ: the adjoint of the probabilities fed to ·V")
     if loop_axis == "n":
         body.append(f"dp = tl.dot(dpv.to({v}.dtype), tl.trans({v}))")
     else:
         body.append(f"dp = tl.dot({v}, tl.trans(dpv.to({v}.dtype)))  # transposed, [keys, queries]")
-    give(r.pv, 0, "dp")
+    give(r.pv, 0, "dp", {"m", "n"})
     for node in r.nodes:
         if node.target is aten.sum.dim_IntList:
             rows.add(f"g_{node.name}")
@@ -499,20 +515,31 @@ def _tile_kernel(region: Region, loop_axis: str, needs, block_sparse) -> _Kernel
     if mask_any:
         body.append(f"{valid} = mask_{rows_ax}[:, None] & mask_{cols_ax}[None, :]")
 
-    def reduce_to(code, axes):
-        """A contribution summed over the tile axes its target does not span."""
-        if "m" in axes and "n" in axes:
+    # a tile axis of size 1 (one query, one key) is dropped from every value's axes, yet tiles along it
+    # are full blocks with one live row: values count as spanning it, inputs' addresses do not
+    single = {a for a in ("m", "n") if sizes[a] == 1}
+
+    def reduce_to(code, axes, src, leaf=False):
+        """A contribution spanning tile axes `src`, summed over those its target (`axes`) does not span."""
+        src = (set(src) & {"m", "n"}) | single
+        tgt = (set(axes) & {"m", "n"}) | (set() if leaf else single)
+        summed = [a for a in em.ctx if a in src and a not in tgt]
+        if not summed:
             return code
-        c = f"tl.broadcast_to({code}, {tile})"
+        c = f"tl.broadcast_to({code}, [{', '.join(f'BLOCK_{a.upper()}' if a in src else '1' for a in em.ctx)}])"
         if mask_any:
-            c = f"tl.where({valid}, {c}, 0.0)"
-        if "m" not in axes and "n" not in axes:   # a scalar (per batch index), as its pointer
+            live = " & ".join(f"mask_{a}[:, None]" if d == 0 else f"mask_{a}[None, :]"
+                              for d, a in enumerate(em.ctx) if a in src)
+            c = f"tl.where({live}, {c}, 0.0)"
+        if not tgt:   # a scalar (per batch index), as its pointer
             return f"tl.sum(tl.sum({c}, 1), 0)"
-        if cols_ax not in axes:
-            c = f"tl.sum({c}, 1, keep_dims=True)"
-        if rows_ax not in axes:
-            c = f"tl.sum({c}, 0, keep_dims=True)"
+        for d, a in enumerate(em.ctx):
+            if a in summed:
+                c = f"tl.sum({c}, {d}, keep_dims=True)"
         return c
+
+    def total(contribs, axes, leaf=False):
+        return " + ".join(reduce_to(c, axes, src, leaf) for c, src in contribs)
 
     score_adj = {}
     for node in reversed([n for n in r.nodes if n.target in MATMULS or n in set(element)]):
@@ -521,7 +548,7 @@ def _tile_kernel(region: Region, loop_axis: str, needs, block_sparse) -> _Kernel
             continue
         axes = set(flat_axes(r.axes[node]))
         g = f"a_{node.name}"
-        body.append(f"{g} = {reduce_to(' + '.join(contribs), axes)}  # adjoint of {node.name} ({node.target})")
+        body.append(f"{g} = {total(contribs, axes)}  # adjoint of {node.name} ({node.target})")
         if node.target in MATMULS:
             score_adj[node] = g
             continue
@@ -564,10 +591,11 @@ def _tile_kernel(region: Region, loop_axis: str, needs, block_sparse) -> _Kernel
         # score-side inputs: their adjoint, summed over what they are broadcast along, added in place
         for key, (acc, codes) in leaf_adj.items():
             if _small_table(acc, r):
-                _table_gradient(em, acc, codes, body, init, post, carried, valid if mask_any else None)
+                _table_gradient(em, acc, [c for c, _ in codes], body, init, post, carried,
+                                valid if mask_any else None)
                 continue
             axes = set(flat_axes(acc.axes)) | {a for _, _, ix in acc.gather for a in ix}
-            code = reduce_to(" + ".join(codes), axes)
+            code = total(codes, axes, leaf=True)
             if mask_any and "m" in axes and "n" in axes:
                 code = f"tl.where({valid}, {code}, 0.0)"
             ptr, mask = em.grad_address(acc, ctx)
