@@ -281,8 +281,12 @@ def test_additive_mask_tensors_with_huge_values(fill):
     keep = torch.rand(B, 1, S, S) > 0.4
     keep[1, :, 5] = False                           # a query row that sees nothing
     bias = torch.zeros(B, 1, S, S).masked_fill(~keep, fill)
-    out, ref, _ = run_fused(additive_mask, rand(B, H, S, 16), rand(B, H, S, 16), rand(B, H, S, 16), bias)
-    assert rel_err(out, ref) < TOL
+    args = (rand(B, H, S, 16), rand(B, H, S, 16), rand(B, H, S, 16), bias)
+    out, ref, _ = run_fused(additive_mask, *args)
+    # a finite fill such as -3e4 leaves float32 a few bits for the scores of a fully masked row: the
+    # kernel is held to eager float32's own distance from float64 there (within 3x), else to TOL
+    eager_err = rel_err(additive_mask(*args), ref)
+    assert rel_err(out, ref) < max(TOL, 3 * eager_err)
 
 
 # ---- what must not fuse, and still be right -----------------------------------------------------
