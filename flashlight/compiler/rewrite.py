@@ -97,6 +97,17 @@ def _is_zero(x):
 def build(region: Region, operand, prog: OnlineProgram | None = None) -> OnlineProgram:
     """`operand(consumer, index)` gives the code of a node argument (literal, load or value name)."""
     prog = prog or OnlineProgram(region)
+    classify(region, prog)
+    factor_reductions(region, prog, operand)
+    n_soft = len(prog.max_groups)
+    prog.notes.append(f"{len(region.scores)} score matmul(s); {n_soft} running max(es); "
+                      f"{sum(a.kind == 'sum' for a in prog.accumulators)} running sum(s); "
+                      f"{sum(a.kind == 'dot' for a in prog.accumulators)} ·V accumulator(s)")
+    return prog
+
+
+def classify(region: Region, prog: OnlineProgram) -> None:
+    """Step 1: every internal value early, stabsub, late or mixed, with its scale degree (module doc)."""
     internal = set(region.nodes)
     kind, degree = prog.kind, prog.degree
 
@@ -163,7 +174,12 @@ def build(region: Region, operand, prog: OnlineProgram | None = None) -> OnlineP
                     continue
         kind[node] = "mixed" if has_axis(region, node, "n") else "late"
 
-    # --- factor the linear reductions into accumulators ----------------------------------------
+
+def factor_reductions(region: Region, prog: OnlineProgram, operand) -> None:
+    """Step 2: each linear reduction over keys (sum, ·V) as row coefficients × accumulators of early
+    tile values (module doc); sets prog.accumulators, prog.sum_value and prog.out_expr."""
+    internal = set(region.nodes)
+    kind, degree = prog.kind, prog.degree
     memo: dict = {}
 
     def terms(node):
@@ -184,7 +200,7 @@ def build(region: Region, operand, prog: OnlineProgram | None = None) -> OnlineP
         elif k == "stabsub":
             raise NotFusable("x - rowmax used outside exp")
         else:
-            res = _factor(node)
+            res = _factor_mixed(node, terms, arg_terms, operand, kind, internal)
         memo[node] = res
         return res
 
@@ -193,51 +209,6 @@ def build(region: Region, operand, prog: OnlineProgram | None = None) -> OnlineP
         if isinstance(a, fx.Node) and a in internal:
             return terms(a)
         return [Term(None, operand(node, i), ())]
-
-    def _factor(node):
-        t = node.target
-        if t in VIEW_OPS:
-            return terms(node.args[0])
-        if t in (aten.add.Tensor, aten.sub.Tensor):
-            sign = -1 if t is aten.sub.Tensor else 1
-            alpha = node.kwargs.get("alpha", 1)
-            rhs = arg_terms(node, 1)
-            scale = sign * alpha
-            if scale != 1:
-                rhs = [Term(_mul(tm.coef, repr(float(scale))), tm.elem, tm.degree) for tm in rhs]
-            return arg_terms(node, 0) + rhs
-        if t is aten.neg.default:
-            return [Term(_mul(tm.coef, "-1.0"), tm.elem, tm.degree) for tm in arg_terms(node, 0)]
-        if t is aten.mul.Tensor or t is aten.mul.Scalar:
-            out = []
-            for a in arg_terms(node, 0):
-                for b in arg_terms(node, 1):
-                    out.append(Term(_mul(a.coef, b.coef), _mul(a.elem, b.elem), _merge(a.degree, b.degree)))
-            return out
-        if t in (aten.div.Tensor, aten.div.Scalar):
-            den = arg_terms(node, 1)
-            if len(den) != 1:
-                raise NotFusable("division by a sum of row-dependent terms")
-            (b,) = den
-            if b.degree:
-                raise NotFusable("division by a value scaled by exp(-row max)")
-            return [Term(_div(a.coef, b.coef), _div(a.elem, b.elem), a.degree) for a in arg_terms(node, 0)]
-        if t in WHERE:
-            cond = node.args[0]
-            if isinstance(cond, fx.Node) and cond in internal and kind[cond] != "early":
-                raise NotFusable("mask that depends on whole rows")
-            c = operand(node, 0)
-            out = []
-            for i, keep in ((1, True), (2, False)):
-                a = node.args[i]
-                if _is_zero(a) or (isinstance(a, fx.Node) and constant_value(a) == 0):
-                    continue
-                for tm in arg_terms(node, i):
-                    e = tm.elem or "1.0"
-                    elem = f"tl.where({c}, {e}, 0.0)" if keep else f"tl.where({c}, 0.0, {e})"
-                    out.append(Term(tm.coef, elem, tm.degree))
-            return out
-        raise NotFusable(f"{t} applied to a value that needs whole rows (after normalisation)")
 
     def reduce_terms(src_terms, kind_, label):
         out = []
@@ -267,11 +238,52 @@ def build(region: Region, operand, prog: OnlineProgram | None = None) -> OnlineP
             prog.sum_value[node] = "(" + reduce_terms(src_terms, "sum", node.name) + ")"
     prog.out_expr = reduce_terms(terms(region.pv.args[0]), "dot", "out")
 
-    n_soft = len(prog.max_groups)
-    prog.notes.append(f"{len(region.scores)} score matmul(s); {n_soft} running max(es); "
-                      f"{sum(a.kind == 'sum' for a in prog.accumulators)} running sum(s); "
-                      f"{sum(a.kind == 'dot' for a in prog.accumulators)} ·V accumulator(s)")
-    return prog
+
+def _factor_mixed(node, terms, arg_terms, operand, kind, internal):
+    """The terms (row coefficient × tile value) of a mixed value, from its arguments' terms."""
+    t = node.target
+    if t in VIEW_OPS:
+        return terms(node.args[0])
+    if t in (aten.add.Tensor, aten.sub.Tensor):
+        sign = -1 if t is aten.sub.Tensor else 1
+        alpha = node.kwargs.get("alpha", 1)
+        rhs = arg_terms(node, 1)
+        scale = sign * alpha
+        if scale != 1:
+            rhs = [Term(_mul(tm.coef, repr(float(scale))), tm.elem, tm.degree) for tm in rhs]
+        return arg_terms(node, 0) + rhs
+    if t is aten.neg.default:
+        return [Term(_mul(tm.coef, "-1.0"), tm.elem, tm.degree) for tm in arg_terms(node, 0)]
+    if t is aten.mul.Tensor or t is aten.mul.Scalar:
+        out = []
+        for a in arg_terms(node, 0):
+            for b in arg_terms(node, 1):
+                out.append(Term(_mul(a.coef, b.coef), _mul(a.elem, b.elem), _merge(a.degree, b.degree)))
+        return out
+    if t in (aten.div.Tensor, aten.div.Scalar):
+        den = arg_terms(node, 1)
+        if len(den) != 1:
+            raise NotFusable("division by a sum of row-dependent terms")
+        (b,) = den
+        if b.degree:
+            raise NotFusable("division by a value scaled by exp(-row max)")
+        return [Term(_div(a.coef, b.coef), _div(a.elem, b.elem), a.degree) for a in arg_terms(node, 0)]
+    if t in WHERE:
+        cond = node.args[0]
+        if isinstance(cond, fx.Node) and cond in internal and kind[cond] != "early":
+            raise NotFusable("mask that depends on whole rows")
+        c = operand(node, 0)
+        out = []
+        for i, keep in ((1, True), (2, False)):
+            a = node.args[i]
+            if _is_zero(a) or (isinstance(a, fx.Node) and constant_value(a) == 0):
+                continue
+            for tm in arg_terms(node, i):
+                e = tm.elem or "1.0"
+                elem = f"tl.where({c}, {e}, 0.0)" if keep else f"tl.where({c}, 0.0, {e})"
+                out.append(Term(tm.coef, elem, tm.degree))
+        return out
+    raise NotFusable(f"{t} applied to a value that needs whole rows (after normalisation)")
 
 
 def _row_max_of(prog, x, internal):
