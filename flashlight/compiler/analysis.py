@@ -279,43 +279,58 @@ def _random_ops_before(node):
 
 
 def _analyse(gm: fx.GraphModule, pv: fx.Node) -> Region:
-    p, p_chain = _source_of(pv.args[0])
-    p_shape = shape_of(p)
-    if len(p_shape) < 2:
-        raise NotFusable("probabilities of rank < 2")
-    batch_sizes = p_shape[:-2]
-    M, N = p_shape[-2:]
-    batch_axes = tuple(f"b{i}" for i in range(len(batch_sizes)))
-    pv_shape = shape_of(pv)
-    Dv = pv_shape[-1]
-    sizes = {a: s for a, s in zip(batch_axes, batch_sizes)}
-    sizes.update(m=M, n=N, e=Dv)
-    if pv.target is aten.bmm.default:
-        if pv_shape[0] != math.prod(batch_sizes):
-            raise NotFusable("·V batch does not match the probabilities' batch dims")
-        lhs_axes = (batch_axes, ("m",), ("n",))
-        v_axes = (batch_axes, ("n",), ("e",))
-    else:
-        if batch_sizes:
-            raise NotFusable("2-D ·V matmul of batched probabilities")
-        lhs_axes = (("m",), ("n",))
-        v_axes = (("n",), ("e",))
-    lhs_axes = _norm(lhs_axes, shape_of(pv.args[0]), sizes)
+    b = _RegionBuilder(gm, pv)
+    b.find_epilogue()
+    b.collect_internal()
+    b.check_nothing_escapes()
+    b.propagate_axes()
+    return b.finish()
 
-    axes: dict = {}
-    accesses: dict = {}
-    internal: set = set()
-    scores: list = []
 
-    def assign(node, ax):
-        ax = _norm(ax, shape_of(node), sizes)
-        if node in axes and axes[node] != ax:
-            raise NotFusable(f"{node.name} is used with inconsistent broadcasting ({axes[node]} vs {ax})")
-        axes[node] = ax
+class _RegionBuilder:
+    """The steps of analyse(), in order, over the state they share (sizes, axes, accesses…)."""
 
-    def make_access(consumer, idx, arg, ax):
+    def __init__(self, gm: fx.GraphModule, pv: fx.Node):
+        self.gm, self.pv = gm, pv
+        self.p, _ = _source_of(pv.args[0])
+        p_shape = shape_of(self.p)
+        if len(p_shape) < 2:
+            raise NotFusable("probabilities of rank < 2")
+        self.batch_sizes = batch_sizes = p_shape[:-2]
+        self.M, self.N = p_shape[-2:]
+        batch_axes = tuple(f"b{i}" for i in range(len(batch_sizes)))
+        pv_shape = shape_of(pv)
+        self.Dv = pv_shape[-1]
+        self.sizes = sizes = {a: s for a, s in zip(batch_axes, batch_sizes)}
+        sizes.update(m=self.M, n=self.N, e=self.Dv)
+        if pv.target is aten.bmm.default:
+            if pv_shape[0] != math.prod(batch_sizes):
+                raise NotFusable("·V batch does not match the probabilities' batch dims")
+            lhs_axes = (batch_axes, ("m",), ("n",))
+            self.v_axes = (batch_axes, ("n",), ("e",))
+        else:
+            if batch_sizes:
+                raise NotFusable("2-D ·V matmul of batched probabilities")
+            lhs_axes = (("m",), ("n",))
+            self.v_axes = (("n",), ("e",))
+        self.lhs_axes = _norm(lhs_axes, shape_of(pv.args[0]), sizes)
+        self.canon = tuple(batch_sizes) + (self.M, self.Dv)     # the ·V result: [batch, m, e]
+        self.canon_axes = _norm(tuple((a,) for a in batch_axes) + (("m",), ("e",)), self.canon, sizes)
+        self.axes: dict = {}
+        self.accesses: dict = {}
+        self.internal: set = set()
+        self.scores: list = []
+        self.epilogue: list = []
+
+    def assign(self, node, ax):
+        ax = _norm(ax, shape_of(node), self.sizes)
+        if node in self.axes and self.axes[node] != ax:
+            raise NotFusable(f"{node.name} is used with inconsistent broadcasting ({self.axes[node]} vs {ax})")
+        self.axes[node] = ax
+
+    def make_access(self, consumer, idx, arg, ax):
         src, chain = _source_of(arg)
-        if src in internal:
+        if src in self.internal:
             raise NotFusable(f"{arg.name} mixes a region value into an operand")
         if not isinstance(src, fx.Node):
             raise NotFusable(f"unsupported operand {arg!r}")
@@ -325,151 +340,152 @@ def _analyse(gm: fx.GraphModule, pv: fx.Node) -> Region:
             kind = "const"
         else:
             kind = "tensor"
-        acc = Access(src, chain, _norm(ax, shape_of(arg), sizes), kind, dtype_of(arg))
-        accesses[(consumer, idx)] = acc
+        acc = Access(src, chain, _norm(ax, shape_of(arg), self.sizes), kind, dtype_of(arg))
+        self.accesses[(consumer, idx)] = acc
         return acc
 
-    # The epilogue: views and elementwise ops on the ·V result that keep its [batch, m, e] shape.
-    canon = tuple(batch_sizes) + (M, Dv)
-    canon_axes = _norm(tuple((a,) for a in batch_axes) + (("m",), ("e",)), canon, sizes)
-    epilogue, last = [], pv
-    while len(last.users) == 1:
-        u = next(iter(last.users))
-        if u.op != "call_function" or shape_of(u) != canon or not (
-                u.target in VIEW_OPS and u.args[0] is last or u.target in ELEMENTWISE) or \
-                u.target in (aten.slice.Tensor, aten.select.int):
-            break
-        epilogue.append(u)
-        last = u
-    while epilogue and epilogue[-1].target in VIEW_OPS:  # a trailing view is not worth fusing
-        epilogue.pop()
+    def find_epilogue(self):
+        """Views and elementwise ops on the ·V result that keep its [batch, m, e] shape (gates)."""
+        epilogue, last = self.epilogue, self.pv
+        while len(last.users) == 1:
+            u = next(iter(last.users))
+            if u.op != "call_function" or shape_of(u) != self.canon or not (
+                    u.target in VIEW_OPS and u.args[0] is last or u.target in ELEMENTWISE) or \
+                    u.target in (aten.slice.Tensor, aten.select.int):
+                break
+            epilogue.append(u)
+            last = u
+        while epilogue and epilogue[-1].target in VIEW_OPS:  # a trailing view is not worth fusing
+            epilogue.pop()
 
-    # Pass 1: collect internal nodes (reachable from P through computable ops and views of them).
-    work = [pv.args[0]]
-    for u in epilogue:
-        # row values of the score program (e.g. the softmax sum in `e @ v / e.sum(-1)`) are internal;
-        # anything else after ·V (a gate) is a leaf
-        work += [a for a in u.all_input_nodes if a not in epilogue and a is not pv and
-                 _is_computable(_source_of(a)[0]) and _reaches_matmul(a)]
-    while work:
-        n = work.pop()
-        if n in internal or not isinstance(n, fx.Node):
-            continue
-        src, _ = _source_of(n)
-        if n.target in VIEW_OPS and not (_is_computable(src) or (src.op == "call_function" and src.target in MATMULS)):
-            continue  # a view chain over a leaf: an access, not internal
-        if n.target in MATMULS:
-            if n is pv:
-                raise NotFusable("cyclic region")
-            internal.add(n)  # a score matmul: its operands are leaves
-            continue
-        if not (_is_computable(n) or n.target in VIEW_OPS):
-            continue
-        internal.add(n)
-        work.extend(n.all_input_nodes)
-
-    # Internal values must not escape: the full score matrix is never materialised.
-    for n in internal:
-        for u in n.users:
-            if u not in internal and u is not pv and u not in epilogue:
-                raise NotFusable(
-                    f"{n.name} ({n.target}) is also used outside the attention ({u.name}); fusing "
-                    "would need the full score matrix")
-
-    # Pass 2: propagate axes backwards, in reverse graph order (consumers before producers).
-    order = [n for n in gm.graph.nodes if n in internal]
-    assign(pv.args[0], lhs_axes)
-    def elementwise_inputs(node, out_ax, out_shape, skip=()):
-        for i, arg in enumerate(node.args):
-            if not isinstance(arg, fx.Node) or arg in skip:
+    def collect_internal(self):
+        """The internal nodes: reachable from P through computable ops and views of them."""
+        pv, internal = self.pv, self.internal
+        work = [pv.args[0]]
+        for u in self.epilogue:
+            # row values of the score program (e.g. the softmax sum in `e @ v / e.sum(-1)`) are internal;
+            # anything else after ·V (a gate) is a leaf
+            work += [a for a in u.all_input_nodes if a not in self.epilogue and a is not pv and
+                     _is_computable(_source_of(a)[0]) and _reaches_matmul(a)]
+        while work:
+            n = work.pop()
+            if n in internal or not isinstance(n, fx.Node):
                 continue
-            ax = _broadcast_input_axes(out_ax, out_shape, shape_of(arg))
-            if arg in internal:
-                assign(arg, ax)
-            else:
-                make_access(node, i, arg, ax)
+            src, _ = _source_of(n)
+            if n.target in VIEW_OPS and not (_is_computable(src) or
+                                             (src.op == "call_function" and src.target in MATMULS)):
+                continue  # a view chain over a leaf: an access, not internal
+            if n.target in MATMULS:
+                if n is pv:
+                    raise NotFusable("cyclic region")
+                internal.add(n)  # a score matmul: its operands are leaves
+                continue
+            if not (_is_computable(n) or n.target in VIEW_OPS):
+                continue
+            internal.add(n)
+            work.extend(n.all_input_nodes)
 
-    for u in epilogue:
-        axes[u] = canon_axes
-        if u.target not in VIEW_OPS:
-            elementwise_inputs(u, canon_axes, canon, skip={pv, *epilogue})
-    for node in reversed(order):
-        if node not in axes:
-            raise NotFusable(f"{node.name} does not reach the ·V product")
-        out_ax, out_shape = axes[node], shape_of(node)
-        if node.target in MATMULS:
-            if node.target is aten.bmm.default:
-                g, m, n = out_ax
-                if m not in (("m",), ()) or n != ("n",):
-                    raise NotFusable("score matmul is not laid out as (queries, keys) for the key reduction")
-                if shape_of(node)[1] != M:
-                    raise NotFusable("score rows do not match the queries")
-            else:
-                if len(out_ax) != 2 or out_ax[1] != ("n",):
-                    raise NotFusable("score matmul is not laid out as (queries, keys)")
-                g = None
-            axis = f"d{len(scores)}"
-            a, b = node.args[0], node.args[1]
-            D = shape_of(a)[-1]
-            sizes[axis] = D
-            a_ax = ((g,) if g is not None else ()) + (("m",), (axis,))
-            b_ax = ((g,) if g is not None else ()) + ((axis,), ("n",))
-            scores.append(ScoreMatmul(node, make_access(node, 0, a, a_ax), make_access(node, 1, b, b_ax), axis))
-            continue
-        if node.target in VIEW_OPS:
-            in_ax = _view_input_axes(node, out_ax, sizes)
-            inp = node.args[0]
-            if inp in internal:
-                assign(inp, in_ax)
-            else:
-                make_access(node, 0, inp, in_ax)
-            continue
-        if node.target in GATHERS:
-            _gather_axes(node, out_ax, sizes, internal, assign, make_access)
-            continue
-        if node.target in REDUCTIONS:
-            x = node.args[0]
-            dims = node.args[1]
-            keep = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
-            x_shape = shape_of(x)
-            if dims is None or len(dims) != 1:
-                raise NotFusable(f"{node.target} over several dims")
-            d = dims[0] % len(x_shape)
-            if x_shape[d] != N:
-                raise NotFusable(f"{node.target} over dim {d} (size {x_shape[d]}), which is not the key dim "
-                                 f"({N} keys); extra logits concatenated to the scores (attention sinks) "
-                                 "are fused one column at a time")
-            if "n" in flat_axes(out_ax):
-                raise NotFusable(f"{node.target} over a dim other than the keys")
-            if keep:
-                if out_ax[d] != ():
-                    raise NotFusable(f"{node.target} reduces a dim that is not broadcast back")
-                in_ax = out_ax[:d] + (("n",),) + out_ax[d + 1:]
-            else:
-                in_ax = out_ax[:d] + (("n",),) + out_ax[d:]
-            if x in internal:
-                assign(x, in_ax)
-            else:
-                make_access(node, 0, x, in_ax)
-            continue
-        elementwise_inputs(node, out_ax, out_shape)
+    def check_nothing_escapes(self):
+        """Internal values must not escape: the full score matrix is never materialised."""
+        for n in self.internal:
+            for u in n.users:
+                if u not in self.internal and u is not self.pv and u not in self.epilogue:
+                    raise NotFusable(
+                        f"{n.name} ({n.target}) is also used outside the attention ({u.name}); fusing "
+                        "would need the full score matrix")
 
-    if not scores:
-        blockers = sorted({str(a.source.target) for a in accesses.values()
-                           if a.kind == "tensor" and _reaches_matmul(a.source)})
-        if blockers:
-            raise NotFusable(f"the scores reach the ·V product only through {', '.join(blockers)}, "
-                             "which needs whole rows (or is not elementwise): left to Inductor")
-        raise NotFusable("no score matmul Q·Kᵀ found")
-    value = make_access(pv, 1, pv.args[1], v_axes)
-    region = Region(pv, p, value, batch_sizes, sizes, order, axes, scores, accesses, epilogue=epilogue)
-    leaves = []
-    for acc in list(accesses.values()):
-        if acc.kind == "tensor" and acc.source not in leaves:
-            leaves.append(acc.source)
-    region.leaves = leaves
-    _check_access_axes(region)
-    return region
+    def propagate_axes(self):
+        """Axes of every internal value and access, backwards, consumers before producers."""
+        self.order = [n for n in self.gm.graph.nodes if n in self.internal]
+        self.assign(self.pv.args[0], self.lhs_axes)
+        for u in self.epilogue:
+            self.axes[u] = self.canon_axes
+            if u.target not in VIEW_OPS:
+                self._elementwise_inputs(u, self.canon_axes, self.canon, skip={self.pv, *self.epilogue})
+        for node in reversed(self.order):
+            if node not in self.axes:
+                raise NotFusable(f"{node.name} does not reach the ·V product")
+            out_ax = self.axes[node]
+            if node.target in MATMULS:
+                self._score_matmul(node, out_ax)
+            elif node.target in VIEW_OPS:
+                self._input_axes(node, 0, node.args[0], _view_input_axes(node, out_ax, self.sizes))
+            elif node.target in GATHERS:
+                _gather_axes(node, out_ax, self.sizes, self.internal, self.assign, self.make_access)
+            elif node.target in REDUCTIONS:
+                self._reduction(node, out_ax)
+            else:
+                self._elementwise_inputs(node, out_ax, shape_of(node))
+
+    def _input_axes(self, node, i, arg, ax):
+        if arg in self.internal:
+            self.assign(arg, ax)
+        else:
+            self.make_access(node, i, arg, ax)
+
+    def _elementwise_inputs(self, node, out_ax, out_shape, skip=()):
+        for i, arg in enumerate(node.args):
+            if isinstance(arg, fx.Node) and arg not in skip:
+                self._input_axes(node, i, arg, _broadcast_input_axes(out_ax, out_shape, shape_of(arg)))
+
+    def _score_matmul(self, node, out_ax):
+        if node.target is aten.bmm.default:
+            g, m, n = out_ax
+            if m not in (("m",), ()) or n != ("n",):
+                raise NotFusable("score matmul is not laid out as (queries, keys) for the key reduction")
+            if shape_of(node)[1] != self.M:
+                raise NotFusable("score rows do not match the queries")
+        else:
+            if len(out_ax) != 2 or out_ax[1] != ("n",):
+                raise NotFusable("score matmul is not laid out as (queries, keys)")
+            g = None
+        axis = f"d{len(self.scores)}"
+        a, b = node.args[0], node.args[1]
+        self.sizes[axis] = shape_of(a)[-1]
+        a_ax = ((g,) if g is not None else ()) + (("m",), (axis,))
+        b_ax = ((g,) if g is not None else ()) + ((axis,), ("n",))
+        self.scores.append(ScoreMatmul(node, self.make_access(node, 0, a, a_ax),
+                                       self.make_access(node, 1, b, b_ax), axis))
+
+    def _reduction(self, node, out_ax):
+        x, dims = node.args[0], node.args[1]
+        keep = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+        x_shape = shape_of(x)
+        if dims is None or len(dims) != 1:
+            raise NotFusable(f"{node.target} over several dims")
+        d = dims[0] % len(x_shape)
+        if x_shape[d] != self.N:
+            raise NotFusable(f"{node.target} over dim {d} (size {x_shape[d]}), which is not the key dim "
+                             f"({self.N} keys); extra logits concatenated to the scores (attention sinks) "
+                             "are fused one column at a time")
+        if "n" in flat_axes(out_ax):
+            raise NotFusable(f"{node.target} over a dim other than the keys")
+        if keep:
+            if out_ax[d] != ():
+                raise NotFusable(f"{node.target} reduces a dim that is not broadcast back")
+            in_ax = out_ax[:d] + (("n",),) + out_ax[d + 1:]
+        else:
+            in_ax = out_ax[:d] + (("n",),) + out_ax[d:]
+        self._input_axes(node, 0, x, in_ax)
+
+    def finish(self) -> Region:
+        if not self.scores:
+            blockers = sorted({str(a.source.target) for a in self.accesses.values()
+                               if a.kind == "tensor" and _reaches_matmul(a.source)})
+            if blockers:
+                raise NotFusable(f"the scores reach the ·V product only through {', '.join(blockers)}, "
+                                 "which needs whole rows (or is not elementwise): left to Inductor")
+            raise NotFusable("no score matmul Q·Kᵀ found")
+        value = self.make_access(self.pv, 1, self.pv.args[1], self.v_axes)
+        region = Region(self.pv, self.p, value, self.batch_sizes, self.sizes, self.order, self.axes,
+                        self.scores, self.accesses, epilogue=self.epilogue)
+        leaves = []
+        for acc in list(self.accesses.values()):
+            if acc.kind == "tensor" and acc.source not in leaves:
+                leaves.append(acc.source)
+        region.leaves = leaves
+        _check_access_axes(region)
+        return region
 
 
 def _gather_axes(node, out_ax, sizes, internal, assign, make_access):
