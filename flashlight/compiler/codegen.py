@@ -51,6 +51,25 @@ def _lit(v):
     raise NotFusable(f"unsupported literal {v!r}")
 
 
+# The Triton spelling of the elementwise ops the region may contain: UNARY (one argument), BINARY (an infix
+# operator between two).
+UNARY = {aten.neg.default: "-({})", aten.exp.default: "tl.exp({})", aten.exp2.default: "tl.exp2({})",
+         aten.log.default: "tl.log({})", aten.sigmoid.default: "tl.sigmoid({})",
+         aten.tanh.default: "(2.0 * tl.sigmoid(2.0 * ({})) - 1.0)",
+         aten.relu.default: "tl.maximum({}, 0.0)", aten.abs.default: "tl.abs({})",
+         aten.sqrt.default: "tl.sqrt({})", aten.rsqrt.default: "tl.rsqrt({})",
+         aten.reciprocal.default: "(1.0 / ({}))", aten.erf.default: "tl.erf({})",
+         aten.log1p.default: "tl.log(1.0 + ({}))", aten.expm1.default: "(tl.exp({}) - 1.0)",
+         aten.sin.default: "tl.sin({})", aten.cos.default: "tl.cos({})",
+         aten.square.default: "(({0}) * ({0}))",
+         aten.sign.default: "tl.where(({0}) > 0, 1.0, tl.where(({0}) < 0, -1.0, 0.0))"}
+BINARY = {aten.eq.Tensor: "==", aten.eq.Scalar: "==", aten.ne.Tensor: "!=", aten.ne.Scalar: "!=",
+          aten.lt.Tensor: "<", aten.lt.Scalar: "<", aten.le.Tensor: "<=", aten.le.Scalar: "<=",
+          aten.gt.Tensor: ">", aten.gt.Scalar: ">", aten.ge.Tensor: ">=", aten.ge.Scalar: ">=",
+          aten.logical_and.default: "&", aten.logical_or.default: "|",
+          aten.bitwise_and.Tensor: "&", aten.bitwise_or.Tensor: "|"}
+
+
 @dataclass
 class LoadSlot:
     """How launch time computes the stride/offset arguments of one access."""
@@ -106,7 +125,9 @@ def _contig(shape):
     return tuple(reversed(st))
 
 
-class _Emitter:
+class _Loads:
+    """Indexing and loads of a region's inputs in a kernel: tile offsets, masks, addresses, loads."""
+
     def __init__(self, region: Region, config):
         self.r = region
         self.cfg = config
@@ -230,7 +251,9 @@ class _Emitter:
         self.access_names[key] = name
         return name
 
-    # ---- the score program --------------------------------------------------------------------
+class _Emitter(_Loads):
+    """The kernel's code for the region's ops: operands (names, literals, loads) and each op's spelling."""
+
     def operand(self, node, i, prog=None):
         a = node.args[i]
         if not isinstance(a, fx.Node):
@@ -289,34 +312,19 @@ class _Emitter:
             if not node.meta["val"].dtype.is_floating_point:
                 raise NotFusable("integer division")
             return f"{_as_float(node, 0, a)} / {_as_float(node, 1, b)}"
-        unary = {aten.neg.default: "-({})", aten.exp.default: "tl.exp({})", aten.exp2.default: "tl.exp2({})",
-                 aten.log.default: "tl.log({})", aten.sigmoid.default: "tl.sigmoid({})",
-                 aten.tanh.default: "(2.0 * tl.sigmoid(2.0 * ({})) - 1.0)",
-                 aten.relu.default: "tl.maximum({}, 0.0)", aten.abs.default: "tl.abs({})",
-                 aten.sqrt.default: "tl.sqrt({})", aten.rsqrt.default: "tl.rsqrt({})",
-                 aten.reciprocal.default: "(1.0 / ({}))", aten.erf.default: "tl.erf({})",
-                 aten.log1p.default: "tl.log(1.0 + ({}))", aten.expm1.default: "(tl.exp({}) - 1.0)",
-                 aten.sin.default: "tl.sin({})", aten.cos.default: "tl.cos({})",
-                 aten.square.default: "(({0}) * ({0}))",
-                 aten.sign.default: "tl.where(({0}) > 0, 1.0, tl.where(({0}) < 0, -1.0, 0.0))"}
         if t is aten.exp.default and node.args[0] in self.prog.stab_max:
             # exp(x - max) as exp2(x·s2 - max·s2), s2 = log2(e): one fused multiply-add before the
             # hardware exp2 instead of a subtract and a multiply (see the max update for s2 = 1)
             sub, R = node.args[0], self.prog.stab_max[node.args[0]].name
             return f"tl.exp2({self.float_operand(sub, 0)} * s2_{R} - mu2_{R})"
-        if t in unary:
-            return unary[t].format(f(0))
+        if t in UNARY:
+            return UNARY[t].format(f(0))
         if t in (aten.logical_not.default, aten.bitwise_not.default):
             if node.args[0].meta["val"].dtype != torch.bool:
                 raise NotFusable("bitwise not of integers")
             return f"({o(0)} == 0)"
-        binary = {aten.eq.Tensor: "==", aten.eq.Scalar: "==", aten.ne.Tensor: "!=", aten.ne.Scalar: "!=",
-                  aten.lt.Tensor: "<", aten.lt.Scalar: "<", aten.le.Tensor: "<=", aten.le.Scalar: "<=",
-                  aten.gt.Tensor: ">", aten.gt.Scalar: ">", aten.ge.Tensor: ">=", aten.ge.Scalar: ">=",
-                  aten.logical_and.default: "&", aten.logical_or.default: "|",
-                  aten.bitwise_and.Tensor: "&", aten.bitwise_or.Tensor: "|"}
-        if t in binary:
-            return f"({o(0)} {binary[t]} {o(1)})"
+        if t in BINARY:
+            return f"({o(0)} {BINARY[t]} {o(1)})"
         if t is aten.maximum.default:
             return f"tl.maximum({f(0)}, {f(1)})"
         if t is aten.minimum.default:
