@@ -223,63 +223,11 @@ class IntervalEmitter:
                else None for i in range(len(n.args))]
         if any(o is None for o in ops):
             return None
-        cmp = {aten.lt.Tensor: "<", aten.lt.Scalar: "<", aten.le.Tensor: "<=", aten.le.Scalar: "<=",
-               aten.gt.Tensor: ">", aten.gt.Scalar: ">", aten.ge.Tensor: ">=", aten.ge.Scalar: ">=",
-               aten.eq.Tensor: "==", aten.eq.Scalar: "==", aten.ne.Tensor: "!=", aten.ne.Scalar: "!="}
-        if t in cmp:
-            (ka, alo, ahi), (kb, blo, bhi) = ops
-            if ka != "num" or kb != "num":
-                return None
-            op = cmp[t]
-            if op in (">", ">="):  # a > b  is  b < a
-                alo, ahi, blo, bhi = blo, bhi, alo, ahi
-                op = "<" if op == ">" else "<="
-            if op == "<":
-                T, F = f"({ahi} < {blo})", f"({alo} >= {bhi})"
-            elif op == "<=":
-                T, F = f"({ahi} <= {blo})", f"({alo} > {bhi})"
-            else:
-                T = f"(({alo} == {ahi}) & ({blo} == {bhi}) & ({alo} == {blo}))"
-                F = f"(({ahi} < {blo}) | ({bhi} < {alo}))"
-                if op == "!=":
-                    T, F = F, T
-            return self._emit("bool", T, F)
-        if t in (aten.logical_and.default, aten.bitwise_and.Tensor, aten.logical_or.default,
-                 aten.bitwise_or.Tensor):
-            (ka, at, af), (kb, bt, bf) = ops
-            if ka != "bool" or kb != "bool":
-                return None
-            if t in (aten.logical_and.default, aten.bitwise_and.Tensor):
-                return self._emit("bool", f"({at} & {bt})", f"({af} | {bf})")
-            return self._emit("bool", f"({at} | {bt})", f"({af} & {bf})")
         if t in (aten.logical_not.default, aten.bitwise_not.default):
             (ka, at, af), = ops
             return ("bool", af, at) if ka == "bool" else None
-        if any(o[0] != "num" for o in ops):
-            return None
-        if t in (aten.add.Tensor, aten.add.Scalar) and n.kwargs.get("alpha", 1) == 1:
-            (_, alo, ahi), (_, blo, bhi) = ops
-            return self._emit("num", f"{alo} + {blo}", f"{ahi} + {bhi}")
-        if t in (aten.sub.Tensor, aten.sub.Scalar) and n.kwargs.get("alpha", 1) == 1:
-            (_, alo, ahi), (_, blo, bhi) = ops
-            return self._emit("num", f"{alo} - {bhi}", f"{ahi} - {blo}")
-        if t is aten.neg.default:
-            (_, alo, ahi), = ops
-            return self._emit("num", f"-({ahi})", f"-({alo})")
-        if t is aten.abs.default:
-            (_, alo, ahi), = ops
-            return self._emit("num", f"tl.where({alo} >= 0, {alo}, tl.where({ahi} <= 0, -({ahi}), 0))",
-                              f"tl.maximum(-({alo}), {ahi})")
-        if t in (aten.mul.Tensor, aten.mul.Scalar):
-            c = _literal(n.args[1]) if not isinstance(n.args[1], fx.Node) else _literal(n.args[0]) \
-                if not isinstance(n.args[0], fx.Node) else None
-            if c is None:
-                return None
-            (_, lo, hi) = ops[0] if isinstance(n.args[0], fx.Node) else ops[1]
-            if c >= 0:
-                return self._emit("num", f"{lo} * {c!r}", f"{hi} * {c!r}")
-            return self._emit("num", f"{hi} * {c!r}", f"{lo} * {c!r}")
-        return None
+        bounds = _interval_of(n, ops)
+        return None if bounds is None else self._emit(*bounds)
 
     def _emit(self, kind, lo, hi):
         name = self.fresh()
@@ -287,6 +235,73 @@ class IntervalEmitter:
         self.lines.append(f"{name}_{a} = {lo}")
         self.lines.append(f"{name}_{b} = {hi}")
         return (kind, f"{name}_{a}", f"{name}_{b}")
+
+
+# Interval rules: given the (kind, lo, hi) bounds of an op's arguments over a tile ("num": numbers lo..hi;
+# "bool": T = true everywhere, F = false everywhere), the bounds of its result, as Triton expressions.
+_COMPARISONS = {aten.lt.Tensor: "<", aten.lt.Scalar: "<", aten.le.Tensor: "<=", aten.le.Scalar: "<=",
+                aten.gt.Tensor: ">", aten.gt.Scalar: ">", aten.ge.Tensor: ">=", aten.ge.Scalar: ">=",
+                aten.eq.Tensor: "==", aten.eq.Scalar: "==", aten.ne.Tensor: "!=", aten.ne.Scalar: "!="}
+_AND = (aten.logical_and.default, aten.bitwise_and.Tensor)
+_OR = (aten.logical_or.default, aten.bitwise_or.Tensor)
+
+
+def _interval_of(n, ops):
+    """(kind, lo, hi) of node n from its operands' bounds, or None where no rule applies."""
+    t = n.target
+    if t in _COMPARISONS:
+        return _comparison_interval(_COMPARISONS[t], *ops)
+    if t in _AND or t in _OR:
+        (ka, at, af), (kb, bt, bf) = ops
+        if ka != "bool" or kb != "bool":
+            return None
+        if t in _AND:
+            return ("bool", f"({at} & {bt})", f"({af} | {bf})")
+        return ("bool", f"({at} | {bt})", f"({af} & {bf})")
+    if any(o[0] != "num" for o in ops):
+        return None
+    return _arithmetic_interval(n, ops)
+
+
+def _comparison_interval(op, a, b):
+    (ka, alo, ahi), (kb, blo, bhi) = a, b
+    if ka != "num" or kb != "num":
+        return None
+    if op in (">", ">="):  # a > b  is  b < a
+        alo, ahi, blo, bhi = blo, bhi, alo, ahi
+        op = "<" if op == ">" else "<="
+    if op == "<":
+        return ("bool", f"({ahi} < {blo})", f"({alo} >= {bhi})")
+    if op == "<=":
+        return ("bool", f"({ahi} <= {blo})", f"({alo} > {bhi})")
+    T = f"(({alo} == {ahi}) & ({blo} == {bhi}) & ({alo} == {blo}))"
+    F = f"(({ahi} < {blo}) | ({bhi} < {alo}))"
+    return ("bool", F, T) if op == "!=" else ("bool", T, F)
+
+
+def _arithmetic_interval(n, ops):
+    t = n.target
+    if t in (aten.add.Tensor, aten.add.Scalar) and n.kwargs.get("alpha", 1) == 1:
+        (_, alo, ahi), (_, blo, bhi) = ops
+        return ("num", f"{alo} + {blo}", f"{ahi} + {bhi}")
+    if t in (aten.sub.Tensor, aten.sub.Scalar) and n.kwargs.get("alpha", 1) == 1:
+        (_, alo, ahi), (_, blo, bhi) = ops
+        return ("num", f"{alo} - {bhi}", f"{ahi} - {blo}")
+    if t is aten.neg.default:
+        (_, alo, ahi), = ops
+        return ("num", f"-({ahi})", f"-({alo})")
+    if t is aten.abs.default:
+        (_, alo, ahi), = ops
+        return ("num", f"tl.where({alo} >= 0, {alo}, tl.where({ahi} <= 0, -({ahi}), 0))",
+                f"tl.maximum(-({alo}), {ahi})")
+    if t in (aten.mul.Tensor, aten.mul.Scalar):   # by a constant only
+        c = _literal(n.args[1]) if not isinstance(n.args[1], fx.Node) else _literal(n.args[0]) \
+            if not isinstance(n.args[0], fx.Node) else None
+        if c is None:
+            return None
+        (_, lo, hi) = ops[0] if isinstance(n.args[0], fx.Node) else ops[1]
+        return ("num", f"{lo} * {c!r}", f"{hi} * {c!r}") if c >= 0 else ("num", f"{hi} * {c!r}", f"{lo} * {c!r}")
+    return None
 
 
 @dataclass
