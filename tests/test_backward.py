@@ -3,25 +3,15 @@
 Every input that requires grad (q, k, v and the score-side tensors: slopes, λ, sinks, gates, tables)
 gets its gradient from the fused backward and is compared with autograd through the float64 program.
 """
-import os
-
 import pytest
 import torch
 
 import flashlight
 from flashlight.harness import variant_registry as vr
 
-assert os.environ.get("TRITON_INTERPRET") == "1", "conftest sets TRITON_INTERPRET=1 before imports"
+from test_compiler import TOL, rel_err   # conftest sets TRITON_INTERPRET=1 before imports
+
 torch._dynamo.config.cache_size_limit = 256
-TOL = 1e-4  # fp32 through the interpreter
-
-
-def rel_err(out, ref):
-    out, ref = out.double(), ref.double()
-    if torch.isnan(ref).any():
-        assert torch.equal(torch.isnan(out), torch.isnan(ref)), "NaN pattern differs from eager"
-        out, ref = out.nan_to_num(), ref.nan_to_num()
-    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
 def check_grads(fn, inputs: dict, inductor=False, tol=TOL):

@@ -181,7 +181,24 @@ class _Loads:
         a gradient buffer, from a contiguous tensor of the same shape) through the view chain."""
         src_shape = shape_of(acc.source)
         layout, off = access_layout(acc.chain, acc.axes, src_shape, _contig(src_shape), 0, self.sizes)
-        terms, params, used_axes = [], [], []
+        params = []
+
+        def stride(i, j, q, st):
+            params.append((f"{name}_s{len(params)}", i, j, q))
+            return params[-1][0]
+        terms, used_axes = self._terms(layout, ctx, stride)
+        for _, _, ix_axes in acc.gather:
+            # table[index]: positions past the end of a tile may index outside the table
+            used_axes += [a for a in ix_axes if a not in used_axes]
+        if off != 0:
+            params.append((f"{name}_off", "offset"))
+            terms.insert(0, f"{name}_off")
+        return (" + ".join(terms) if terms else "0"), params, used_axes
+
+    def _terms(self, layout, ctx, stride):
+        """One `index * stride` term per moving sub-dim of an access layout, and the axes that move it;
+        `stride(i, j, q, value)` spells the stride (a kernel argument, or a literal for positions)."""
+        terms, used_axes = [], []
         for (i, j, a, subdims) in layout:
             idx = self.index_expr(a, ctx)
             inner = math.prod(s for s, _ in subdims)
@@ -194,16 +211,9 @@ class _Loads:
                 term = idx if inner == 1 else f"({idx} // {inner})"
                 if q > 0:
                     term = f"({term} % {s})"
-                p = f"{name}_s{len(params)}"
-                params.append((p, i, j, q))
-                terms.append(f"{term} * {p}")
-        for _, _, ix_axes in acc.gather:
-            # table[index]: positions past the end of a tile may index outside the table
-            used_axes += [a for a in ix_axes if a not in used_axes]
-        if off != 0:
-            params.append((f"{name}_off", "offset"))
-            terms.insert(0, f"{name}_off")
-        return (" + ".join(terms) if terms else "0"), params, used_axes
+                st_code = stride(i, j, q, st)
+                terms.append(term if st_code == "1" else f"{term} * {st_code}")
+        return terms, used_axes
 
     def access(self, acc: Access, ctx, where):
         key = (acc.source, acc.chain, acc.axes, ctx, acc.gather)
@@ -219,18 +229,7 @@ class _Loads:
         if acc.kind == "iota":
             start, step = _iota_params(acc.source)
             layout, off = access_layout(acc.chain, acc.axes, shape_of(acc.source), (1,), 0, self.sizes)
-            terms = []
-            for (i, j, a, subdims) in layout:
-                idx = self.index_expr(a, ctx)
-                inner = math.prod(s for s, _ in subdims)
-                for q, (s, st) in enumerate(subdims):
-                    inner //= s
-                    if s == 1 or st == 0:
-                        continue
-                    term = idx if inner == 1 else f"({idx} // {inner})"
-                    if q > 0:
-                        term = f"({term} % {s})"
-                    terms.append(term if st == 1 else f"{term} * {st}")
+            terms, _ = self._terms(layout, ctx, lambda i, j, q, st: str(st))
             expr = " + ".join(terms) if terms else "0"
             if off:
                 expr = f"{off} + {expr}"

@@ -41,36 +41,6 @@ class _TorchTL:
     def _t(x):
         return x if isinstance(x, torch.Tensor) else torch.tensor(x, dtype=torch.float64)
 
-    def exp(self, x):
-        return torch.exp(self._t(x))
-
-    def exp2(self, x):
-        return torch.exp2(self._t(x))
-
-    def log(self, x):
-        return torch.log(self._t(x))
-
-    def sigmoid(self, x):
-        return torch.sigmoid(self._t(x))
-
-    def abs(self, x):
-        return torch.abs(self._t(x))
-
-    def sqrt(self, x):
-        return torch.sqrt(self._t(x))
-
-    def rsqrt(self, x):
-        return torch.rsqrt(self._t(x))
-
-    def erf(self, x):
-        return torch.erf(self._t(x))
-
-    def sin(self, x):
-        return torch.sin(self._t(x))
-
-    def cos(self, x):
-        return torch.cos(self._t(x))
-
     def maximum(self, a, b):
         a, b = torch.broadcast_tensors(self._t(a), self._t(b).to(self._t(a).dtype))
         return torch.maximum(a, b)
@@ -95,6 +65,12 @@ class _TorchTL:
         if mask is not None:
             val = torch.where(torch.as_tensor(mask), val, torch.as_tensor(other, dtype=val.dtype))
         return val
+
+
+for _name, _fn in {"exp": torch.exp, "exp2": torch.exp2, "log": torch.log, "sigmoid": torch.sigmoid,
+                   "abs": torch.abs, "sqrt": torch.sqrt, "rsqrt": torch.rsqrt, "erf": torch.erf,
+                   "sin": torch.sin, "cos": torch.cos}.items():   # tl.exp(x) and the like
+    setattr(_TorchTL, _name, lambda self, x, _fn=_fn: _fn(self._t(x)))
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
