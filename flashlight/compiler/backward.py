@@ -432,26 +432,45 @@ def _table_gradient(em, acc, codes, body, init, post, carried, valid):
 
 
 def _tile_kernel(region: Region, loop_axis: str, needs, block_sparse) -> _Kernel:
-    em = _TileEmitter(region, loop_axis)
-    prog = em.prog = OnlineProgram(region)
-    build(region, em.operand, prog)
-    em.pre, em.loop = [], []           # what build() loaded for the forward's accumulators is not needed
-    em.access_names.clear()
-    # the tile predicate: per key tile, and per query tile where the query tile is fixed
-    em.guard, em.guard_pre = [], []
-    em.tiles = emit_tile_skip(region, em, em.guard, em.guard if loop_axis == "m" else em.guard_pre) \
-        if block_sparse else None
-    kinds = prog.kind
-    r, sizes = region, region.sizes
-    mask_any = em.need_mask["m"] or em.need_mask["n"]
-    valid = "valid"
-    rows_ax, cols_ax = em.ctx
-    tile = f"[BLOCK_{rows_ax.upper()}, BLOCK_{cols_ax.upper()}]"
-    body = em.loop   # loads made while emitting land in order with the code that reads them
+    t = _TileProgram(region, loop_axis, needs, block_sparse)
+    t.recompute()
+    t.seed()
+    t.reverse()
+    t.accumulate()
+    return t.kernel()
 
-    # 1. recompute the scores and the score program at their true values
-    def full(acc, ctx, where):
+
+class _TileProgram:
+    """The steps of one backward kernel's tile body, in order, over the lines and adjoints they share."""
+
+    def __init__(self, region: Region, loop_axis: str, needs, block_sparse):
+        self.r, self.loop_axis, self.needs = region, loop_axis, needs
+        em = self.em = _TileEmitter(region, loop_axis)
+        self.prog = em.prog = OnlineProgram(region)
+        build(region, em.operand, self.prog)
+        em.pre, em.loop = [], []           # what build() loaded for the forward's accumulators is not needed
+        em.access_names.clear()
+        # the tile predicate: per key tile, and per query tile where the query tile is fixed
+        em.guard, em.guard_pre = [], []
+        em.tiles = emit_tile_skip(region, em, em.guard, em.guard if loop_axis == "m" else em.guard_pre) \
+            if block_sparse else None
+        self.kinds = self.prog.kind
+        self.mask_any = em.need_mask["m"] or em.need_mask["n"]
+        rows_ax, cols_ax = em.ctx
+        self.tile = f"[BLOCK_{rows_ax.upper()}, BLOCK_{cols_ax.upper()}]"
+        self.body = em.loop   # loads made while emitting land in order with the code that reads them
+        # a tile axis of size 1 (one query, one key) is dropped from every value's axes, yet tiles along
+        # it are full blocks with one live row: values count as spanning it, inputs' addresses do not
+        self.single = {a for a in ("m", "n") if region.sizes[a] == 1}
+        self.adj: dict = {}        # internal node -> [(contribution, tile axes it spans)]
+        self.leaf_adj: dict = {}   # access key -> (access, [(contribution, tile axes)])
+        self.score_adj: dict = {}  # score matmul -> its adjoint's name
+        self.rows = {"dpv"}
+        self.init, self.post, self.carried = [], [], []
+
+    def full(self, acc, ctx, where):
         """A Q, K or V tile at its full block shape (a size-1 query or key dim is read broadcast)."""
+        em = self.em
         name = em.access(acc, ctx, where)
         if all(a in flat_axes(acc.axes) for a in ctx):
             return name
@@ -459,153 +478,156 @@ def _tile_kernel(region: Region, loop_axis: str, needs, block_sparse) -> _Kernel
         where.append(f"{name}_full = tl.broadcast_to({name}, [{shape}])")
         return f"{name}_full"
 
-    tiles_of = {}
-    for sm in r.scores:
-        if loop_axis == "n":     # S = Q·Kᵀ: Q [BLOCK_M, D] once, K as [D, BLOCK_N] per key tile
-            q = full(sm.q, ("m", sm.axis), em.pre)
-            k = full(sm.k, (sm.axis, "n"), em.loop)
-            a, b = q, k
-        else:                    # Sᵀ = K·Qᵀ: K [BLOCK_N, D] once, Q as [D, BLOCK_M] per query tile
-            k = full(sm.k, ("n", sm.axis), em.pre)
-            q = full(sm.q, (sm.axis, "m"), em.loop)
-            a, b = k, q
-        tiles_of[sm.node] = (q, k)
-        if sm.q.dtype != sm.k.dtype:
-            a, b = f"{a}.to(tl.float32)", f"{b}.to(tl.float32)"
-        body.append(f"# scores {sm.node.name} = Q·Kᵀ, recomputed" + (" (transposed)" if loop_axis == "m" else ""))
-        body.append(f"{vname(sm.node)} = tl.dot({a}, {b})")
-    element = [n for n in r.nodes if n.target not in MATMULS and kinds[n] in ("early", "stabsub", "mixed")]
-    for node in element:   # all in the loop: loads the tile predicate made there may feed any of them
-        body.append(f"{vname(node)} = {em.expr(node)}")
+    def recompute(self):
+        """1. The scores and the score program at their true values."""
+        em, r, body = self.em, self.r, self.body
+        self.tiles_of = {}
+        for sm in r.scores:
+            if self.loop_axis == "n":     # S = Q·Kᵀ: Q [BLOCK_M, D] once, K as [D, BLOCK_N] per key tile
+                q = self.full(sm.q, ("m", sm.axis), em.pre)
+                k = self.full(sm.k, (sm.axis, "n"), em.loop)
+                a, b = q, k
+            else:                         # Sᵀ = K·Qᵀ: K [BLOCK_N, D] once, Q as [D, BLOCK_M] per query tile
+                k = self.full(sm.k, ("n", sm.axis), em.pre)
+                q = self.full(sm.q, (sm.axis, "m"), em.loop)
+                a, b = k, q
+            self.tiles_of[sm.node] = (q, k)
+            if sm.q.dtype != sm.k.dtype:
+                a, b = f"{a}.to(tl.float32)", f"{b}.to(tl.float32)"
+            body.append(f"# scores {sm.node.name} = Q·Kᵀ, recomputed" +
+                        (" (transposed)" if self.loop_axis == "m" else ""))
+            body.append(f"{vname(sm.node)} = tl.dot({a}, {b})")
+        self.element = [n for n in r.nodes
+                        if n.target not in MATMULS and self.kinds[n] in ("early", "stabsub", "mixed")]
+        for node in self.element:   # all in the loop: loads the tile predicate made there may feed any
+            body.append(f"{vname(node)} = {em.expr(node)}")
 
-    # 2. seeds: dP = dPV·Vᵀ for what ·V multiplies, the row gradient of each sum for what it sums
-    adj: dict = {}
-    leaf_adj: dict = {}
-
-    def give(consumer, i, code, src=None):
+    def give(self, consumer, i, code, src=None):
         """Pass an adjoint contribution to argument i of consumer; `src`: the tile axes it spans (those
         of the consumer), so that it is summed over exactly the axes its target is broadcast along."""
+        r = self.r
         src = set(flat_axes(r.axes[consumer])) & {"m", "n"} if src is None else src
         a = consumer.args[i]
-        if isinstance(a, fx.Node) and a in em.internal:
-            if kinds[a] == "late":
-                return   # row values: their gradient came from the row pass
-            adj.setdefault(a, []).append((code, src))
+        if isinstance(a, fx.Node) and a in self.em.internal:
+            if self.kinds[a] != "late":   # row values: their gradient came from the row step
+                self.adj.setdefault(a, []).append((code, src))
             return
         acc = r.accesses.get((consumer, i))
-        if acc is None or acc.kind != "tensor" or not needs[r.leaf_index(acc.source)]:
+        if acc is None or acc.kind != "tensor" or not self.needs[r.leaf_index(acc.source)]:
             return
         key = (acc.source, acc.chain, acc.axes, acc.gather)
-        leaf_adj.setdefault(key, (acc, []))[1].append((code, src))
+        self.leaf_adj.setdefault(key, (acc, []))[1].append((code, src))
 
-    rows = {"dpv"}
-    v = full(r.value, ("n", "e"), em.loop if loop_axis == "n" else em.pre)
-    body.append("# dP = dO·Vᵀ: the adjoint of the probabilities fed to ·V")
-    if loop_axis == "n":
-        body.append(f"dp = tl.dot(dpv.to({v}.dtype), tl.trans({v}))")
-    else:
-        body.append(f"dp = tl.dot({v}, tl.trans(dpv.to({v}.dtype)))  # transposed, [keys, queries]")
-    give(r.pv, 0, "dp", {"m", "n"})
-    for node in r.nodes:
-        if node.target is aten.sum.dim_IntList:
-            rows.add(f"g_{node.name}")
-            give(node, 0, f"g_{node.name}")
+    def seed(self):
+        """2. dP = dPV·Vᵀ for what ·V multiplies, the row gradient of each sum for what it sums."""
+        em, r, body = self.em, self.r, self.body
+        v = self.v = self.full(r.value, ("n", "e"), em.loop if self.loop_axis == "n" else em.pre)
+        body.append("# dP = dO·Vᵀ: the adjoint of the probabilities fed to ·V")
+        if self.loop_axis == "n":
+            body.append(f"dp = tl.dot(dpv.to({v}.dtype), tl.trans({v}))")
+        else:
+            body.append(f"dp = tl.dot({v}, tl.trans(dpv.to({v}.dtype)))  # transposed, [keys, queries]")
+        self.give(r.pv, 0, "dp", {"m", "n"})
+        for node in r.nodes:
+            if node.target is aten.sum.dim_IntList:
+                self.rows.add(f"g_{node.name}")
+                self.give(node, 0, f"g_{node.name}")
+        if self.mask_any:
+            rows_ax, cols_ax = em.ctx
+            body.append(f"valid = mask_{rows_ax}[:, None] & mask_{cols_ax}[None, :]")
 
-    # 3. reverse through the score program, op by op
-    if mask_any:
-        body.append(f"{valid} = mask_{rows_ax}[:, None] & mask_{cols_ax}[None, :]")
-
-    # a tile axis of size 1 (one query, one key) is dropped from every value's axes, yet tiles along it
-    # are full blocks with one live row: values count as spanning it, inputs' addresses do not
-    single = {a for a in ("m", "n") if sizes[a] == 1}
-
-    def reduce_to(code, axes, src, leaf=False):
+    def reduce_to(self, code, axes, src, leaf=False):
         """A contribution spanning tile axes `src`, summed over those its target (`axes`) does not span."""
-        src = (set(src) & {"m", "n"}) | single
-        tgt = (set(axes) & {"m", "n"}) | (set() if leaf else single)
-        summed = [a for a in em.ctx if a in src and a not in tgt]
+        ctx = self.em.ctx
+        src = (set(src) & {"m", "n"}) | self.single
+        tgt = (set(axes) & {"m", "n"}) | (set() if leaf else self.single)
+        summed = [a for a in ctx if a in src and a not in tgt]
         if not summed:
             return code
-        c = f"tl.broadcast_to({code}, [{', '.join(f'BLOCK_{a.upper()}' if a in src else '1' for a in em.ctx)}])"
-        if mask_any:
+        c = f"tl.broadcast_to({code}, [{', '.join(f'BLOCK_{a.upper()}' if a in src else '1' for a in ctx)}])"
+        if self.mask_any:
             live = " & ".join(f"mask_{a}[:, None]" if d == 0 else f"mask_{a}[None, :]"
-                              for d, a in enumerate(em.ctx) if a in src)
+                              for d, a in enumerate(ctx) if a in src)
             c = f"tl.where({live}, {c}, 0.0)"
         if not tgt:   # a scalar (per batch index), as its pointer
             return f"tl.sum(tl.sum({c}, 1), 0)"
-        for d, a in enumerate(em.ctx):
+        for d, a in enumerate(ctx):
             if a in summed:
                 c = f"tl.sum({c}, {d}, keep_dims=True)"
         return c
 
-    def total(contribs, axes, leaf=False):
-        return " + ".join(reduce_to(c, axes, src, leaf) for c, src in contribs)
+    def total(self, contribs, axes, leaf=False):
+        return " + ".join(self.reduce_to(c, axes, src, leaf) for c, src in contribs)
 
-    score_adj = {}
-    for node in reversed([n for n in r.nodes if n.target in MATMULS or n in set(element)]):
-        contribs = adj.get(node)
-        if not contribs:
-            continue
-        axes = set(flat_axes(r.axes[node]))
-        g = f"a_{node.name}"
-        body.append(f"{g} = {total(contribs, axes)}  # adjoint of {node.name} ({node.target})")
-        if node.target in MATMULS:
-            score_adj[node] = g
-            continue
-        for i, code in _vjp(em, node, g):
-            give(node, i, code)
+    def reverse(self):
+        """3. Reverse through the score program, op by op, down to the score matmuls (dS)."""
+        r = self.r
+        for node in reversed([n for n in r.nodes if n.target in MATMULS or n in set(self.element)]):
+            contribs = self.adj.get(node)
+            if not contribs:
+                continue
+            g = f"a_{node.name}"
+            self.body.append(f"{g} = {self.total(contribs, set(flat_axes(r.axes[node])))}  "
+                             f"# adjoint of {node.name} ({node.target})")
+            if node.target in MATMULS:
+                self.score_adj[node] = g
+                continue
+            for i, code in _vjp(self.em, node, g):
+                self.give(node, i, code)
 
-    # 4. what the gradients accumulate
-    ctx = em.ctx
-    init, post, carried = [], [], []
-    for sm in r.scores:
-        g = score_adj.get(sm.node)
-        q_leaf, k_leaf = (r.leaf_index(a.source) for a in (sm.q, sm.k))
-        if g is None:
-            continue
-        ds = f"ds_{sm.node.name}"
-        body.append(f"{ds} = {f'tl.where({valid}, {g}, 0.0)' if mask_any else g}  # dS")
-        q, k = tiles_of[sm.node]
-        bd = em.block_size[sm.axis]
-        if loop_axis == "n" and needs[q_leaf]:
-            name = f"dq_{sm.node.name}"
-            init.append(f"{name} = tl.zeros([BLOCK_M, {bd}], tl.float32)  # dQ of {sm.node.name}")
-            body.append(f"{name} = {name} + tl.dot({ds}.to({k}.dtype), tl.trans({k}))")
-            carried.append(name)
-            _write_gradient(em, sm.q, ("m", sm.axis), name, post)
-        if loop_axis == "m" and needs[k_leaf]:
-            name = f"dk_{sm.node.name}"
-            init.append(f"{name} = tl.zeros([BLOCK_N, {bd}], tl.float32)  # dK of {sm.node.name}")
-            body.append(f"{name} = {name} + tl.dot({ds}.to({q}.dtype), tl.trans({q}))  # dSᵀ·Q")
-            carried.append(name)
-            _write_gradient(em, sm.k, ("n", sm.axis), name, post)
-    v_leaf = r.leaf_index(r.value.source)
-    if loop_axis == "m" and needs[v_leaf]:
-        p = vname(r.pv.args[0])
-        pm = f"tl.where({valid}, {p}, 0.0)" if mask_any else p
-        init.append(f"dv = tl.zeros([BLOCK_N, {em.block_size['e']}], tl.float32)  # dV")
-        body.append(f"dv = dv + tl.dot(tl.broadcast_to({pm}, {tile}).to({v}.dtype), dpv.to({v}.dtype))  # Pᵀ·dO")
-        carried.append("dv")
-        _write_gradient(em, r.value, ("n", "e"), "dv", post)
-    if loop_axis == "n":
+    def _accumulate(self, name, shape, update, acc, ctx, what):
+        self.init.append(f"{name} = tl.zeros({shape}, tl.float32)  # {what} of {acc.source.name}")
+        self.body.append(f"{name} = {name} + {update}  # {what}")
+        self.carried.append(name)
+        _write_gradient(self.em, acc, ctx, name, self.post)
+
+    def accumulate(self):
+        """4. What the gradients accumulate: dQ (per query tile) or dK, dV (per key tile), and the
+        score-side inputs' adjoints (per query tile)."""
+        em, r, body, needs = self.em, self.r, self.body, self.needs
+        valid = "valid" if self.mask_any else None
+        for sm in r.scores:
+            g = self.score_adj.get(sm.node)
+            if g is None:
+                continue
+            ds = f"ds_{sm.node.name}"
+            body.append(f"{ds} = {f'tl.where(valid, {g}, 0.0)' if valid else g}  # dS")
+            q, k = self.tiles_of[sm.node]
+            bd = em.block_size[sm.axis]
+            if self.loop_axis == "n" and needs[r.leaf_index(sm.q.source)]:    # dQ = dS·K
+                self._accumulate(f"dq_{sm.node.name}", f"[BLOCK_M, {bd}]",
+                                 f"tl.dot({ds}.to({k}.dtype), tl.trans({k}))", sm.q, ("m", sm.axis), "dQ = dS·K")
+            if self.loop_axis == "m" and needs[r.leaf_index(sm.k.source)]:    # dK = dSᵀ·Q
+                self._accumulate(f"dk_{sm.node.name}", f"[BLOCK_N, {bd}]",
+                                 f"tl.dot({ds}.to({q}.dtype), tl.trans({q}))", sm.k, ("n", sm.axis), "dK = dSᵀ·Q")
+        if self.loop_axis == "m" and needs[r.leaf_index(r.value.source)]:     # dV = Pᵀ·dO
+            p = vname(r.pv.args[0])
+            pm = f"tl.where(valid, {p}, 0.0)" if valid else p
+            self._accumulate("dv", f"[BLOCK_N, {em.block_size['e']}]",
+                             f"tl.dot(tl.broadcast_to({pm}, {self.tile}).to({self.v}.dtype), dpv.to({self.v}.dtype))",
+                             r.value, ("n", "e"), "dV = Pᵀ·dO")
+        if self.loop_axis != "n":
+            return
         # score-side inputs: their adjoint, summed over what they are broadcast along, added in place
-        for key, (acc, codes) in leaf_adj.items():
+        for acc, codes in self.leaf_adj.values():
             if _small_table(acc, r):
-                _table_gradient(em, acc, [c for c, _ in codes], body, init, post, carried,
-                                valid if mask_any else None)
+                _table_gradient(em, acc, [c for c, _ in codes], body, self.init, self.post, self.carried, valid)
                 continue
             axes = set(flat_axes(acc.axes)) | {a for _, _, ix in acc.gather for a in ix}
-            code = total(codes, axes, leaf=True)
-            if mask_any and "m" in axes and "n" in axes:
-                code = f"tl.where({valid}, {code}, 0.0)"
-            ptr, mask = em.grad_address(acc, ctx)
+            code = self.total(codes, axes, leaf=True)
+            if valid and "m" in axes and "n" in axes:
+                code = f"tl.where(valid, {code}, 0.0)"
+            ptr, mask = em.grad_address(acc, em.ctx)
             body.append(f"_atomic = tl.atomic_add({ptr}, {code}" + (f", mask={mask})" if mask else ")") +
                         f"  # d{acc.source.name}")
-    text = "\n".join(em.pre + em.guard + body + post)
-    params = set(em.params) | set(em.grad_params)
-    rows |= {n for n in _names(text) if n.startswith(("r_", "mu_", "g_")) and n not in params}
-    rows |= {"mu_" + n.split("_", 1)[1] for n in _names(text) if n.startswith(("mu2_", "s2_"))}
-    rows = {n for n in rows if not n.startswith("s2_") and not n.startswith("mu2_")}
-    kern = _Kernel(em, em.guard_pre + em.pre, body, post, rows, text)
-    kern.init, kern.carried, kern.guard = init, carried + ["_atomic"], em.guard
-    return kern
+
+    def kernel(self) -> _Kernel:
+        em = self.em
+        text = "\n".join(em.pre + em.guard + self.body + self.post)
+        params = set(em.params) | set(em.grad_params)
+        rows = self.rows | {n for n in _names(text) if n.startswith(("r_", "mu_", "g_")) and n not in params}
+        rows |= {"mu_" + n.split("_", 1)[1] for n in _names(text) if n.startswith(("mu2_", "s2_"))}
+        rows = {n for n in rows if not n.startswith("s2_") and not n.startswith("mu2_")}
+        kern = _Kernel(em, em.guard_pre + em.pre, self.body, self.post, rows, text)
+        kern.init, kern.carried, kern.guard = self.init, self.carried + ["_atomic"], em.guard
+        return kern
