@@ -32,9 +32,10 @@ import torch
 import torch.fx as fx
 
 from flashlight.compiler.analysis import GATHERS, MATMULS, WHERE, NotFusable, Region, flat_axes
-from flashlight.compiler.codegen import (LOG2E, LoadSlot, _batch_decomposition, _Emitter, _forward_copies,
-                                         _lit, _prune, _tl_dtype)
+from flashlight.compiler.codegen import (LOG2E, LoadSlot, _batch_decomposition, _contig, _Emitter,
+                                         _forward_copies, _lit, _prune, access_layout)
 from flashlight.compiler.indexing import VIEW_OPS, freeze_chain
+from flashlight.compiler.late import check_shift_invariance
 from flashlight.compiler.rewrite import OnlineProgram, build, lname, vname
 from flashlight.compiler.sparsity import emit_tile_skip
 
@@ -234,8 +235,6 @@ def check_differentiable(region: Region, prog: OnlineProgram):
 def backward_for(region: Region, ks, block_sparse: bool = True, requires_grad=None):
     """needs -> BackwardSource for a region whose training forward is `ks`; NotFusable (the reason)
     where the generated backward would not be exact."""
-    from flashlight.compiler.late import check_shift_invariance
-
     check_differentiable(region, build(region, lambda node, i: "x", OnlineProgram(region)))
     why = check_shift_invariance(ks.row_program)
     if why:
@@ -376,7 +375,6 @@ def _exclusive(acc, region) -> bool:
         return False
     if not set(region.batch_axes) <= set(flat_axes(acc.axes)):
         return False
-    from flashlight.compiler.codegen import _contig, access_layout
     shape = acc.source.meta["val"].shape
     layout, _ = access_layout(acc.chain, acc.axes, tuple(shape), _contig(tuple(shape)), 0, region.sizes)
     return all(st != 0 for (_, _, _, subdims) in layout for s, st in subdims if s > 1)

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from flashlight.compiler.codegen import KernelSource, access_layout
+from flashlight.compiler.late import row_backward
 
 counters: collections.Counter = collections.Counter()
 
@@ -184,7 +185,6 @@ class CompiledRegion:
         return [(next(got) if n else None) for n in needs]
 
     def _generated_backward(self, inputs, saved, grad_out, needs):
-        from flashlight.compiler.late import row_backward
 
         program = self.ks.row_program
         params = self.launch_args(inputs)
