@@ -113,7 +113,7 @@ def plan(gm: fx.GraphModule, training: bool = False, dump=None, config=None, blo
                     rep.backward_fused, rep.backward_reason = False, str(e)
                     raise NotFusable(f"inputs require grad, and the backward cannot be generated: {e}") from None
                 rep.backward_fused = True
-                rep.backward_source = backward(()).source
+                rep.backward_source = backward.source
             rep.fused = True
             compiled = CompiledRegion(ks, dict(config or {}), dump, backward_source=backward)
             if training:   # the user's own ops for the region, kept for a backward that fails to run

@@ -109,14 +109,9 @@ class _TileEmitter(_Emitter):
         return f"grad{leaf}_ptr + {offs}", self.mask_expr(used, ctx)
 
 
-def _needs_grad(node):
+def _floating(node):
     val = node.meta.get("val")
     return val is not None and val.dtype.is_floating_point
-
-
-def differentiable_leaves(region: Region):
-    """Per leaf: can the backward produce its gradient (floating-point tensors)."""
-    return tuple(_needs_grad(leaf) for leaf in region.leaves)
 
 
 def _vjp(em: _TileEmitter, node, g):
@@ -215,41 +210,16 @@ def _vjp(em: _TileEmitter, node, g):
     raise NotFusable(f"no derivative for {t} in the backward")
 
 
-def check_differentiable(region: Region, prog: OnlineProgram):
-    """Raise NotFusable (the backward's reason) for what the generated backward does not cover."""
-    em = _TileEmitter(region, "n")
-    em.prog = prog
-    for node in region.nodes:
-        if node.target in MATMULS or prog.kind.get(node) == "late":
-            continue
-        if node.target is aten.pow.Tensor_Scalar and node.args[1] not in (1, 2, 0.5, -1):
-            raise NotFusable(f"no derivative for pow with exponent {node.args[1]} in the backward")
-        if node.target in GATHERS:
-            continue
-        _vjp(em, node, "g")
-    for acc in [*(sm.q for sm in region.scores), *(sm.k for sm in region.scores), region.value]:
-        if acc.gather:
-            raise NotFusable("a gathered Q, K or V operand")
-
-
-def backward_for(region: Region, ks, block_sparse: bool = True, requires_grad=None):
-    """needs -> BackwardSource for a region whose training forward is `ks`; NotFusable (the reason)
-    where the generated backward would not be exact."""
-    check_differentiable(region, build(region, lambda node, i: "x", OnlineProgram(region)))
+def backward_for(region: Region, ks, block_sparse: bool = True, requires_grad=None) -> BackwardSource:
+    """The backward of a region whose training forward is `ks`, for the inputs that require grad;
+    NotFusable (the reason) where the generated backward would not be exact. Generated now: the graph's
+    nodes are gone once the region is replaced by the fused op."""
     why = check_shift_invariance(ks.row_program)
     if why:
         raise NotFusable(why)
-    # generated now: the graph's nodes are gone once the region is replaced by the fused op
     requires_grad = requires_grad or [True] * len(region.leaves)
-    needs = tuple(_needs_grad(leaf) and bool(rg) for leaf, rg in zip(region.leaves, requires_grad))
-    source = generate_backward(region, needs, block_sparse)
-
-    def make(wanted):
-        if any(w and not n for w, n in zip(wanted, needs)):
-            raise RuntimeError("flashlight: a gradient is asked of an input that did not require grad when "
-                               "the region was compiled; recompile (torch._dynamo.reset())")
-        return source
-    return make
+    needs = tuple(_floating(leaf) and bool(rg) for leaf, rg in zip(region.leaves, requires_grad))
+    return generate_backward(region, needs, block_sparse)
 
 
 def generate_backward(region: Region, needs: tuple, block_sparse: bool = True) -> BackwardSource:

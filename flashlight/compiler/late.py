@@ -11,6 +11,7 @@ nothing here is of size queries × keys.
 """
 from __future__ import annotations
 
+import functools
 import math
 import random
 
@@ -106,14 +107,20 @@ def run_rows(program: dict, inputs, params, saved, tl=None):
         ns[f"in{i}_ptr"] = _Addr(_flat(t) if isinstance(t, torch.Tensor) else t, source=t)
     for (name, kind), t in zip(program["saved"], saved):
         ns[name] = t.reshape(-1, 1) if kind == "row" else t.reshape(-1, sizes["e"])
-    exec(compile("\n".join(program["lines"]), "<flashlight row program>", "exec"), ns)
+    exec(_compiled("\n".join(program["lines"])), ns)
     return ns
 
 
-def row_backward(program: dict, inputs, needs, params, saved, grad_out):
-    """The row step of the backward: (dPV [rows, Dv], {row value name: [rows]}, grads of the inputs
-    that row values read)."""
-    sizes = program["sizes"]
+@functools.lru_cache(maxsize=256)
+def _compiled(source: str):
+    return compile(source, "<flashlight row program>", "exec")
+
+
+def row_backward(program: dict, inputs, needs, params, saved, grad_out, row_names):
+    """The row step of the backward: ({"dpv": dPV [rows, Dv]} and each of `row_names` [rows]: g_<sum>
+    the gradient of a row sum, mu_<max> the value a row was normalised by, r_<node> a row value), and
+    {input index: gradient} for the inputs that row values read."""
+    sums = program["sums"]
     leaves = [t.detach().requires_grad_(bool(n)) if isinstance(t, torch.Tensor) and t.is_floating_point()
               else t for t, n in zip(inputs, needs)]
     with torch.enable_grad():
@@ -121,26 +128,26 @@ def row_backward(program: dict, inputs, needs, params, saved, grad_out):
         ns = run_rows(program, leaves, params, saved)
         out = ns["out"]
         go = grad_out.reshape(out.shape).to(out.dtype)
-        wrt = [ns[program["pv"]]] + [ns[f"r_{s}"] for s in program["sums"]]
         leaf_ix = [i for i, t in enumerate(leaves) if isinstance(t, torch.Tensor) and t.requires_grad]
-        targets = wrt + [leaves[i] for i in leaf_ix]
+        targets = [ns[program["pv"]]] + [ns[f"r_{s}"] for s in sums] + [leaves[i] for i in leaf_ix]
         live = [i for i, t in enumerate(targets) if t.requires_grad]
         got = torch.autograd.grad(out, [targets[i] for i in live], go, allow_unused=True) if live else []
         grads = [None] * len(targets)
         for i, g in zip(live, got):
             grads[i] = g
-    R = out.shape[0]
+    R, E = out.shape[0], program["sizes"]["e"]
     dpv = grads[0]
-    dpv = torch.zeros(R, sizes["e"], device=out.device) if dpv is None else dpv.expand(R, sizes["e"])
-    rows = {"dpv": dpv.float().contiguous()}
-    for s, g in zip(program["sums"], grads[1:1 + len(program["sums"])]):
-        rows[f"g_{s}"] = torch.zeros(R, device=out.device) if g is None else g.float().reshape(-1).expand(R).contiguous()
-    for R_name, src in program["mu_of"].items():
-        rows[f"mu_{R_name}"] = ns[src].detach().float().reshape(-1).expand(R).contiguous()
-    for name, val in ns.items():
-        if name.startswith("r_") and isinstance(val, torch.Tensor) and val.numel() in (1, R):
-            rows.setdefault(name, val.detach().float().reshape(-1).expand(R).contiguous())
-    leaf_grads = {i: g for i, g in zip(leaf_ix, grads[1 + len(program["sums"]):]) if g is not None}
+    rows = {"dpv": torch.zeros(R, E, device=out.device) if dpv is None else dpv.float().expand(R, E).contiguous()}
+    sum_grads = dict(zip((f"g_{s}" for s in sums), grads[1:1 + len(sums)]))
+    for name in row_names:
+        if name in sum_grads:
+            val = sum_grads[name] if sum_grads[name] is not None else torch.zeros(R, device=out.device)
+        elif name.startswith("mu_"):
+            val = ns[program["mu_of"][name[3:]]]
+        else:
+            val = ns[name]
+        rows[name] = val.detach().float().reshape(-1).expand(R).contiguous()
+    leaf_grads = {i: g for i, g in zip(leaf_ix, grads[1 + len(sums):]) if g is not None}
     return rows, leaf_grads
 
 

@@ -112,9 +112,9 @@ class CompiledRegion:
     _args: dict = field(default_factory=dict, repr=False)   # input layouts -> stride arguments
     _tuned: tuple | None = field(default=None, repr=False)  # (tuned_generation, stored best config or None)
     _classified: tuple | None = field(default=None, repr=False)  # (what it was computed from, ranges table)
-    # training: needs (which inputs want a gradient) -> BackwardSource; set when the backward was generated
-    backward_source: object = field(default=None, repr=False)
-    _backward: dict = field(default_factory=dict, repr=False)   # needs -> (BackwardSource, module)
+    backward_source: object = field(default=None, repr=False)   # training: its BackwardSource
+    _backward_module: object = field(default=None, repr=False)
+    _backward_args: dict = field(default_factory=dict, repr=False)  # input layouts -> stride arguments
     reference: object = field(default=None, repr=False)   # the region's own ops (fx.GraphModule), training
     backward_failed: str | None = None                    # why the generated backward was given up
 
@@ -185,11 +185,15 @@ class CompiledRegion:
         return [(next(got) if n else None) for n in needs]
 
     def _generated_backward(self, inputs, saved, grad_out, needs):
-
-        program = self.ks.row_program
-        params = self.launch_args(inputs)
-        rows, row_grads = row_backward(program, inputs, needs, params, saved, grad_out)
-        bs, module = self._backward_kernels(needs)
+        bs = self.backward_source
+        if any(n and not b for n, b in zip(needs, bs.needs)):
+            raise RuntimeError("a gradient is asked of an input that did not require grad when the region "
+                               "was compiled")
+        if self._backward_module is None:
+            self._backward_module = load_source(bs.source, bs.dq_name, self.dump_dir)
+        module = self._backward_module
+        rows, row_grads = row_backward(self.ks.row_program, inputs, needs, self.launch_args(inputs), saved,
+                                       grad_out, bs.row_names)
         device = inputs[0].device
         cfg = backward_config(bs, device.type, self.config.get("backward"))
         table = torch.stack([rows[n] for n in bs.row_names]) if bs.row_names else torch.zeros(1, device=device)
@@ -197,12 +201,15 @@ class CompiledRegion:
         grads = {i: torch.empty(inputs[i].shape, dtype=inputs[i].dtype, device=device) if i in bs.stored else
                  torch.zeros(inputs[i].shape, dtype=torch.float32, device=device) for i in bs.grad_leaves}
         gbufs = [grads[i] for i in bs.grad_leaves]
-        launches = [(bs.dq_name, bs.dq_slots, cfg["dq"], bs.M, "BLOCK_M"),
-                    (bs.dkv_name, bs.dkv_slots, cfg["dkv"], bs.N, "BLOCK_N")]
-        for name, (in_slots, grad_slots), c, size, fixed in launches:
+        layout = tuple((tuple(t.shape), tuple(t.stride())) for t in inputs)
+        if layout not in self._backward_args:   # gradient buffers are contiguous: their strides follow
+            self._backward_args[layout] = [
+                slot_args(in_slots, inputs, bs.sizes) + slot_args(grad_slots, grads, bs.sizes)
+                for in_slots, grad_slots in (bs.dq_slots, bs.dkv_slots)]
+        launches = [(bs.dq_name, cfg["dq"], bs.M, "BLOCK_M"), (bs.dkv_name, cfg["dkv"], bs.N, "BLOCK_N")]
+        for (name, c, size, fixed), args in zip(launches, self._backward_args[layout]):
             if name is None:
                 continue
-            args = slot_args(in_slots, inputs, bs.sizes) + slot_args(grad_slots, grads, bs.sizes)
             getattr(module, name)[(math.ceil(size / c[fixed]) * bs.batch,)](
                 *inputs, *gbufs, rows["dpv"], table, *args, BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"],
                 num_warps=c.get("num_warps", 4), num_stages=c.get("num_stages", 1))
@@ -217,14 +224,6 @@ class CompiledRegion:
                 g = g + row_grads[i].to(g.dtype)
             out.append(g if g.dtype == t.dtype else g.to(t.dtype))
         return out
-
-    def _backward_kernels(self, needs):
-        if needs not in self._backward:
-            if self.backward_source is None:
-                raise RuntimeError("flashlight: this region was compiled without a backward")
-            bs = self.backward_source(needs)
-            self._backward[needs] = (bs, load_source(bs.source, bs.dq_name, self.dump_dir))
-        return self._backward[needs]
 
     def tile_ranges(self, inputs, args, bm, bn):
         """Which key tiles each query tile needs, for a mask that reads data: the classification kernel's
@@ -374,7 +373,8 @@ def _backward(ctx, grads):
     saved = ctx.saved_tensors
     leaves, state = list(saved[:ctx.n]), list(saved[ctx.n:])
     needs = [bool(n) for n in ctx.needs_input_grad[0]]
-    g_out = grads[0] if grads[0] is not None else torch.zeros_like(lookup(ctx.key)(leaves)[0])
+    ks = lookup(ctx.key).ks
+    g_out = grads[0] if grads[0] is not None else leaves[0].new_zeros(ks.out_shape, dtype=ks.out_dtype)
     res = torch.ops.flashlight.fused_attention_backward(leaves, state, g_out, needs, ctx.key)
     return [r if n else None for r, n in zip(res, needs)], None
 
