@@ -159,3 +159,17 @@ def test_sdpa_timed_call_materialises_no_mask(monkeypatch):
         row = runner.run_case("sdpa", runner.resolve(c), c)
         assert row["status"] == "ok", (v.name, row)
         assert seen["run"] == 0 and seen["prep"] >= 1 and row["prep_ms"] > 0, (v.name, seen)
+
+
+def test_a_wrapped_not_implemented_error_marks_the_row_unsupported():
+    """Inductor wraps a backend's NotImplementedError (flex_attention with return_lse on CPU) in its own
+    error: the runner still reads it as 'this backend does not support the case'."""
+    from flashlight.harness.run import _caused_by
+    try:
+        try:
+            raise NotImplementedError("return_lse is not supported on CPU")
+        except NotImplementedError as inner:
+            raise RuntimeError("InductorError: LoweringException") from inner
+    except RuntimeError as e:
+        assert _caused_by(e, NotImplementedError)
+    assert not _caused_by(ValueError("a real error"), NotImplementedError)
