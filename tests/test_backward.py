@@ -155,3 +155,58 @@ def test_gqa_shares_key_gradients_across_heads():
     inputs = {"q": torch.randn(2, 4, 33, 16, requires_grad=True), "k": torch.randn(2, 2, 45, 16, requires_grad=True),
               "v": torch.randn(2, 2, 45, 8, requires_grad=True)}
     check_grads(gqa, inputs)
+
+
+def doc_attention(q, k, v, doc_ids):
+    s = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5
+    same = doc_ids[:, None, :, None] == doc_ids[:, None, None, :]
+    return torch.softmax(s.masked_fill(~same, float("-inf")), -1) @ v
+
+
+def test_document_mask_backward_classifies_tiles_once_and_skips_them():
+    """Documents of random lengths, so that query/key tiles are empty, kept whole or cut by a document
+    boundary, in both backward kernels (per query tile and per key tile). Each kernel classifies its tiles
+    with a kernel of its own; a second step with the same ids reuses the tables, ids changed in place are
+    classified again, and every step's gradients are exact."""
+    from flashlight.compiler import runtime
+    from variants.document_mask import document_ids
+
+    torch._dynamo.reset()
+    fn = flashlight.compile(doc_attention, inductor=False)
+    S = 200
+    ids = document_ids(2, S, 5, False, seed=torch.randint(0, 10**6, ()).item())
+    q, k, v = (torch.randn(2, 2, S, 16, requires_grad=True) for _ in range(3))
+
+    def step():
+        for x in (q, k, v):
+            x.grad = None
+        before = dict(runtime.counters)
+        out = fn(q, k, v, ids)
+        g = torch.randn_like(out)
+        out.backward(g)
+        ref = [x.detach().double().requires_grad_() for x in (q, k, v)]
+        doc_attention(*ref, ids).backward(g.double())
+        for x, r in zip((q, k, v), ref):
+            assert rel_err(x.grad, r.grad) < TOL
+        return {c: runtime.counters[c] - before.get(c, 0) for c in ("classifications", "classifications_reused")}
+
+    assert step() == {"classifications": 3, "classifications_reused": 0}   # forward, dQ kernel, dK/dV kernel
+    assert step() == {"classifications": 0, "classifications_reused": 3}
+    ids[:, S // 2:] += 1          # a new document boundary in the middle, written in place
+    assert step() == {"classifications": 3, "classifications_reused": 0}
+    bs = list(runtime._REGISTRY.values())[-1].backward_source
+    assert all(bs.classifiers) and "mask dropped" in bs.source   # kept-whole tiles run without the mask
+
+
+def test_compiled_row_step_matches_the_op_by_op_one(monkeypatch):
+    """The row step compiled by Inductor (as on the GPU) gives the same gradients, inputs read after ·V
+    (the gate) included."""
+    from flashlight.compiler import runtime
+
+    monkeypatch.setattr(runtime, "COMPILED_ROW_STEP", {"cpu"})
+    v = vr.get("evoformer")
+    shape = v.shape(B=1, H=2, Sq=40, Sk=40, D=16, N=2)
+    inputs = v.make_inputs(shape, torch.float32, "cpu", requires_grad=True, seed=3)
+    check_grads(v.bind(shape), inputs)
+    region = list(runtime._REGISTRY.values())[-1]
+    assert region._row_steps and region.row_step_failed is None

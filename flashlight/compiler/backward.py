@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 import textwrap
 from dataclasses import dataclass, field
 
@@ -32,8 +33,8 @@ import torch
 import torch.fx as fx
 
 from flashlight.compiler.analysis import GATHERS, MATMULS, WHERE, NotFusable, Region, flat_axes
-from flashlight.compiler.codegen import (LOG2E, LoadSlot, _batch_decomposition, _contig, _Emitter,
-                                         _forward_copies, _lit, _prune, access_layout)
+from flashlight.compiler.codegen import (LOG2E, LoadSlot, _batch_decomposition, _batch_row, _classifier, _contig,
+                                         _Emitter, _forward_copies, _lit, _prune, access_layout)
 from flashlight.compiler.indexing import VIEW_OPS, freeze_chain
 from flashlight.compiler.late import check_shift_invariance
 from flashlight.compiler.rewrite import OnlineProgram, build, lname, vname
@@ -43,6 +44,8 @@ aten = torch.ops.aten
 prims = torch.ops.prims
 
 CASTS = {aten._to_copy.default, prims.convert_element_type.default}
+# gradient sums need no ordering between programs, only atomicity (triton's default, acq_rel, fences each add)
+RELAXED = ', sem="relaxed"'
 
 
 @dataclass
@@ -56,6 +59,10 @@ class BackwardSource:
     row_names: tuple              # per-row values the kernels load (late.py computes them), in order
     needs: tuple
     stored: tuple = ()            # inputs whose gradient is written whole in their own dtype (no zero fill)
+    classifiers: tuple = (None, None)  # per kernel (dQ, dK/dV): its tile classification kernel, if masks read data
+    value_leaf: int = 0           # the input ·V reads (the row step gives dPV in its dtype)
+    range_rows: int = 1           # batch rows of the classification tables (the batch axes the masks read)
+    classifier_reads: tuple = ()  # the inputs the classification kernels load (their tables depend on them only)
     sizes: dict = field(default_factory=dict)
     batch: int = 1
     M: int = 0
@@ -75,6 +82,7 @@ class _TileEmitter(_Emitter):
         self.ctx = ("m", "n") if loop_axis == "n" else ("n", "m")
         self.grad_slots: list = []
         self.grad_params: list = []
+        self.full_code: dict = {}    # code -> the code used instead on tiles the masks keep whole
         self.stored: set = set()     # inputs whose gradient this kernel stores whole (see _exclusive)
 
     def expr(self, node):
@@ -204,7 +212,11 @@ def _vjp(em: _TileEmitter, node, g):
         raise NotFusable(f"no derivative for pow with exponent {p}")
     if t in WHERE:
         c = em.operand(node, 0)
-        return [(1, f"tl.where({c}, {g}, 0.0)"), (2, f"tl.where({c}, 0.0, {g})")]
+        out = [(1, f"tl.where({c}, {g}, 0.0)"), (2, f"tl.where({c}, 0.0, {g})")]
+        kept = em.tiles.dropped.get(node) if em.tiles else None
+        if kept:   # on tiles the masks keep whole, the kept branch takes all of the adjoint
+            em.full_code[out[kept - 1][1]] = g
+        return out
     if t in (aten.sign.default,) or not node.meta["val"].dtype.is_floating_point:
         return []   # piecewise constant, comparisons, logic: no gradient
     raise NotFusable(f"no derivative for {t} in the backward")
@@ -240,15 +252,28 @@ def generate_backward(region: Region, needs: tuple, block_sparse: bool = True) -
         import triton.language as tl
         ''')
     source = head
+    classifiers, reads = [], set()
     for kern, name in ((dq, dq_name), (dkv, dkv_name)):
         if kern is None:
+            classifiers.append(None)
             continue
+        cname = None
+        if kern.classified:
+            cname = f"classify_{name}"
+            csrc = kern.classifier(cname)
+            source += "\n\n" + csrc
+            reads |= {int(i) for i in re.findall(r"\bin(\d+)_ptr\b", csrc.split("\n", 2)[2])}
+        classifiers.append(cname)
         body = kern.body(row_names, grad_leaves)
         source += f"\n\n@triton.jit\ndef {name}({kern.signature(grad_leaves)}):\n" + body + "\n"
+    tiles = dq.em.tiles
+    range_rows = math.prod(sizes[a] for a in tiles.batch_axes) if tiles is not None and reads else 1
     return BackwardSource(source, dq_name, dkv_name, (dq.em.slots, dq.em.grad_slots),
                           (dkv.em.slots, dkv.em.grad_slots) if dkv else ([], []), grad_leaves, row_names,
                           tuple(needs), stored=tuple(sorted(dq.em.stored | (dkv.em.stored if dkv else set()))),
-                          sizes=dict(sizes),
+                          sizes=dict(sizes), value_leaf=region.leaf_index(region.value.source),
+                          classifiers=tuple(classifiers), range_rows=range_rows,
+                          classifier_reads=tuple(sorted(reads)),
                           batch=math.prod(region.batch_sizes) if region.batch_sizes else 1,
                           M=sizes["m"], N=sizes["n"], E=sizes["e"])
 
@@ -258,11 +283,20 @@ class _Kernel:
 
     def __init__(self, em, pre, loop, post, rows, text):
         self.em, self.pre, self.loop, self.post, self.rows, self.text = em, pre, loop, post, rows, text
+        # masks that read data: the tiles they leave come from a classification kernel's table
+        self.classified = em.tiles is not None and em.tiles.reads_tensors
+
+    def classifier(self, name):
+        """The source of this kernel's classification kernel (one program per tile pair)."""
+        fixed = "m" if self.em.loop_axis == "n" else "n"
+        ptrs = [f"in{i}_ptr" for i in range(len(self.em.r.leaves))]
+        return _classifier(self.em, ptrs, ["BLOCK_M: tl.constexpr", "BLOCK_N: tl.constexpr"], fixed).format(name=name)
 
     def signature(self, grad_leaves):
         r = self.em.r
         ptrs = [f"in{i}_ptr" for i in range(len(r.leaves))] + [f"grad{i}_ptr" for i in grad_leaves]
-        return ", ".join(ptrs + ["dpv_ptr", "rows_ptr"] + self.em.params + self.em.grad_params +
+        ranges = ["ranges_ptr"] if self.classified else []
+        return ", ".join(ptrs + ["dpv_ptr", "rows_ptr"] + ranges + self.em.params + self.em.grad_params +
                          ["BLOCK_M: tl.constexpr", "BLOCK_N: tl.constexpr"])
 
     def body(self, row_names, grad_leaves):
@@ -289,29 +323,68 @@ class _Kernel:
         tile_of = [] if em.loop_axis == "n" else ["pid_m = start_m // BLOCK_M"]
         if em.loop_axis == "n":
             pre = row_loads + self.pre
-            inner = loop_head + self.guard + self.loop
+            head = loop_head + self.guard
         else:
             pre = list(self.pre)
-            inner = tile_of + loop_head + row_loads + self.guard + self.loop
-        inner = _prune(inner, set(self.carried) | {"_atomic"})
-        scan = []
-        lo, hi = "0", str(big[loop_axis])
-        if em.tiles is not None:
-            # the tiles the masks leave: a scan of index arithmetic (and the data the masks read)
-            # gives the loop's bounds; tiles inside them that the masks empty add zeros
-            lo, hi = "lo", "hi"
-            scan = [f"lo = tl.full([], {big[loop_axis]}, tl.int32)", "hi = tl.full([], 0, tl.int32)",
-                    f"for start_{loop_axis} in range(0, {big[loop_axis]}, {block[loop_axis]}):"]
-            scan += ["    " + ln for ln in _prune(tile_of + loop_head + self.guard, {"tile_empty"})]
-            scan += [f"    lo = tl.minimum(lo, tl.where(tile_empty, {big[loop_axis]}, start_{loop_axis}))",
-                     f"    hi = tl.maximum(hi, tl.where(tile_empty, 0, start_{loop_axis} + {block[loop_axis]}))"]
-        used = set(_names("\n".join(scan + inner + self.post)))
-        lines += [""] + _prune(pre + self.init, used) + scan
-        lines.append(f"for start_{loop_axis} in range({lo}, {hi}, {block[loop_axis]}):")
-        lines += ["    " + ln for ln in inner]
+            head = tile_of + loop_head + row_loads + self.guard
+        live = set(self.carried) | {"_atomic"}
+        inner = _prune(head + self.loop, live)
+        L, B = big[loop_axis], block[loop_axis]
+        if em.tiles is None:
+            used = set(_names("\n".join(inner + self.post)))
+            lines += [""] + _prune(pre + self.init, used)
+            lines.append(f"for start_{loop_axis} in range(0, {L}, {B}):")
+            lines += ["    " + ln for ln in inner]
+        else:
+            # tiles every mask keeps whole run a body without the mask math
+            inner_full = _prune(head + self.full_loop, live)
+            ranges = self._ranges(fixed, loop_axis, big, block, tile_of + loop_head)
+            loops = [
+                "# tiles the masks keep whole run without the mask math, if they form one run",
+                "one_run = (n_full > 0) & (full_hi - full_lo == n_full * " + B + ")",
+                "full_lo = tl.where(one_run, full_lo, hi)",
+                "full_hi = tl.where(one_run, full_hi, hi)",
+                f"for start_{loop_axis} in range(full_lo, full_hi, {B}):"]
+            loops += ["    " + ln for ln in inner_full]
+            loops += ["# the other tiles the masks leave, [lo, full_lo) and [full_hi, hi), with the mask",
+                      f"for j in range(lo, hi - (full_hi - full_lo), {B}):",
+                      f"    start_{loop_axis} = tl.where(j < full_lo, j, j + (full_hi - full_lo))"]
+            loops += ["    " + ln for ln in inner]
+            used = set(_names("\n".join(ranges + loops + self.post)))
+            lines += [""] + _prune(pre + self.init, used) + ranges + loops
         lines += [""] + self.post
         lines = _forward_copies(lines)
         return "\n".join("    " + ln if ln else "" for ln in lines)
+
+    def _ranges(self, fixed, loop_axis, big, block, head):
+        """Lines giving lo, hi (the looped tiles the masks leave) and full_lo, full_hi, n_full (those
+        they keep whole): from the classification kernel's table where the masks read data, else a
+        scan of index arithmetic over the tiles."""
+        em, sizes = self.em, self.em.r.sizes
+        L, B = big[loop_axis], block[loop_axis]
+        if em.tiles.reads_tensors:
+            row = _batch_row(em.tiles.batch_axes, sizes)
+            tiles = f"tl.cdiv({big[fixed]}, {block[fixed]})"
+            row = f"pid_{fixed}" if row == "0" else f"({row}) * {tiles} + pid_{fixed}"
+            return ["# the tiles the masks leave, and those they keep whole: from the classification kernel",
+                    f"ranges = ranges_ptr + ({row}) * 5",
+                    f"lo = {L} - tl.load(ranges + 0)",
+                    "hi = tl.load(ranges + 1)",
+                    f"full_lo = {L} - tl.load(ranges + 2)",
+                    "full_hi = tl.load(ranges + 3)",
+                    "n_full = tl.load(ranges + 4)"]
+        scan = ["# the tiles the masks leave, and those they keep whole (index arithmetic, no loads)",
+                f"lo = tl.full([], {L}, tl.int32)", "hi = tl.full([], 0, tl.int32)",
+                f"full_lo = tl.full([], {L}, tl.int32)", "full_hi = tl.full([], 0, tl.int32)",
+                "n_full = tl.full([], 0, tl.int32)",
+                f"for start_{loop_axis} in range(0, {L}, {B}):"]
+        scan += ["    " + ln for ln in _prune(head + self.guard, {"tile_empty", "tile_full"})]
+        scan += [f"    lo = tl.minimum(lo, tl.where(tile_empty, {L}, start_{loop_axis}))",
+                 f"    hi = tl.maximum(hi, tl.where(tile_empty, 0, start_{loop_axis} + {B}))",
+                 f"    full_lo = tl.minimum(full_lo, tl.where(tile_full, start_{loop_axis}, {L}))",
+                 f"    full_hi = tl.maximum(full_hi, tl.where(tile_full, start_{loop_axis} + {B}, 0))",
+                 "    n_full += tl.where(tile_full, 1, 0)"]
+        return scan
 
     def _row_loads(self, row_names, R):
         em = self.em
@@ -333,7 +406,6 @@ class _Kernel:
 
 
 def _names(text):
-    import re
     return re.findall(r"[A-Za-z_]\w*", text)
 
 
@@ -343,7 +415,7 @@ def _exclusive(acc, region) -> bool:
     gradient is stored in the input's dtype, with no zero fill, no atomics and no conversion after."""
     if sum(a.source is acc.source for a in region.accesses.values()) != 1 or acc.gather:
         return False
-    if not set(region.batch_axes) <= set(flat_axes(acc.axes)):
+    if not {a for a in region.batch_axes if region.sizes[a] > 1} <= set(flat_axes(acc.axes)):
         return False
     shape = acc.source.meta["val"].shape
     layout, _ = access_layout(acc.chain, acc.axes, tuple(shape), _contig(tuple(shape)), 0, region.sizes)
@@ -362,7 +434,7 @@ def _write_gradient(em, acc, ctx, value, post):
         post.append(f"tl.store({ptr}, {value}.to(grad{leaf}_ptr.dtype.element_ty)" +
                     (f", mask={mask})" if mask else ")"))
     else:
-        post.append(f"tl.atomic_add({ptr}, {value}" + (f", mask={mask})" if mask else ")"))
+        post.append(f"tl.atomic_add({ptr}, {value}" + (f", mask={mask}" if mask else "") + RELAXED + ")")
 
 
 def _small_table(acc, region) -> bool:
@@ -396,7 +468,7 @@ def _table_gradient(em, acc, codes, body, init, post, carried, valid):
     em.gather_code[g], saved = f"tl.arange(0, {GB})", em.gather_code[g]
     ptr, _ = em.grad_address(acc, em.ctx)
     em.gather_code[g] = saved
-    post.append(f"tl.atomic_add({ptr}, {name}, mask=tl.arange(0, {GB}) < {G})")
+    post.append(f"tl.atomic_add({ptr}, {name}, mask=tl.arange(0, {GB}) < {G}{RELAXED})")
 
 
 def _tile_kernel(region: Region, loop_axis: str, needs, block_sparse) -> _Kernel:
@@ -467,8 +539,12 @@ class _TileProgram:
             body.append(f"{vname(sm.node)} = tl.dot({a}, {b})")
         self.element = [n for n in r.nodes
                         if n.target not in MATMULS and self.kinds[n] in ("early", "stabsub", "mixed")]
+        self.full_lines = {}   # index in the body -> the line used instead on tiles the masks keep whole
         for node in self.element:   # all in the loop: loads the tile predicate made there may feed any
             body.append(f"{vname(node)} = {em.expr(node)}")
+            if em.tiles and node in em.tiles.dropped:
+                kept = em.float_operand(node, em.tiles.dropped[node])
+                self.full_lines[len(body) - 1] = f"{vname(node)} = {kept}  # mask dropped: the tile is kept whole"
 
     def give(self, consumer, i, code, src=None):
         """Pass an adjoint contribution to argument i of consumer; `src`: the tile axes it spans (those
@@ -586,7 +662,7 @@ class _TileProgram:
             if valid and "m" in axes and "n" in axes:
                 code = f"tl.where(valid, {code}, 0.0)"
             ptr, mask = em.grad_address(acc, em.ctx)
-            body.append(f"_atomic = tl.atomic_add({ptr}, {code}" + (f", mask={mask})" if mask else ")") +
+            body.append(f"_atomic = tl.atomic_add({ptr}, {code}" + (f", mask={mask}" if mask else "") + RELAXED + ")" +
                         f"  # d{acc.source.name}")
 
     def kernel(self) -> _Kernel:
@@ -598,4 +674,11 @@ class _TileProgram:
         rows = {n for n in rows if not n.startswith("s2_") and not n.startswith("mu2_")}
         kern = _Kernel(em, em.guard_pre + em.pre, self.body, self.post, rows, text)
         kern.init, kern.carried, kern.guard = self.init, self.carried + ["_atomic"], em.guard
+        kern.full_loop = [self.full_lines.get(i, self._full_tile(ln)) for i, ln in enumerate(self.body)]
         return kern
+
+    def _full_tile(self, line):
+        """A line as tiles the masks keep whole run it: each masked adjoint is the adjoint itself."""
+        for masked, whole in self.em.full_code.items():
+            line = line.replace(masked, whole)
+        return line

@@ -738,35 +738,43 @@ def _row_program(em: _Emitter, prog: OnlineProgram, saved) -> dict:
             "leaves": len(r.leaves), "param_names": list(em.params)}
 
 
-def _classifier(em: _Emitter, ptrs, consts) -> str:
+def _classifier(em: _Emitter, ptrs, consts, fixed: str = "m", params=None) -> str:
     """A kernel that classifies every (query tile, key tile) for masks that read data.
 
     One program per tile pair, over only the batch axes the masks read; each folds its tile into the
-    query tile's row of the ranges table with atomics: [N - lowest live start, highest live end,
-    N - lowest full start, highest full end, number of full tiles] (all start at zero).
+    row of its `fixed` tile ("m": the query tile, as the forward and the dQ kernel loop over keys; "n":
+    the key tile, for the dK/dV kernel) with atomics: [L - lowest live start, highest live end,
+    L - lowest full start, highest full end, number of full tiles] (L the looped axis' size; all start
+    at zero).
     """
     r, tiles, sizes = em.r, em.tiles, em.r.sizes
     M, N = sizes["m"], sizes["n"]
-    sig = ", ".join(ptrs + ["ranges_ptr"] + em.params + consts)
+    loop = "n" if fixed == "m" else "m"
+    L = sizes[loop]
+    size = {"m": M, "n": N}
+    sig = ", ".join(ptrs + ["ranges_ptr"] + list(em.params if params is None else params) + consts)
     body = [f"pid = tl.program_id(0)",
             f"pid_n = pid % tl.cdiv({N}, BLOCK_N)",
             f"pid_m = (pid // tl.cdiv({N}, BLOCK_N)) % tl.cdiv({M}, BLOCK_M)",
             f"pid_b = pid // (tl.cdiv({N}, BLOCK_N) * tl.cdiv({M}, BLOCK_M))"]
     body += _batch_decomposition("pid_b", tiles.batch_axes, sizes)
-    body += ["offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)",
+    body += ["start_m = pid_m * BLOCK_M",
+             "offs_m = start_m + tl.arange(0, BLOCK_M)",
              f"mask_m = offs_m < {M}",
              "start_n = pid_n * BLOCK_N",
              "offs_n = start_n + tl.arange(0, BLOCK_N)",
              f"mask_n = offs_n < {N}"]
     body += _prune(em.guard_pre + em.guard, {"tile_empty", "tile_full"})
-    body += [f"ranges = ranges_ptr + (pid_b * tl.cdiv({M}, BLOCK_M) + pid_m) * 5",
-             f"tl.atomic_max(ranges + 0, tl.where(tile_empty, 0, {N} - start_n))",
-             "tl.atomic_max(ranges + 1, tl.where(tile_empty, 0, start_n + BLOCK_N))",
-             f"tl.atomic_max(ranges + 2, tl.where(tile_full, {N} - start_n, 0))",
-             "tl.atomic_max(ranges + 3, tl.where(tile_full, start_n + BLOCK_N, 0))",
+    F = f"BLOCK_{fixed.upper()}"
+    body += [f"ranges = ranges_ptr + (pid_b * tl.cdiv({size[fixed]}, {F}) + pid_{fixed}) * 5",
+             f"tl.atomic_max(ranges + 0, tl.where(tile_empty, 0, {L} - start_{loop}))",
+             f"tl.atomic_max(ranges + 1, tl.where(tile_empty, 0, start_{loop} + BLOCK_{loop.upper()}))",
+             f"tl.atomic_max(ranges + 2, tl.where(tile_full, {L} - start_{loop}, 0))",
+             f"tl.atomic_max(ranges + 3, tl.where(tile_full, start_{loop} + BLOCK_{loop.upper()}, 0))",
              "tl.atomic_add(ranges + 4, tl.where(tile_full, 1, 0))"]
     body = _forward_copies(body)
     text = "\n".join("    " + ln for ln in body)
+    what = "key tiles of this query tile" if fixed == "m" else "query tiles of this key tile"
     return ("@triton.jit\ndef {name}(" + sig.replace("{", "{{").replace("}", "}}") + "):\n"
-            "    # which key tiles of this query tile the masks remove, and which they keep whole\n"
+            f"    # which {what} the masks remove, and which they keep whole\n"
             + text.replace("{", "{{").replace("}", "}}") + "\n")

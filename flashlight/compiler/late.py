@@ -116,10 +116,11 @@ def _compiled(source: str):
     return compile(source, "<flashlight row program>", "exec")
 
 
-def row_backward(program: dict, inputs, needs, params, saved, grad_out, row_names):
-    """The row step of the backward: ({"dpv": dPV [rows, Dv]} and each of `row_names` [rows]: g_<sum>
-    the gradient of a row sum, mu_<max> the value a row was normalised by, r_<node> a row value), and
-    {input index: gradient} for the inputs that row values read."""
+def row_backward(program: dict, inputs, needs, params, saved, grad_out, row_names, dpv_dtype=None):
+    """The row step of the backward: (dPV [rows, Dv], the table of `row_names` [len(row_names), rows],
+    {input index: gradient} for the inputs that row values read). Row names: g_<sum> the gradient of a
+    row sum, mu_<max> the value a row was normalised by, r_<node> a row value. dPV is given in
+    `dpv_dtype` (the kernels multiply it in the value's dtype), float32 by default."""
     sums = program["sums"]
     leaves = [t.detach().requires_grad_(bool(n)) if isinstance(t, torch.Tensor) and t.is_floating_point()
               else t for t, n in zip(inputs, needs)]
@@ -137,8 +138,10 @@ def row_backward(program: dict, inputs, needs, params, saved, grad_out, row_name
             grads[i] = g
     R, E = out.shape[0], program["sizes"]["e"]
     dpv = grads[0]
-    rows = {"dpv": torch.zeros(R, E, device=out.device) if dpv is None else dpv.float().expand(R, E).contiguous()}
+    dpv = torch.zeros(R, E, device=out.device) if dpv is None else dpv.expand(R, E)
+    dpv = dpv.to(dpv_dtype or torch.float32).contiguous()
     sum_grads = dict(zip((f"g_{s}" for s in sums), grads[1:1 + len(sums)]))
+    rows = []
     for name in row_names:
         if name in sum_grads:
             val = sum_grads[name] if sum_grads[name] is not None else torch.zeros(R, device=out.device)
@@ -146,9 +149,35 @@ def row_backward(program: dict, inputs, needs, params, saved, grad_out, row_name
             val = ns[program["mu_of"][name[3:]]]
         else:
             val = ns[name]
-        rows[name] = val.detach().float().reshape(-1).expand(R).contiguous()
+        rows.append(val.detach().float().reshape(-1).expand(R))
+    table = torch.stack(rows) if rows else torch.zeros(1, device=out.device)
     leaf_grads = {i: g for i, g in zip(leaf_ix, grads[1 + len(sums):]) if g is not None}
-    return rows, leaf_grads
+    return dpv, table, leaf_grads
+
+
+def compile_row_backward(program: dict, inputs, needs, params, saved, grad_out, row_names, dpv_dtype):
+    """row_backward for these tensors' shapes, dtypes and devices, traced to one aten graph (its autograd
+    included) with make_fx and compiled by Inductor: a few fused kernels instead of dozens of small
+    ops and the autograd machinery on every call. Returns a function of (inputs, saved, grad_out)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    n_in, n_saved = len(inputs), len(saved)
+    grad_ix: list = []
+
+    def flat(*tensors):
+        dpv, table, grads = row_backward(program, tensors[:n_in], needs, params,
+                                         tensors[n_in:n_in + n_saved], tensors[-1], row_names, dpv_dtype)
+        grad_ix[:] = sorted(grads)
+        return [dpv, table] + [grads[i] for i in grad_ix]
+
+    example = [*inputs, *saved, grad_out]
+    gm = make_fx(flat)(*example)
+    compiled = torch._inductor.compile(gm, example)
+
+    def step(inputs, saved, grad_out):
+        dpv, table, *grads = compiled(*inputs, *saved, grad_out)
+        return dpv, table, dict(zip(grad_ix, grads))
+    return step
 
 
 def check_shift_invariance(program: dict, trials: int = 3):

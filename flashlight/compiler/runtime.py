@@ -8,6 +8,7 @@ generated backward will attach (recompute from the saved log-sum-exp).
 from __future__ import annotations
 
 import collections
+import functools
 import hashlib
 import importlib.util
 import math
@@ -21,9 +22,12 @@ from pathlib import Path
 import torch
 
 from flashlight.compiler.codegen import KernelSource, access_layout
-from flashlight.compiler.late import row_backward
+from flashlight.compiler.late import compile_row_backward, row_backward
 
 counters: collections.Counter = collections.Counter()
+# devices whose backward row step is compiled by Inductor (on the CPU it runs op by op: there the kernels
+# run in Triton's interpreter, and compiling would only add minutes of C++ builds to the tests)
+COMPILED_ROW_STEP = {"cuda"}
 
 _REGISTRY: dict = {}        # key -> CompiledRegion
 launch_configs: dict = {}   # kernel name -> the config of its latest launch (the runner reports it)
@@ -111,12 +115,14 @@ class CompiledRegion:
     _kernel: object = field(default=None, repr=False)
     _args: dict = field(default_factory=dict, repr=False)   # input layouts -> stride arguments
     _tuned: tuple | None = field(default=None, repr=False)  # (tuned_generation, stored best config or None)
-    _classified: tuple | None = field(default=None, repr=False)  # (what it was computed from, ranges table)
+    _classified: dict = field(default_factory=dict, repr=False)  # classifier -> (what it read, state, table)
     backward_source: object = field(default=None, repr=False)   # training: its BackwardSource
     _backward_module: object = field(default=None, repr=False)
     _backward_args: dict = field(default_factory=dict, repr=False)  # input layouts -> stride arguments
     reference: object = field(default=None, repr=False)   # the region's own ops (fx.GraphModule), training
     backward_failed: str | None = None                    # why the generated backward was given up
+    _row_steps: dict = field(default_factory=dict, repr=False)   # layout -> compiled row step
+    row_step_failed: str | None = None                    # why the row step runs op by op
 
     @property
     def key(self):
@@ -192,11 +198,9 @@ class CompiledRegion:
         if self._backward_module is None:
             self._backward_module = load_source(bs.source, bs.dq_name, self.dump_dir)
         module = self._backward_module
-        rows, row_grads = row_backward(self.ks.row_program, inputs, needs, self.launch_args(inputs), saved,
-                                       grad_out, bs.row_names)
+        dpv, table, row_grads = self.row_step(inputs, saved, grad_out, needs)(inputs, saved, grad_out)
         device = inputs[0].device
         cfg = backward_config(bs, device.type, self.config.get("backward"))
-        table = torch.stack([rows[n] for n in bs.row_names]) if bs.row_names else torch.zeros(1, device=device)
         table = table.to(device=device, dtype=torch.float32).contiguous()
         grads = {i: torch.empty(inputs[i].shape, dtype=inputs[i].dtype, device=device) if i in bs.stored else
                  torch.zeros(inputs[i].shape, dtype=torch.float32, device=device) for i in bs.grad_leaves}
@@ -204,14 +208,20 @@ class CompiledRegion:
         layout = tuple((tuple(t.shape), tuple(t.stride())) for t in inputs)
         if layout not in self._backward_args:   # gradient buffers are contiguous: their strides follow
             self._backward_args[layout] = [
-                slot_args(in_slots, inputs, bs.sizes) + slot_args(grad_slots, grads, bs.sizes)
+                (slot_args(in_slots, inputs, bs.sizes), slot_args(grad_slots, grads, bs.sizes))
                 for in_slots, grad_slots in (bs.dq_slots, bs.dkv_slots)]
         launches = [(bs.dq_name, cfg["dq"], bs.M, "BLOCK_M"), (bs.dkv_name, cfg["dkv"], bs.N, "BLOCK_N")]
-        for (name, c, size, fixed), args in zip(launches, self._backward_args[layout]):
+        for (name, c, size, fixed), (in_args, grad_args), classifier in zip(
+                launches, self._backward_args[layout], bs.classifiers):
             if name is None:
                 continue
+            bm, bn = c["BLOCK_M"], c["BLOCK_N"]
+            ranges = []
+            if classifier:   # the tiles that masks reading data leave: classified per tile pair, reused
+                ranges = [self.classification(module, classifier, bs.classifier_reads, bs.range_rows,
+                                              inputs, in_args, bm, bn, fixed)]
             getattr(module, name)[(math.ceil(size / c[fixed]) * bs.batch,)](
-                *inputs, *gbufs, rows["dpv"], table, *args, BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"],
+                *inputs, *gbufs, dpv, table, *ranges, *in_args, *grad_args, BLOCK_M=bm, BLOCK_N=bn,
                 num_warps=c.get("num_warps", 4), num_stages=c.get("num_stages", 1))
         counters["fused_backward_launches"] += 1
         out = []
@@ -225,25 +235,63 @@ class CompiledRegion:
             out.append(g if g.dtype == t.dtype else g.to(t.dtype))
         return out
 
+    def row_step(self, inputs, saved, grad_out, needs):
+        """The backward's row step (late.row_backward) as a function of (inputs, saved, grad_out): on the
+        devices in COMPILED_ROW_STEP, traced and compiled by Inductor once per layout (falling back, with
+        one warning, to running it op by op if that fails), elsewhere op by op."""
+        bs = self.backward_source
+        eager = functools.partial(_row_step_eager, self.ks.row_program, needs, self.launch_args(inputs),
+                                  bs.row_names, inputs[bs.value_leaf].dtype)
+        if inputs[0].device.type not in COMPILED_ROW_STEP or self.row_step_failed:
+            return eager
+        key = tuple((tuple(t.shape), tuple(t.stride()), t.dtype) for t in (*inputs, *saved, grad_out)) + (needs,)
+        if key not in self._row_steps:
+            try:
+                self._row_steps[key] = compile_row_backward(
+                    self.ks.row_program, inputs, needs, self.launch_args(inputs), saved, grad_out, bs.row_names,
+                    inputs[bs.value_leaf].dtype)
+            except Exception as e:
+                self.row_step_failed = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+                warnings.warn(f"flashlight: compiling the backward's row step failed ({self.row_step_failed}); "
+                              "it runs op by op instead (the same values, more launches)", stacklevel=2)
+                return eager
+        return self._row_steps[key]
+
     def tile_ranges(self, inputs, args, bm, bn):
-        """Which key tiles each query tile needs, for a mask that reads data: the classification kernel's
-        table, reused while the tensors it reads are the same objects, unmodified, with the same tiles."""
-        reads = [inputs[i] for i in self.ks.classifier_reads]
+        """Which key tiles each query tile of the forward needs, for a mask that reads data."""
+        ks = self.ks
+        return self.classification(self._kernel, ks.classifier, ks.classifier_reads, ks.range_rows,
+                                   inputs, args, bm, bn, "BLOCK_M")
+
+    def classification(self, module, classifier, read_ix, range_rows, inputs, args, bm, bn, fixed):
+        """A classification kernel's table (per tile of the `fixed` axis: the tiles of the other that
+        masks reading data leave), reused while the tensors it reads are the same objects, unmodified,
+        with the same tiles."""
+        reads = [inputs[i] for i in read_ix]
         state = _classification_state(reads, args, bm, bn)
-        if state is not None and self._classified is not None:
-            refs, old_state, table = self._classified
+        cached = self._classified.get(classifier)
+        if state is not None and cached is not None:
+            refs, old_state, table = cached
             if old_state == state and all(r() is t for r, t in zip(refs, reads)):
                 counters["classifications_reused"] += 1
                 return table
         ks = self.ks
         m_tiles, n_tiles = math.ceil(ks.M / bm), math.ceil(ks.N / bn)
-        table = torch.zeros(ks.range_rows * m_tiles * 5, dtype=torch.int32, device=inputs[0].device)
-        getattr(self._kernel, ks.classifier)[(ks.range_rows * m_tiles * n_tiles,)](
+        rows = m_tiles if fixed == "BLOCK_M" else n_tiles
+        table = torch.zeros(range_rows * rows * 5, dtype=torch.int32, device=inputs[0].device)
+        getattr(module, classifier)[(range_rows * m_tiles * n_tiles,)](
             *inputs, table, *args, BLOCK_M=bm, BLOCK_N=bn, num_warps=4, num_stages=1)
         counters["classifications"] += 1
         # the tensors are held weakly, so a freed tensor never matches a new one at the same address
-        self._classified = None if state is None else ([weakref.ref(t) for t in reads], state, table)
+        if state is None:
+            self._classified.pop(classifier, None)
+        else:
+            self._classified[classifier] = ([weakref.ref(t) for t in reads], state, table)
         return table
+
+
+def _row_step_eager(program, needs, params, row_names, dpv_dtype, inputs, saved, grad_out):
+    return row_backward(program, inputs, needs, params, saved, grad_out, row_names, dpv_dtype)
 
 
 def slot_args(slots, tensors, sizes):
@@ -339,7 +387,15 @@ def fused_attention_train(inputs, key):
 
 def fused_attention_backward(inputs, saved, grad_out, needs, key):
     grads = lookup(key).backward(inputs, saved, grad_out, needs)
-    return [g if g is not None else x.new_empty(0) for g, x in zip(grads, inputs)]
+    return [x.new_empty(0) if g is None else _like(g, x) for g, x in zip(grads, inputs)]
+
+
+def _like(g, x):
+    """g with the strides the op promises (those of empty_like(x), as the fake kernel below): Inductor
+    checks them, and autograd's own gradients (the fallback) may come in another layout."""
+    if g.stride() == torch.empty_like(x, device="meta").stride():
+        return g
+    return torch.empty_like(x).copy_(g)
 
 
 _LIB.impl("fused_attention_train", fused_attention_train, "CompositeExplicitAutograd")
