@@ -678,7 +678,8 @@ def _assemble(em: _Emitter, prog: OnlineProgram) -> KernelSource:
             if kind == "row":
                 body.append(f"tl.store(save{i}_ptr + row[:, None], {name}, mask=mask_m[:, None])")
             else:
-                body.append(f"tl.store(save{i}_ptr + row[:, None] * {E} + offs_e[None, :], {name}" +
+                body.append(f"tl.store(save{i}_ptr + row[:, None] * {E} + offs_e[None, :], "
+                            f"{name}.to(save{i}_ptr.dtype.element_ty)" +
                             (f", mask={omask})" if omask else ")"))
     # the per-query-tile lines, less those only the classification kernel needed
     used = set(re.findall(r"[A-Za-z_]\w*", "\n".join(body[pre_at:])))

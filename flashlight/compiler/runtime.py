@@ -159,7 +159,7 @@ class CompiledRegion:
         args = self.launch_args(inputs)
         out = torch.empty(ks.out_shape, dtype=ks.out_dtype, device=device)
         rows = ks.batch * ks.M
-        saved = [torch.empty((rows,) if kind == "row" else (rows, ks.sizes["e"]), dtype=torch.float32,
+        saved = [torch.empty((rows,) if kind == "row" else (rows, ks.sizes["e"]), dtype=saved_dtype(ks, kind),
                              device=device) for _, kind in ks.saved]
         ranges = [self.tile_ranges(inputs, args, bm, bn)] if ks.classifier else []
         grid = (math.ceil(ks.M / bm) * ks.batch,)
@@ -290,6 +290,13 @@ class CompiledRegion:
         return table
 
 
+def saved_dtype(ks, kind):
+    """What a training forward stores per row: running sums and maxes in float32; ·V accumulators in the
+    output's dtype (the backward only forms row sums of dO times them, as FlashAttention does with O; a
+    float32 copy would add 4 bytes per output element to the memory a training step holds)."""
+    return ks.out_dtype if kind == "vector" and ks.out_dtype in (torch.float16, torch.bfloat16) else torch.float32
+
+
 def _row_step_eager(program, needs, params, row_names, dpv_dtype, inputs, saved, grad_out):
     return row_backward(program, inputs, needs, params, saved, grad_out, row_names, dpv_dtype)
 
@@ -407,7 +414,7 @@ def _(inputs, key):
     ks = lookup(key).ks
     rows = ks.batch * ks.M
     return [inputs[0].new_empty(ks.out_shape, dtype=ks.out_dtype)] + [
-        inputs[0].new_empty((rows,) if kind == "row" else (rows, ks.sizes["e"]), dtype=torch.float32)
+        inputs[0].new_empty((rows,) if kind == "row" else (rows, ks.sizes["e"]), dtype=saved_dtype(ks, kind))
         for _, kind in ks.saved]
 
 
