@@ -198,14 +198,15 @@ def test_document_mask_backward_classifies_tiles_once_and_skips_them():
     assert all(bs.classifiers) and "mask dropped" in bs.source   # kept-whole tiles run without the mask
 
 
-def test_compiled_row_step_matches_the_op_by_op_one(monkeypatch):
-    """The row step compiled by Inductor (as on the GPU) gives the same gradients, inputs read after ·V
-    (the gate) included."""
+@pytest.mark.parametrize("name", ["evoformer", "sinks"])
+def test_compiled_row_step_matches_the_op_by_op_one(monkeypatch, name):
+    """The row step compiled by Inductor (as on the GPU) gives the same gradients, inputs read by row
+    values included: the gate (one entry per row) and the sink logits (one per head, read by every row)."""
     from flashlight.compiler import runtime
 
     monkeypatch.setattr(runtime, "COMPILED_ROW_STEP", {"cpu"})
-    v = vr.get("evoformer")
-    shape = v.shape(B=1, H=2, Sq=40, Sk=40, D=16, N=2)
+    v = vr.get(name)
+    shape = v.shape(B=1, H=2, Sq=40, Sk=40, D=16, **({"N": 2} if name == "evoformer" else {}))
     inputs = v.make_inputs(shape, torch.float32, "cpu", requires_grad=True, seed=3)
     check_grads(v.bind(shape), inputs)
     region = list(runtime._REGISTRY.values())[-1]

@@ -62,7 +62,8 @@ class _TorchTL:
             return self.random_loads(addr.source, shape)
         flat, offs = addr.base, torch.as_tensor(addr.offs)
         safe = offs.clamp(0, flat.numel() - 1)
-        val = flat[safe]
+        small = flat.requires_grad and flat.numel() <= 4096 and safe.numel() > flat.numel()
+        val = _ReadSmall.apply(flat, safe) if small else flat[safe]
         if mask is not None:
             val = torch.where(torch.as_tensor(mask), val, torch.as_tensor(other, dtype=val.dtype))
         return val
@@ -72,6 +73,25 @@ for _name, _fn in {"exp": torch.exp, "exp2": torch.exp2, "log": torch.log, "sigm
                    "abs": torch.abs, "sqrt": torch.sqrt, "rsqrt": torch.rsqrt, "erf": torch.erf,
                    "sin": torch.sin, "cos": torch.cos}.items():   # tl.exp(x) and the like
     setattr(_TorchTL, _name, lambda self, x, _fn=_fn: _fn(self._t(x)))
+
+
+class _ReadSmall(torch.autograd.Function):
+    """flat[index] for a small input read by many rows (a sink logit per head): its gradient is summed
+    per entry by a comparison with every entry, a dense reduction, rather than scattered (compiled, a
+    scatter of a million row gradients into a few dozen addresses serialises on atomic adds)."""
+
+    @staticmethod
+    def forward(ctx, flat, index):
+        ctx.save_for_backward(index)
+        ctx.entries = flat.numel()
+        return flat[index]
+
+    @staticmethod
+    def backward(ctx, grad):
+        (index,) = ctx.saved_tensors
+        grad = grad.expand(index.shape).reshape(-1, 1)
+        hit = index.reshape(-1, 1) == torch.arange(ctx.entries, device=index.device)
+        return torch.where(hit, grad, 0).sum(0), None
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
@@ -170,12 +190,14 @@ def compile_row_backward(program: dict, inputs, needs, params, saved, grad_out, 
         grad_ix[:] = sorted(grads)
         return [dpv, table] + [grads[i] for i in grad_ix]
 
-    example = [*inputs, *saved, grad_out]
+    # detached: the step differentiates inside itself; inputs that require grad would make Inductor
+    # compile a training graph around it
+    example = [t.detach() for t in (*inputs, *saved, grad_out)]
     gm = make_fx(flat)(*example)
     compiled = torch._inductor.compile(gm, example)
 
     def step(inputs, saved, grad_out):
-        dpv, table, *grads = compiled(*inputs, *saved, grad_out)
+        dpv, table, *grads = compiled(*(t.detach() for t in (*inputs, *saved, grad_out)))
         return dpv, table, dict(zip(grad_ix, grads))
     return step
 
