@@ -226,6 +226,50 @@ def test_sweep_spreads_queues_reports_and_resumes(tmp_path):
     assert "resume: eager already measured" in logs
 
 
+def test_sweep_starts_the_longest_expected_first_and_records_durations(tmp_path):
+    history = tmp_path / "cache" / gpus.HISTORY_FILE
+    history.parent.mkdir(parents=True)
+    history.write_text("{broken")  # ignored (a warning), then rewritten as the jobs finish
+    args = ["variant=vanilla", "mode=fwd,fwdbwd", *FAST]
+
+    def started(s):
+        log = pd.read_csv(s / "gpu_jobs.csv")
+        return log, list(log.sort_values("start", kind="stable")["job"])
+
+    # nothing recorded: the estimate, by which #1 (fwdbwd) costs more than #0 (fwd) and starts first
+    p = sweep(tmp_path, tmp_path / "s1", *args)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+    assert "ignoring the job history" in p.stdout + p.stderr
+    log, order = started(tmp_path / "s1")
+    assert order == [1, 0] and log["expected_s"][1] > log["expected_s"][0] > 0
+    assert list(log["overrides"].str.split().str[1]) == ["mode=fwd", "mode=fwdbwd"]  # Hydra's numbering kept
+    # each completed job's seconds recorded under its overrides, for the next sweep
+    fwd, fwdbwd = (gpus.job_key(o) for o in log["overrides"])
+    recorded = gpus.read_history(history)
+    assert set(recorded) == {fwd, fwdbwd}
+    for key, seconds in zip((fwd, fwdbwd), log["seconds"]):
+        assert recorded[key] == [pytest.approx(seconds, abs=0.011)]
+
+    # the next sweep (another dir) reads them, and they win over the estimate: fwd recorded longer goes first
+    history.write_text(json.dumps({fwd: [2.0, 90.0], fwdbwd: [3.0]}))
+    p = sweep(tmp_path, tmp_path / "s2", *args)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+    log, order = started(tmp_path / "s2")
+    assert order == [0, 1] and list(log["expected_s"]) == [90.0, 3.0]
+    assert "(expected 90.0 s, history)" in p.stdout + p.stderr
+    assert [len(v) for v in gpus.read_history(history).values()] == [3, 2]  # this sweep's runs added
+
+    # resuming that sweep without the history file: its own gpu_jobs.csv from the earlier attempt counts
+    history.unlink()
+    earlier = log.copy()
+    p = sweep(tmp_path, tmp_path / "s2", *args)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+    log, _ = started(tmp_path / "s2")
+    assert len(log) == 4 and list(log["job"]) == [0, 1, 0, 1]
+    assert list(log["expected_s"][2:]) == pytest.approx(list(earlier["seconds"]), abs=0.051)
+    assert set(gpus.read_history(history)) == {fwd, fwdbwd}
+
+
 def test_two_tuning_workers_share_one_sqlite_study(tmp_path):
     import optuna
 
