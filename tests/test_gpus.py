@@ -1,6 +1,8 @@
 """hydra/launcher=gpus on CPU: N GPUs simulated by the launching process's CUDA_VISIBLE_DEVICES (the jobs run on
 CPU and record the GPU they were given in gpu_index). Disjoint GPUs, queueing, failed jobs reported, resume,
-and two tuning workers sharing one SQLite study (README: "Sweeps over every GPU of one host")."""
+the longest expected job first (recorded durations, else an estimate), and two tuning workers sharing one
+SQLite study (README: "Sweeps over every GPU of one host")."""
+import json
 import os
 import subprocess
 import sys
@@ -67,6 +69,127 @@ def test_queue_one_job_per_gpu_at_a_time():
         assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:])), spans
 
 
+def started_order(out):
+    return [r["item"] for r in sorted(out, key=lambda r: r["start"])]
+
+
+def test_queue_starts_the_longest_expected_first():
+    active, lock = set(), threading.Lock()
+
+    def submit(item, gpu):
+        return FakeJob(0.01, active, lock)
+
+    # one GPU: the start order is the whole order; ties (the two 5s, the two 1s) keep the order of items
+    out = gpus.run_queue(list("abcdef"), ["0"], submit, poll_s=0.002, log=lambda m: None,
+                         expected=[1, 5, 3, 5, 1, 8])
+    assert started_order(out) == list("fbdcae")
+    assert [r["item"] for r in out] == list("abcdef")  # returned in the order of items, as before
+    assert [r["expected"] for r in out] == [1, 5, 3, 5, 1, 8]
+    out = gpus.run_queue(list("abc"), ["0"], submit, poll_s=0.002, log=lambda m: None)  # none: item order
+    assert started_order(out) == list("abc")
+    with pytest.raises(ValueError):
+        gpus.run_queue(list("abc"), ["0"], submit, expected=[1, 2])
+
+
+def test_longest_first_cuts_the_paper_sweeps_tail():
+    """The paper-shape sweep's jobs as they ran on two H200s (results/h200x2_gpus_launcher/gpu_jobs_2gpu.csv,
+    seconds scaled down 100x), replayed on 2 GPUs: in sweep order the 66 s job starts last and the GPUs are
+    busy 162 s (the measured span was 163 s); longest first, 157 s."""
+    secs = [28.65, 27.63, 24.65, 23.03, 21.24, 21.24, 65.89, 23.22, 22.42, 28.84, 23.22]
+    active, lock, walls = set(), threading.Lock(), []
+
+    def submit(item, gpu):
+        return FakeJob(secs[item] / 100, active, lock)
+
+    for expected in (None, secs):
+        out = gpus.run_queue(list(range(len(secs))), ["0", "1"], submit, poll_s=0.001, log=lambda m: None,
+                             expected=expected)
+        walls.append(max(sum(secs[r["item"]] for r in out if r["gpu"] == g) for g in "01"))  # in H200 s
+    assert walls[0] > 160 > walls[1], walls
+    assert started_order(out)[0] == 6
+
+
+def test_expected_seconds_history_wins_then_estimate_then_mean():
+    got = gpus.expected_seconds([[3.0, 40.0, 2.0], [], [10.0], []], [5.0, 50.0, 20.0, None])
+    # recorded: the longest run (a resumed rerun measured nothing and was quick), whatever the estimate says
+    assert got[0] == (40.0, "history") and got[2] == (10.0, "history")
+    # estimated: rescaled by the recorded jobs' seconds / their estimates, (40 + 10) / (5 + 20) = 2
+    assert got[1] == (pytest.approx(100.0), "estimate")
+    assert got[3] == (pytest.approx((40 + 100 + 10) / 3), "mean")  # neither: the mean of the others
+    assert gpus.expected_seconds([[], []], [2.0, 3.0]) == [(2.0, "estimate"), (3.0, "estimate")]
+    assert gpus.expected_seconds([[], []], [None, None]) == [(0.0, "mean"), (0.0, "mean")]  # sweep order
+
+
+def test_estimate_seconds_from_the_config():
+    def est(variant="vanilla", backends=("eager", "flex"), mode="fwd", shape=None, tune=None):
+        return gpus.estimate_seconds({"variant": variant, "backends": backends, "mode": mode,
+                                      "shape": shape or {"name": "paper", "B": 4, "H": 32, "Sq": 4096, "Sk": 4096},
+                                      "tune": tune or {}})
+
+    base = est()
+    assert est(mode="fwdbwd") > base
+    assert est(backends=("eager", "flex", "sdpa")) > base > est(backends=("eager",))
+    # a variant whose Flex mask is rebuilt per batch (MASK_INPUTS) costs the compile of create_block_mask,
+    # for its flex backend only
+    assert est("document_mask") > base and est("document_mask", ("eager",)) == est("vanilla", ("eager",))
+    tiny = {"name": "tiny", "B": 1, "H": 4, "Sq": 128, "Sk": 128}
+    assert est(shape=tiny) < base
+    assert est(shape={"name": "auto", "B": None, "H": None, "Sq": None, "Sk": None}) == base  # auto: paper
+    assert est(tune={"enabled": True, "n_trials": 10}) > est(tune={"enabled": False, "n_trials": 10}) == base
+    assert est(backends="flex") == est(backends=["flex"])
+    with pytest.raises(KeyError):
+        est("no_such_variant")
+    # the paper sweep: the per-batch mask variant is expected longest, by about as much as it took
+    paper = {v: est(v, ("flashlight", "flex", "sdpa")) for v in ("vanilla", "causal", "document_mask")}
+    assert paper["vanilla"] == paper["causal"] and 2 < paper["document_mask"] / paper["vanilla"] < 4
+
+
+def test_history_file_roundtrip_and_broken_files(tmp_path, capsys):
+    h = tmp_path / "cache" / gpus.HISTORY_FILE
+    assert gpus.read_history(h) == {}  # missing: nothing recorded, no warning
+    assert capsys.readouterr().err == ""
+    for s in range(7):
+        gpus.record_history(h, "b=2 a=1", s + 0.123)
+    gpus.record_history(h, "c=3", 4)
+    assert gpus.read_history(h) == {"b=2 a=1": [2.12, 3.12, 4.12, 5.12, 6.12], "c=3": [4.0]}  # the last 5
+    assert not list(h.parent.glob("*.tmp"))
+
+    for broken in ("{not json", "[1, 2]", ""):
+        h.write_text(broken)
+        assert gpus.read_history(h) == {}
+        assert "ignoring the job history" in capsys.readouterr().err
+        gpus.record_history(h, "c=3", 1.5)  # rewritten whole, readable again
+        assert gpus.read_history(h) == {"c=3": [1.5]}
+    h.write_text(json.dumps({"a=1": [1, "x", None, -2, float("inf"), True, 7.5], "b=2": "x", "c=3": []}))
+    assert gpus.read_history(h) == {"a=1": [1.0, 7.5]}  # entries that are not durations are left out
+
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    gpus.record_history(blocked / "h.json", "a=1", 1.0)  # cannot be written: a warning, no exception
+    assert "could not record" in capsys.readouterr().err
+    assert gpus.job_key(["b=2", "a=1"]) == gpus.job_key("a=1 b=2") == "a=1 b=2"
+
+
+def test_job_log_gains_expected_column_and_is_read_back(tmp_path, capsys):
+    log = tmp_path / "gpu_jobs.csv"
+    log.write_text("job,gpu,start,end,seconds,state,overrides\n"  # an older launcher's file
+                   '0,0,1.0,31.0,30.00,COMPLETED,"variant=a mode=fwd"\n'
+                   '1,1,1.0,3.0,2.00,FAILED: X,"variant=b"\n')
+    rec = {"job": 2, "gpu": "1", "start": "5.0", "end": "9.5", "seconds": "4.50", "state": "COMPLETED",
+           "overrides": "mode=fwd variant=a", "expected_s": "30.0"}
+    gpus.write_job_log(log, [rec])
+    gpus.write_job_log(log, [{**rec, "job": 3, "seconds": "x"}])
+    df = pd.read_csv(log)
+    assert list(df.columns) == gpus.JOB_LOG_COLUMNS and list(df["job"]) == [0, 1, 2, 3]
+    assert df["expected_s"].isna().tolist() == [True, True, False, False]
+    # only completed jobs with a duration count; the same overrides in another order are the same job
+    assert gpus.read_job_log(log) == {"mode=fwd variant=a": [30.0, 4.5]}
+    assert gpus.read_job_log(tmp_path / "missing.csv") == {}
+    (tmp_path / "bad.csv").write_bytes(b"\xff\xfe\x00garbage")
+    assert gpus.read_job_log(tmp_path / "bad.csv") == {}
+    assert capsys.readouterr().err.count("ignoring") == 1
+
+
 # ------------------------------------------------------------------------------------------ end to end
 def test_sweep_spreads_queues_reports_and_resumes(tmp_path):
     s = tmp_path / "sweep"
@@ -101,6 +224,50 @@ def test_sweep_spreads_queues_reports_and_resumes(tmp_path):
     assert str(again["float64"]["gpu_index"]) in {"3", "4"}
     logs = "".join(f.read_text() for f in s.glob(".submitit/*/*_log.out"))
     assert "resume: eager already measured" in logs
+
+
+def test_sweep_starts_the_longest_expected_first_and_records_durations(tmp_path):
+    history = tmp_path / "cache" / gpus.HISTORY_FILE
+    history.parent.mkdir(parents=True)
+    history.write_text("{broken")  # ignored (a warning), then rewritten as the jobs finish
+    args = ["variant=vanilla", "mode=fwd,fwdbwd", *FAST]
+
+    def started(s):
+        log = pd.read_csv(s / "gpu_jobs.csv")
+        return log, list(log.sort_values("start", kind="stable")["job"])
+
+    # nothing recorded: the estimate, by which #1 (fwdbwd) costs more than #0 (fwd) and starts first
+    p = sweep(tmp_path, tmp_path / "s1", *args)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+    assert "ignoring the job history" in p.stdout + p.stderr
+    log, order = started(tmp_path / "s1")
+    assert order == [1, 0] and log["expected_s"][1] > log["expected_s"][0] > 0
+    assert list(log["overrides"].str.split().str[1]) == ["mode=fwd", "mode=fwdbwd"]  # Hydra's numbering kept
+    # each completed job's seconds recorded under its overrides, for the next sweep
+    fwd, fwdbwd = (gpus.job_key(o) for o in log["overrides"])
+    recorded = gpus.read_history(history)
+    assert set(recorded) == {fwd, fwdbwd}
+    for key, seconds in zip((fwd, fwdbwd), log["seconds"]):
+        assert recorded[key] == [pytest.approx(seconds, abs=0.011)]
+
+    # the next sweep (another dir) reads them, and they win over the estimate: fwd recorded longer goes first
+    history.write_text(json.dumps({fwd: [2.0, 90.0], fwdbwd: [3.0]}))
+    p = sweep(tmp_path, tmp_path / "s2", *args)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+    log, order = started(tmp_path / "s2")
+    assert order == [0, 1] and list(log["expected_s"]) == [90.0, 3.0]
+    assert "(expected 90.0 s, history)" in p.stdout + p.stderr
+    assert [len(v) for v in gpus.read_history(history).values()] == [3, 2]  # this sweep's runs added
+
+    # resuming that sweep without the history file: its own gpu_jobs.csv from the earlier attempt counts
+    history.unlink()
+    earlier = log.copy()
+    p = sweep(tmp_path, tmp_path / "s2", *args)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+    log, _ = started(tmp_path / "s2")
+    assert len(log) == 4 and list(log["job"]) == [0, 1, 0, 1]
+    assert list(log["expected_s"][2:]) == pytest.approx(list(earlier["seconds"]), abs=0.051)
+    assert set(gpus.read_history(history)) == {fwd, fwdbwd}
 
 
 def test_two_tuning_workers_share_one_sqlite_study(tmp_path):

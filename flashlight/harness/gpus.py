@@ -7,10 +7,17 @@ are, the queue, and the per-GPU lock a job holds while it runs.
 
 submitit's own local executor starts every job at once and gives each CUDA_VISIBLE_DEVICES=0..gpus_per_node-1
 (the same GPUs for all of them), which is why the queue is here and not in submitit.
+
+The queue starts the longest expected job first (LPT: a long job started last would set the sweep's wall
+time alone on one GPU). The expected seconds of a job (expected_seconds) are the longest run recorded for
+its overrides, in the history file of the cache dir (updated as each job completes) or in the sweep dir's
+gpu_jobs.csv from an earlier attempt; without any, a rough estimate from its config (estimate_seconds).
 """
 from __future__ import annotations
 
 import csv
+import json
+import math
 import os
 import sys
 import tempfile
@@ -92,12 +99,20 @@ class GpuLock:
 
 def run_queue(items: Sequence[Any], gpus: Sequence[str], submit: Callable[[Any, str], Any],
               poll_s: float = 0.2, log: Callable[[str], None] = print,
-              name: Callable[[int, Any], str] = lambda i, item: str(i)) -> list[dict]:
-    """Run every item, at most one per GPU at a time, in order; an item waits for the next free GPU.
+              name: Callable[[int, Any], str] = lambda i, item: str(i),
+              expected: Sequence[float] | None = None,
+              on_done: Callable[[dict], None] | None = None) -> list[dict]:
+    """Run every item, at most one per GPU at a time; an item waits for the next free GPU.
 
-    submit(item, gpu) starts it and returns a job with .done(); returns, in the order of items, one dict
-    each: item, gpu, job, start, end (time.time())."""
+    The next free GPU gets the remaining item with the longest expected[i] (seconds); ties, and every item
+    when expected is None, go in the order of items. submit(item, gpu) starts it and returns a job with
+    .done(); on_done(record) is called as each one finishes. Returns, in the order of items, one dict each:
+    item, gpu, job, start, end (time.time()), expected."""
+    if expected is not None and len(expected) != len(items):
+        raise ValueError(f"{len(items)} items but {len(expected)} expected durations")
     todo = list(enumerate(items))
+    if expected is not None:
+        todo.sort(key=lambda t: -expected[t[0]])  # stable: equal expectations keep the order of items
     free = list(gpus)
     running: dict[int, dict] = {}
     out: list[dict | None] = [None] * len(items)
@@ -107,13 +122,18 @@ def run_queue(items: Sequence[Any], gpus: Sequence[str], submit: Callable[[Any, 
                 i, item = todo.pop(0)
                 gpu = free.pop(0)
                 running[i] = out[i] = {"item": item, "gpu": gpu, "job": submit(item, gpu), "start": time.time(),
-                                       "end": None}
+                                       "end": None, "expected": None if expected is None else expected[i]}
             for i, r in list(running.items()):
                 if r["job"].done():
                     r["end"] = time.time()
                     free.append(r["gpu"])
                     del running[i]
-                    log(f"#{name(i, r['item'])} finished on GPU {r['gpu']} in {r['end'] - r['start']:.1f} s")
+                    took = f"{r['end'] - r['start']:.1f} s"
+                    if r["expected"] is not None:
+                        took += f" (expected {r['expected']:.1f} s)"
+                    log(f"#{name(i, r['item'])} finished on GPU {r['gpu']} in {took}")
+                    if on_done is not None:
+                        on_done(r)
             if running:
                 time.sleep(poll_s)
     except BaseException:  # an interrupted launch stops its jobs rather than leaving them on the GPUs
@@ -126,14 +146,170 @@ def run_queue(items: Sequence[Any], gpus: Sequence[str], submit: Callable[[Any, 
     return out  # type: ignore[return-value]
 
 
-JOB_LOG_COLUMNS = ["job", "gpu", "start", "end", "seconds", "state", "overrides"]
+JOB_LOG_COLUMNS = ["job", "gpu", "start", "end", "seconds", "state", "overrides", "expected_s"]
 
 
 def write_job_log(path: Path, records: list[dict]) -> None:
-    """<sweep dir>/gpu_jobs.csv: which GPU ran which job, when, and how it ended (appended per launch)."""
-    new = not path.exists()
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, JOB_LOG_COLUMNS)
-        if new:
+    """<sweep dir>/gpu_jobs.csv: which GPU ran which job, when, how it ended, and how long it was expected to
+    take (appended per launch; a file with other columns, from an older launcher, is rewritten with these)."""
+    old = None
+    if path.exists():
+        with open(path, newline="") as f:
+            if next(csv.reader(f), None) != JOB_LOG_COLUMNS:
+                f.seek(0)
+                old = list(csv.DictReader(f))
+    with open(path, "a" if old is None and path.exists() else "w", newline="") as f:
+        w = csv.DictWriter(f, JOB_LOG_COLUMNS, restval="", extrasaction="ignore")
+        if f.tell() == 0:
             w.writeheader()
-        w.writerows(records)
+        w.writerows([*(old or []), *records])
+
+
+# ------------------------------------------------------------------------------------------ expected seconds
+HISTORY_FILE = "gpu_jobs_history.json"  # in the cache dir: {job_key: [seconds of its last completed runs]}
+HISTORY_KEEP = 5
+
+
+def job_key(overrides: str | Sequence[str]) -> str:
+    """A job's overrides (hydra.* left out, as in gpu_jobs.csv) as the key of its recorded durations: the same
+    in any order on the command line."""
+    text = overrides if isinstance(overrides, str) else " ".join(overrides)
+    return " ".join(sorted(text.split()))
+
+
+def history_path() -> Path:
+    """<cache dir>/gpu_jobs_history.json: FLASHLIGHT_CACHE_DIR or ~/.cache/flashlight, beside the kernels."""
+    from flashlight.compiler.runtime import cache_dir
+
+    return cache_dir().parent / HISTORY_FILE
+
+
+def _warn(msg: str) -> None:
+    print(f"flashlight: {msg}", file=sys.stderr, flush=True)
+
+
+def _seconds(v: Any) -> float | None:
+    try:
+        s = float(v)
+    except (TypeError, ValueError):
+        return None
+    return s if math.isfinite(s) and s >= 0 and not isinstance(v, bool) else None
+
+
+def read_history(path: Path) -> dict[str, list[float]]:
+    """The recorded durations, {job_key: [seconds, ...]}; a missing file is empty, a broken one is ignored."""
+    try:
+        data = json.loads(Path(path).read_text())
+        if not isinstance(data, dict):
+            raise ValueError(f"a JSON {type(data).__name__}, not an object")
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        _warn(f"ignoring the job history {path} ({type(e).__name__}: {e}); it is rewritten as jobs finish")
+        return {}
+    out = {}
+    for key, runs in data.items():
+        secs = [s for s in map(_seconds, runs if isinstance(runs, list) else []) if s is not None]
+        if secs:
+            out[str(key)] = secs
+    return out
+
+
+def record_history(path: Path, key: str, seconds: float, keep: int = HISTORY_KEEP) -> None:
+    """Add one completed run to the history (its last `keep` runs per key). Sweeps running at once on this
+    host take turns (flock); the file is replaced whole, never left half written. Never raises: a history
+    that cannot be written only costs the next sweep its order."""
+    import fcntl
+
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path.with_name(path.name + ".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            history = read_history(path)
+            history[key] = [*history.get(key, []), round(float(seconds), 2)][-keep:]
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(history, indent=1, sort_keys=True) + "\n")
+            os.replace(tmp, path)
+    except OSError as e:
+        _warn(f"could not record the job's duration in {path}: {e}")
+
+
+def read_job_log(path: Path) -> dict[str, list[float]]:
+    """The seconds of the COMPLETED jobs of a sweep dir's gpu_jobs.csv, {job_key: [seconds, ...]}; a missing or
+    unreadable file gives none."""
+    out: dict[str, list[float]] = {}
+    try:
+        with open(path, newline="") as f:
+            for row in csv.DictReader(f):
+                s = _seconds(row.get("seconds"))
+                if row.get("state") == "COMPLETED" and s is not None and row.get("overrides") is not None:
+                    out.setdefault(job_key(row["overrides"]), []).append(s)
+    except FileNotFoundError:
+        pass
+    except (OSError, csv.Error, UnicodeDecodeError) as e:
+        _warn(f"ignoring the earlier job log {path} ({type(e).__name__}: {e})")
+    return out
+
+
+# A rough job's duration in seconds, by its config, for when no run of it was recorded. The constants are
+# rounded from the paper-shape sweep on an H200 (results/h200x2_gpus_launcher: 21-29 s for 3 backends in
+# mode=fwd, 65 s for the variant whose Flex block mask is rebuilt per batch, ~3 s per tuning trial); only
+# the order they give matters, and a sweep with recorded runs rescales them (expected_seconds).
+JOB_S = 6.0            # the process: start, imports, the eager reference
+BACKEND_S = 6.0        # one backend in mode=fwd: compile it, check it, time it
+FWDBWD_FACTOR = 2.0    # mode=fwdbwd: the backward compiled, checked and timed too
+MASK_BUILD_S = 40.0    # Flex on a variant with MASK_INPUTS: create_block_mask compiled, and rebuilt per batch
+TRIAL_S = 3.0          # tune=true: one trial of the flashlight kernel's tile configs
+PAPER_SCORES = 4 * 32 * 4096 * 4096  # B·H·Sq·Sk of shape=paper
+
+
+def estimate_seconds(job: dict) -> float:
+    """A job's rough duration from its config: job = {variant, backends, mode, shape: {B, H, Sq, Sk, ...},
+    tune: {enabled, n_trials}}, as composed for it.
+
+        JOB_S + size × (backends × BACKEND_S [× FWDBWD_FACTOR] + MASK_BUILD_S [flex on MASK_INPUTS]
+                        + n_trials × TRIAL_S [tune=true])
+
+    size = log2(B·H·Sq·Sk) / log2 of the paper shape's: larger shapes cost more, mildly (on a GPU compiling
+    costs more than the timed calls); a shape left to auto (or incomplete) counts as the paper shape, what
+    auto means on a GPU. Whether the variant rebuilds its mask per batch is read from its module
+    (MASK_INPUTS, flashlight/harness/variant_registry.py). Raises if the variant is unknown."""
+    from flashlight.harness import variant_registry as registry
+
+    variant = registry.get(job["variant"])
+    backends = [job["backends"]] if isinstance(job["backends"], str) else list(job["backends"])
+    per_backend = BACKEND_S * (FWDBWD_FACTOR if job.get("mode") == "fwdbwd" else 1.0)
+    work = per_backend * len(backends)
+    if "flex" in backends and variant.has_flex and variant.mask_inputs:
+        work += MASK_BUILD_S
+    tune = job.get("tune") or {}
+    if tune.get("enabled"):
+        work += TRIAL_S * int(tune.get("n_trials") or 0)
+    shape = job.get("shape") or {}
+    dims = [shape.get(k) for k in ("B", "H", "Sq", "Sk")]
+    size = 1.0
+    if all(isinstance(d, int) and d > 0 for d in dims):
+        size = max(1.0, math.log2(math.prod(dims))) / math.log2(PAPER_SCORES)
+    return JOB_S + size * work
+
+
+def expected_seconds(recorded: Sequence[Sequence[float]], estimates: Sequence[float | None]
+                     ) -> list[tuple[float, str]]:
+    """Each job's expected seconds and where they come from, from its recorded runs (history, the sweep's
+    earlier gpu_jobs.csv) and its estimate (None: none could be made):
+
+    - recorded runs: the longest of them ("history"; a rerun that found its cases already measured took
+      seconds, and must not make a long job look short);
+    - else the estimate ("estimate"), rescaled when other jobs of the sweep have recorded runs: × their
+      recorded seconds / their estimates, so that the two compare on this machine;
+    - else the mean of the others ("mean"; 0 when no job has either: the order of the sweep)."""
+    known = [max(r) if r else None for r in recorded]
+    pairs = [(k, e) for k, e in zip(known, estimates) if k is not None and e]
+    scale = sum(k for k, _ in pairs) / sum(e for _, e in pairs) if pairs else 1.0
+    out: list[tuple[float | None, str]] = [
+        (k, "history") if k is not None else (e * scale, "estimate") if e is not None else (None, "mean")
+        for k, e in zip(known, estimates)]
+    values = [v for v, _ in out if v is not None]
+    mean = sum(values) / len(values) if values else 0.0
+    return [(mean if v is None else v, src) for v, src in out]

@@ -2,8 +2,9 @@
 
 Each Hydra job runs as a submitit local job (its own process, pickled task, logs and result under
 <sweep dir>/.submitit/<pid>/) with CUDA_VISIBLE_DEVICES set to the one GPU it holds; the jobs beyond the
-GPU count queue (flashlight.harness.gpus). A job that fails or is killed does not stop the others; the
-launch then fails naming it. Imports here stay light: Hydra imports every hydra_plugins module at start.
+GPU count queue (flashlight.harness.gpus), the longest expected first. A job that fails or is killed does
+not stop the others; the launch then fails naming it. Imports here stay light: Hydra imports every
+hydra_plugins module at start.
 """
 from __future__ import annotations
 
@@ -79,12 +80,20 @@ class GpusLauncher(Launcher):
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
         log.info(f"GPUs of this host: {len(job_overrides)} job(s) on {len(gpus)} GPU(s) {','.join(gpus)}, "
-                 f"one job per GPU at a time; sweep output dir: {sweep_dir}")
-        items = []
+                 f"one job per GPU at a time, the longest expected first; sweep output dir: {sweep_dir}")
+        history_path = pool.history_path()
+        history, earlier = pool.read_history(history_path), pool.read_job_log(sweep_dir / "gpu_jobs.csv")
+        items, recorded = [], []
         for i, overrides in enumerate(job_overrides):
             idx = initial_job_idx + i
-            log.info(f"\t#{idx} : {' '.join(filter_overrides(overrides))}")
             items.append((list(overrides), "hydra.sweep.dir", idx, f"job_id_for_{idx}", Singleton.get_state()))
+            key = pool.job_key(filter_overrides(overrides))
+            recorded.append(history.get(key, []) + earlier.get(key, []))
+        # estimates (a config composed per job, ~50 ms each) only where some job has no recorded run
+        estimates = [None] * len(items) if all(recorded) else [self._estimate(o) for o in job_overrides]
+        expected = pool.expected_seconds(recorded, estimates)
+        for (overrides, _, idx, _, _), (seconds, source) in zip(items, expected):
+            log.info(f"\t#{idx} : {' '.join(filter_overrides(overrides))} (expected {seconds:.1f} s, {source})")
 
         def submit(item, gpu):
             executor.update_parameters(cuda_devices=gpu)
@@ -93,23 +102,32 @@ class GpusLauncher(Launcher):
             log.info(f"\t#{item[2]} started on GPU {gpu} (submitit job {job.job_id})")
             return job
 
+        def finished(r):  # its outcome now, and a completed job's duration into the history for the next sweep
+            job, overrides = r["job"], filter_overrides(r["item"][0])
+            try:
+                r["return"], r["state"] = job.results()[0], "COMPLETED"
+            except Exception as e:  # failed, killed, timed out: reported below, the others' results kept
+                r["return"], r["state"] = None, f"{job.state}: {type(e).__name__}"
+                r["error"] = " ".join(str(e).split())[-600:]
+                return
+            pool.record_history(history_path, pool.job_key(overrides), r["end"] - r["start"])
+
         t0 = time.time()
         done = pool.run_queue(items, gpus, submit, poll_s=float(p.get("poll_s", 0.2)),
-                              log=lambda m: log.info("\t" + m), name=lambda i, item: str(item[2]))
+                              log=lambda m: log.info("\t" + m), name=lambda i, item: str(item[2]),
+                              expected=[seconds for seconds, _ in expected], on_done=finished)
         returns, failed, records = [], [], []
         for r in done:
             job, idx = r["job"], r["item"][2]
-            try:
-                returns.append(job.results()[0])
-                state = "COMPLETED"
-            except Exception as e:  # failed, killed, timed out: reported below, the others' results kept
-                state = f"{job.state}: {type(e).__name__}"
-                reason = " ".join(str(e).split())[-600:]
-                failed.append(f"#{idx} ({' '.join(filter_overrides(r['item'][0]))}) on GPU {r['gpu']}: {state}: "
-                              f"{reason} (log: {job.paths.stderr})")
+            if r["state"] == "COMPLETED":
+                returns.append(r["return"])
+            else:
+                failed.append(f"#{idx} ({' '.join(filter_overrides(r['item'][0]))}) on GPU {r['gpu']}: {r['state']}: "
+                              f"{r['error']} (log: {job.paths.stderr})")
             records.append({"job": idx, "gpu": r["gpu"], "start": f"{r['start']:.3f}", "end": f"{r['end']:.3f}",
-                            "seconds": f"{r['end'] - r['start']:.2f}", "state": state,
-                            "overrides": " ".join(filter_overrides(r["item"][0]))})
+                            "seconds": f"{r['end'] - r['start']:.2f}", "state": r["state"],
+                            "overrides": " ".join(filter_overrides(r["item"][0])),
+                            "expected_s": f"{r['expected']:.1f}"})
         pool.write_job_log(sweep_dir / "gpu_jobs.csv", records)
         log.info(f"{len(done)} job(s) on {len(gpus)} GPU(s) in {time.time() - t0:.1f} s "
                  f"({sweep_dir / 'gpu_jobs.csv'})")
@@ -117,3 +135,20 @@ class GpusLauncher(Launcher):
             raise RuntimeError(f"{len(failed)} of {len(done)} job(s) did not finish (the others did; running the "
                                "same command again measures only what is missing):\n  " + "\n  ".join(failed))
         return returns
+
+    def _estimate(self, overrides: Sequence[str]) -> Optional[float]:
+        """The job's rough duration from its config as the job will compose it (flashlight.harness.gpus.
+        estimate_seconds); None where it cannot be made (an unknown variant: the job will say why)."""
+        from flashlight.harness import gpus as pool
+
+        try:
+            cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
+            tune = cfg.get("tune")
+            return pool.estimate_seconds({
+                "variant": cfg.variant.name, "backends": OmegaConf.to_container(cfg.backends)
+                if OmegaConf.is_config(cfg.backends) else cfg.backends, "mode": cfg.mode.name,
+                "shape": OmegaConf.to_container(cfg.shape, resolve=True),
+                "tune": OmegaConf.to_container(tune, resolve=True) if OmegaConf.is_config(tune) else {}})
+        except Exception as e:
+            log.debug(f"no estimate for {' '.join(overrides)}: {type(e).__name__}: {e}")
+            return None
