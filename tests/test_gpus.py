@@ -190,6 +190,57 @@ def test_job_log_gains_expected_column_and_is_read_back(tmp_path, capsys):
     assert capsys.readouterr().err.count("ignoring") == 1
 
 
+def test_cpu_share_and_slices_on_a_fake_host():
+    # 8 CPUs, 2 GPUs: 4 each, the first GPU's job on CPUs 0-3, the second's on 4-7
+    assert gpus.cpu_share("auto", 2, 8) == 4 and gpus.cpu_share(" AUTO ", 3, 8) == 2
+    assert gpus.cpu_share("auto", 4, 2) == 1  # never 0
+    assert gpus.cpu_share(3, 2, 8) == gpus.cpu_share("3", 2, 8) == 3  # forced
+    for off in (None, False, "off", "null", "none", "OFF"):
+        assert gpus.cpu_share(off, 2, 8) is None
+    for bad in (0, -2, "many", 2.5, True):
+        with pytest.raises(ValueError):
+            gpus.cpu_share(bad, 2, 8)
+    assert gpus.cpu_slices(["0", "1"], 4, range(8)) == {"0": [0, 1, 2, 3], "1": [4, 5, 6, 7]}
+    # the CPUs this process may use, not 0..n-1 (a taskset or cgroup allotment); GPUs in their given order
+    assert gpus.cpu_slices(["3", "1"], 2, [14, 12, 10, 8]) == {"3": [8, 10], "1": [12, 14]}
+    assert gpus.cpu_slices(["0", "1"], 5, range(8)) == {}  # forced 5 × 2 > 8: not pinned, would overlap
+    assert gpus.cpu_slices(["0", "1"], None, range(8)) == {}
+    assert gpus.cpu_list_text([7, 0, 1, 2, 3, 5]) == "0-3,5,7" and gpus.cpu_list_text([4]) == "4"
+
+
+def test_job_cpu_env_keeps_what_the_user_set():
+    both = {"TORCHINDUCTOR_COMPILE_THREADS": "4", "OMP_NUM_THREADS": "4"}
+    assert gpus.job_cpu_env(4, {}) == both
+    assert gpus.job_cpu_env(4, {"OMP_NUM_THREADS": "7"}) == {"TORCHINDUCTOR_COMPILE_THREADS": "4"}
+    assert gpus.job_cpu_env(4, {"OMP_NUM_THREADS": "", "TORCHINDUCTOR_COMPILE_THREADS": "2"}) == {
+        "OMP_NUM_THREADS": "4"}  # set but empty counts as unset
+    assert gpus.job_cpu_env(None, {}) == {}  # off
+
+
+CHILD = "import os; print(os.environ.get('TORCHINDUCTOR_COMPILE_THREADS'), os.environ.get('OMP_NUM_THREADS'), " \
+        "sorted(os.sched_getaffinity(0)))"
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity on this platform")
+def test_started_with_gives_the_child_its_env_and_cpus_then_restores(monkeypatch):
+    monkeypatch.delenv("TORCHINDUCTOR_COMPILE_THREADS", raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")
+    cpus = gpus.usable_cpus()
+    one = cpus[-1:]  # a slice of one CPU (on a one-CPU host the same as all of them)
+    with gpus.started_with({"TORCHINDUCTOR_COMPILE_THREADS": "4", "OMP_NUM_THREADS": "3"}, one):
+        child = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, check=True)
+    assert child.stdout.strip().split(None, 2) == ["4", "3", str(one)]
+    assert "TORCHINDUCTOR_COMPILE_THREADS" not in os.environ and os.environ["OMP_NUM_THREADS"] == "7"
+    assert gpus.usable_cpus() == cpus
+    with pytest.raises(KeyError):  # restored when starting the job fails too
+        with gpus.started_with({"OMP_NUM_THREADS": "3"}, one):
+            raise KeyError
+    assert os.environ["OMP_NUM_THREADS"] == "7" and gpus.usable_cpus() == cpus
+    with gpus.started_with({}, None):  # off: the child gets this process's environment and CPUs
+        child = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, check=True)
+    assert child.stdout.strip().split(None, 2) == ["None", "7", str(cpus)]
+
+
 # ------------------------------------------------------------------------------------------ end to end
 def test_sweep_spreads_queues_reports_and_resumes(tmp_path):
     s = tmp_path / "sweep"

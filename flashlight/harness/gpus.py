@@ -12,6 +12,13 @@ The queue starts the longest expected job first (LPT: a long job started last wo
 time alone on one GPU). The expected seconds of a job (expected_seconds) are the longest run recorded for
 its overrides, in the history file of the cache dir (updated as each job completes) or in the sweep dir's
 gpu_jobs.csv from an earlier attempt; without any, a rough estimate from its config (estimate_seconds).
+
+Each job gets its share of the host's CPUs (hydra.launcher.cpus_per_job): every job compiles kernels, and
+Inductor sizes its pool of compile workers, and torch its intra-op threads, to every CPU of the host, so N
+jobs at once would oversubscribe the CPUs N times (on 2 H200s, each job ran ~20% longer beside another).
+cpu_share is the number (usable CPUs // jobs at once), job_cpu_env the environment it sets
+(TORCHINDUCTOR_COMPILE_THREADS, OMP_NUM_THREADS, where the user has not), cpu_slices the disjoint CPUs each
+GPU's job is pinned to, and started_with the context the launcher starts a job's process in.
 """
 from __future__ import annotations
 
@@ -22,6 +29,7 @@ import os
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -144,6 +152,100 @@ def run_queue(items: Sequence[Any], gpus: Sequence[str], submit: Callable[[Any, 
                 pass
         raise
     return out  # type: ignore[return-value]
+
+
+# ------------------------------------------------------------------------------------------ CPU share
+CPU_SHARE_VARS = ("TORCHINDUCTOR_COMPILE_THREADS", "OMP_NUM_THREADS")  # Inductor's compile workers, torch's threads
+
+
+def usable_cpus() -> list[int]:
+    """The CPUs this process may run on: its affinity (taskset, a cgroup or Slurm allotment), else all of
+    os.cpu_count() where the platform has no affinity (macOS)."""
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return list(range(os.cpu_count() or 1))
+
+
+def cpu_share(setting: Any, jobs_at_once: int, n_cpus: int) -> int | None:
+    """CPUs (threads) per job for hydra.launcher.cpus_per_job = setting: "auto" -> max(1, n_cpus // jobs_at_once);
+    an int N (or "N") -> N; null, false or "off" -> None (the jobs' environment is left as it is)."""
+    if setting is None or setting is False or (isinstance(setting, str) and setting.strip().lower() in
+                                               ("off", "null", "none", "false", "")):
+        return None
+    if isinstance(setting, str) and setting.strip().lower() == "auto":
+        return max(1, n_cpus // max(1, jobs_at_once))
+    try:
+        n = int(setting) if not isinstance(setting, (bool, float)) else None
+    except ValueError:
+        n = None
+    if n is None or n < 1:
+        raise ValueError(f"hydra.launcher.cpus_per_job={setting!r}: auto, a number of CPUs >= 1, or off/null")
+    return n
+
+
+def job_cpu_env(share: int | None, environ=None) -> dict[str, str]:
+    """The variables a job is started with for its share: each of CPU_SHARE_VARS = share, except those the
+    user set (non-empty) in environ (this process's environment), which the job inherits as they are."""
+    environ = os.environ if environ is None else environ
+    if share is None:
+        return {}
+    return {var: str(share) for var in CPU_SHARE_VARS if not environ.get(var)}
+
+
+def cpu_slices(gpus: Sequence[str], share: int | None, cpus: Sequence[int]) -> dict[str, list[int]]:
+    """The CPUs each GPU's job is pinned to: consecutive slices of share CPUs of cpus, in the order of gpus,
+    disjoint since each GPU runs one job at a time. {} (no pinning) when there is no share, or the slices do
+    not fit (a forced cpus_per_job × GPUs > CPUs), or the platform cannot pin (no os.sched_setaffinity)."""
+    cpus = sorted(cpus)
+    if share is None or share * len(gpus) > len(cpus) or not hasattr(os, "sched_setaffinity"):
+        return {}
+    return {g: cpus[i * share:(i + 1) * share] for i, g in enumerate(gpus)}
+
+
+def cpu_list_text(cpus: Sequence[int]) -> str:
+    """[0, 1, 2, 3, 8] -> "0-3,8" (as taskset -c and /proc/<pid>/status write them)."""
+    runs: list[list[int]] = []
+    for c in sorted(cpus):
+        if runs and c == runs[-1][1] + 1:
+            runs[-1][1] = c
+        else:
+            runs.append([c, c])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
+@contextmanager
+def started_with(env: dict[str, str], cpus: Sequence[int] | None = None):
+    """Around starting a job's process (a subprocess.Popen inside): this process's environment gains env and
+    the calling thread runs on cpus (None: as it is); a child started inside inherits both, from its first
+    instruction (its threads and worker processes too). Both are restored on the way out. Not thread-safe:
+    the launcher starts its jobs from one thread."""
+    saved = {k: os.environ.get(k) for k in env}
+    old_cpus = os.sched_getaffinity(0) if cpus else None
+    try:
+        os.environ.update(env)
+        if cpus:
+            try:
+                os.sched_setaffinity(0, cpus)
+            except OSError as e:  # a CPU gone offline since: the job runs unpinned, with its thread counts
+                _warn(f"could not pin a job to CPUs {cpu_list_text(cpus)} ({e}); it runs on any")
+        yield
+    finally:
+        if old_cpus is not None:
+            os.sched_setaffinity(0, old_cpus)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def job_cpu_report(environ=None) -> str:
+    """What a job got, from inside it: its CPU_SHARE_VARS and the CPUs it may run on (one log line)."""
+    environ = os.environ if environ is None else environ
+    threads = " ".join(f"{v}={environ.get(v) or 'unset'}" for v in CPU_SHARE_VARS)
+    cpus = usable_cpus()
+    return f"{threads} CPUs={cpu_list_text(cpus)} ({len(cpus)} of {os.cpu_count()})"
 
 
 JOB_LOG_COLUMNS = ["job", "gpu", "start", "end", "seconds", "state", "overrides", "expected_s"]
