@@ -1,9 +1,10 @@
 """hydra/launcher=gpus on CPU: N GPUs simulated by the launching process's CUDA_VISIBLE_DEVICES (the jobs run on
 CPU and record the GPU they were given in gpu_index). Disjoint GPUs, queueing, failed jobs reported, resume,
-the longest expected job first (recorded durations, else an estimate), and two tuning workers sharing one
-SQLite study (README: "Sweeps over every GPU of one host")."""
+the longest expected job first (recorded durations, else an estimate), each job's share of the CPUs, and two
+tuning workers sharing one SQLite study (README: "Sweeps over every GPU of one host")."""
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -18,9 +19,12 @@ from flashlight.harness.run import case_keys, read_results
 FAST = ["shape=tiny", "backends=[eager]", "timing.warmup=1", "timing.repeat=1"]
 
 
-def sweep(tmp_path, sweep_dir, *overrides, cvd="0,1"):
-    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": cvd,
-           "FLASHLIGHT_CACHE_DIR": str(tmp_path / "cache")}
+def sweep(tmp_path, sweep_dir, *overrides, cvd="0,1", env=None):
+    """The launcher as a user starts it; env: variables of the launching shell, beside these (the CPU share's
+    variables are left out of pytest's environment unless given here)."""
+    base = {k: v for k, v in os.environ.items() if k not in gpus.CPU_SHARE_VARS}
+    env = {**base, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": cvd,
+           "FLASHLIGHT_CACHE_DIR": str(tmp_path / "cache"), **(env or {})}
     return subprocess.run([sys.executable, "-m", "flashlight.run", "-m", "hydra/launcher=gpus",
                            f"hydra.launcher.lock_dir={tmp_path / 'locks'}", "hydra.launcher.poll_s=0.05",
                            f"hydra.sweep.dir={sweep_dir}", *overrides],
@@ -319,6 +323,61 @@ def test_sweep_starts_the_longest_expected_first_and_records_durations(tmp_path)
     assert len(log) == 4 and list(log["job"]) == [0, 1, 0, 1]
     assert list(log["expected_s"][2:]) == pytest.approx(list(earlier["seconds"]), abs=0.051)
     assert set(gpus.read_history(history)) == {fwd, fwdbwd}
+
+
+def cpu_set(text):
+    """"0-3,8" -> {0, 1, 2, 3, 8}"""
+    out = set()
+    for part in text.split(","):
+        a, _, b = part.partition("-")
+        out.update(range(int(a), int(b or a) + 1))
+    return out
+
+
+def job_reports(sweep_dir):
+    """What each job saw from inside (the line the launcher prints in the job's process): {GPU: (compile
+    threads, OMP threads, CPUs)}, one job per GPU here."""
+    out = {}
+    for f in sweep_dir.glob(".submitit/*/*_log.out"):
+        for m in re.finditer(r"^flashlight: job on GPU (\S+): TORCHINDUCTOR_COMPILE_THREADS=(\S+) "
+                             r"OMP_NUM_THREADS=(\S+) CPUs=(\S+) ", f.read_text(), re.M):
+            assert m[1] not in out, "two jobs on one GPU"
+            out[m[1]] = (m[2], m[3], cpu_set(m[4]))
+    return out
+
+
+@pytest.mark.parametrize("setting", ["auto", "3", "off"])
+def test_sweep_gives_each_job_its_cpu_share(tmp_path, setting):
+    """Each job's process starts with TORCHINDUCTOR_COMPILE_THREADS / OMP_NUM_THREADS = its share and on CPUs
+    of its own; a variable set in the launching shell (here OMP_NUM_THREADS=7 with auto) is kept; off leaves
+    the environment and CPUs as they are. The host is this one: usable CPUs // 2 GPUs (a fake 8-CPU host:
+    test_cpu_share_and_slices_on_a_fake_host)."""
+    host = set(gpus.usable_cpus())
+    user = {"OMP_NUM_THREADS": "7"} if setting == "auto" else {}
+    s = tmp_path / "sweep"
+    p = sweep(tmp_path, s, "variant=vanilla", "dtype=float32,float64", *FAST,
+              f"hydra.launcher.cpus_per_job={setting}", env=user)
+    out = p.stdout + p.stderr
+    assert p.returncode == 0, out[-3000:]
+    seen = job_reports(s)
+    assert set(seen) == {"0", "1"}, out[-3000:]
+    log = pd.read_csv(s / "gpu_jobs.csv", dtype={"gpu": str, "cpus": str})
+    assert list(log.columns) == gpus.JOB_LOG_COLUMNS and log.columns[-1] == "cpus"
+    if setting == "off":
+        assert all(v == ("unset", "unset", host) for v in seen.values()), seen
+        assert log["cpus"].isna().all() and "CPU share: off" in out
+        return
+    share = max(1, len(host) // 2) if setting == "auto" else 3
+    omp = "7" if setting == "auto" else str(share)
+    assert all(v[:2] == (str(share), omp) for v in seen.values()), seen
+    assert list(log["cpus"]) == [str(share)] * 2
+    if setting == "auto":
+        assert "(OMP_NUM_THREADS=7 kept as set)" in out
+    if 2 * share <= len(host):  # pinned: disjoint slices of the share, of the CPUs the launcher may use
+        (a, b) = (seen[g][2] for g in "01")
+        assert len(a) == len(b) == share and not a & b and a | b <= host, seen
+    else:  # a forced share that does not fit: not pinned, every job on every CPU
+        assert all(v[2] == host for v in seen.values()) and "not pinned" in out, seen
 
 
 def test_two_tuning_workers_share_one_sqlite_study(tmp_path):

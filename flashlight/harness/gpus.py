@@ -248,12 +248,13 @@ def job_cpu_report(environ=None) -> str:
     return f"{threads} CPUs={cpu_list_text(cpus)} ({len(cpus)} of {os.cpu_count()})"
 
 
-JOB_LOG_COLUMNS = ["job", "gpu", "start", "end", "seconds", "state", "overrides", "expected_s"]
+JOB_LOG_COLUMNS = ["job", "gpu", "start", "end", "seconds", "state", "overrides", "expected_s", "cpus"]
 
 
 def write_job_log(path: Path, records: list[dict]) -> None:
-    """<sweep dir>/gpu_jobs.csv: which GPU ran which job, when, how it ended, and how long it was expected to
-    take (appended per launch; a file with other columns, from an older launcher, is rewritten with these)."""
+    """<sweep dir>/gpu_jobs.csv: which GPU ran which job, when, how it ended, how long it was expected to take,
+    and its CPU share (cpus; empty with cpus_per_job off). Appended per launch; a file with other columns, from
+    an older launcher, is rewritten with these."""
     old = None
     if path.exists():
         with open(path, newline="") as f:

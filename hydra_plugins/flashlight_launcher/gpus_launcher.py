@@ -2,7 +2,9 @@
 
 Each Hydra job runs as a submitit local job (its own process, pickled task, logs and result under
 <sweep dir>/.submitit/<pid>/) with CUDA_VISIBLE_DEVICES set to the one GPU it holds; the jobs beyond the
-GPU count queue (flashlight.harness.gpus), the longest expected first. A job that fails or is killed does
+GPU count queue (flashlight.harness.gpus), the longest expected first. Each job gets its share of the
+host's CPUs (cpus_per_job, pin_cpus): its process starts with TORCHINDUCTOR_COMPILE_THREADS and
+OMP_NUM_THREADS set to it and, where the slices fit, on CPUs of its own. A job that fails or is killed does
 not stop the others; the launch then fails naming it. Imports here stay light: Hydra imports every
 hydra_plugins module at start.
 """
@@ -39,6 +41,7 @@ class GpusLauncher(Launcher):
                  singleton_state: Dict[type, Singleton]) -> JobReturn:
         import submitit
 
+        from flashlight.harness import gpus as pool
         from flashlight.harness.gpus import GpuLock
 
         Singleton.set_state(singleton_state)
@@ -48,6 +51,7 @@ class GpusLauncher(Launcher):
             job.id = submitit.JobEnvironment().job_id
             sweep_config.hydra.job.num = job_num
         gpu = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+        print(f"flashlight: job on GPU {gpu}: {pool.job_cpu_report()}", flush=True)  # what it got, seen from inside
         with GpuLock(gpu, self.params.get("lock_dir")):  # never beside another job on this GPU
             return run_job(hydra_context=self.hydra_context, task_function=self.task_function,
                            config=sweep_config, job_dir_key=job_dir_key, job_subdir_key="hydra.sweep.subdir")
@@ -63,15 +67,18 @@ class GpusLauncher(Launcher):
         gpus = pool.visible_gpus(p.get("gpus"))
 
         class OneGpuExecutor(LocalExecutor):
-            """submitit's local executor, but CUDA_VISIBLE_DEVICES is the GPU given, not 0..n-1."""
+            """submitit's local executor, but CUDA_VISIBLE_DEVICES is the GPU given, not 0..n-1, and the job's
+            process starts with the environment job_env added and on the CPUs cpus (None: any): start_controller
+            copies os.environ into the process it starts, which inherits the starting thread's affinity too."""
 
             def _submit_command(self, command: str) -> LocalJob:
-                proc = start_controller(folder=self.folder, command=command, tasks_per_node=1,
-                                        cuda_devices=self.parameters["cuda_devices"],
-                                        timeout_min=self.parameters.get("timeout_min", 60),
-                                        signal_delay_s=self.parameters.get("signal_delay_s", 30),
-                                        stderr_to_stdout=self.parameters.get("stderr_to_stdout", False),
-                                        setup=self.parameters.get("setup") or ())
+                with pool.started_with(self.parameters.get("job_env") or {}, self.parameters.get("cpus")):
+                    proc = start_controller(folder=self.folder, command=command, tasks_per_node=1,
+                                            cuda_devices=self.parameters["cuda_devices"],
+                                            timeout_min=self.parameters.get("timeout_min", 60),
+                                            signal_delay_s=self.parameters.get("signal_delay_s", 30),
+                                            stderr_to_stdout=self.parameters.get("stderr_to_stdout", False),
+                                            setup=self.parameters.get("setup") or ())
                 return LocalJob(folder=self.folder, job_id=str(proc.pid), process=proc, tasks=[0])
 
         executor = OneGpuExecutor(folder=p["submitit_folder"], max_num_timeout=0)
@@ -81,6 +88,14 @@ class GpusLauncher(Launcher):
         sweep_dir.mkdir(parents=True, exist_ok=True)
         log.info(f"GPUs of this host: {len(job_overrides)} job(s) on {len(gpus)} GPU(s) {','.join(gpus)}, "
                  f"one job per GPU at a time, the longest expected first; sweep output dir: {sweep_dir}")
+        # each job's share of the CPUs: the jobs at once (the queue fills gpus in order, so only the first
+        # at_once of them ever run one) split the CPUs this launcher may use
+        cpus, at_once = pool.usable_cpus(), max(1, min(len(gpus), len(job_overrides)))
+        share = pool.cpu_share(p.get("cpus_per_job", "auto"), at_once, len(cpus))
+        job_env = pool.job_cpu_env(share)
+        pin = bool(p.get("pin_cpus", True))
+        slices = pool.cpu_slices(gpus[:at_once], share, cpus) if pin else {}
+        log.info(self._share_text(share, job_env, slices, cpus, at_once, pin))
         history_path = pool.history_path()
         history, earlier = pool.read_history(history_path), pool.read_job_log(sweep_dir / "gpu_jobs.csv")
         items, recorded = [], []
@@ -96,10 +111,13 @@ class GpusLauncher(Launcher):
             log.info(f"\t#{idx} : {' '.join(filter_overrides(overrides))} (expected {seconds:.1f} s, {source})")
 
         def submit(item, gpu):
-            executor.update_parameters(cuda_devices=gpu)
+            executor.update_parameters(cuda_devices=gpu, job_env=job_env, cpus=slices.get(gpu))
             job = executor.submit(self, *item)
             job._results_timeout_s = 0  # local files: a job that ended without its result never writes it
-            log.info(f"\t#{item[2]} started on GPU {gpu} (submitit job {job.job_id})")
+            given = "".join(f", {k}={v}" for k, v in job_env.items())
+            if gpu in slices:
+                given += f", CPUs {pool.cpu_list_text(slices[gpu])}"
+            log.info(f"\t#{item[2]} started on GPU {gpu} (submitit job {job.job_id}{given})")
             return job
 
         def finished(r):  # its outcome now, and a completed job's duration into the history for the next sweep
@@ -127,7 +145,7 @@ class GpusLauncher(Launcher):
             records.append({"job": idx, "gpu": r["gpu"], "start": f"{r['start']:.3f}", "end": f"{r['end']:.3f}",
                             "seconds": f"{r['end'] - r['start']:.2f}", "state": r["state"],
                             "overrides": " ".join(filter_overrides(r["item"][0])),
-                            "expected_s": f"{r['expected']:.1f}"})
+                            "expected_s": f"{r['expected']:.1f}", "cpus": "" if share is None else share})
         pool.write_job_log(sweep_dir / "gpu_jobs.csv", records)
         log.info(f"{len(done)} job(s) on {len(gpus)} GPU(s) in {time.time() - t0:.1f} s "
                  f"({sweep_dir / 'gpu_jobs.csv'})")
@@ -135,6 +153,23 @@ class GpusLauncher(Launcher):
             raise RuntimeError(f"{len(failed)} of {len(done)} job(s) did not finish (the others did; running the "
                                "same command again measures only what is missing):\n  " + "\n  ".join(failed))
         return returns
+
+    @staticmethod
+    def _share_text(share, job_env, slices, cpus, at_once, pin) -> str:
+        if share is None:
+            return "CPU share: off (cpus_per_job); the jobs inherit this environment and CPUs as they are"
+        from flashlight.harness import gpus as pool
+
+        text = f"CPU share: {share} per job ({len(cpus)} usable CPU(s), {at_once} job(s) at once)"
+        kept = [f"{v}={os.environ[v]}" for v in pool.CPU_SHARE_VARS if v not in job_env]
+        text += ", " + (" ".join(f"{k}={v}" for k, v in job_env.items()) or "no thread count")
+        text += " set in each job's environment" + (f" ({' '.join(kept)} kept as set)" if kept else "")
+        if slices:
+            return text + "; each job pinned to its GPU's CPUs: " + ", ".join(
+                f"GPU {g}: {pool.cpu_list_text(c)}" for g, c in slices.items())
+        why = ("pin_cpus: false" if not pin else f"{share} × {at_once} > {len(cpus)} CPUs"
+               if share * at_once > len(cpus) else "this platform cannot pin")
+        return text + f"; not pinned ({why})"
 
     def _estimate(self, overrides: Sequence[str]) -> Optional[float]:
         """The job's rough duration from its config as the job will compose it (flashlight.harness.gpus.
