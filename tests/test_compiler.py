@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import flashlight
+from flashlight.compiler import runtime
 from flashlight.harness import variant_registry as vr
 
 assert os.environ.get("TRITON_INTERPRET") == "1", "conftest sets TRITON_INTERPRET=1 before imports"
@@ -395,17 +396,54 @@ def test_masks_become_tile_skipping(name, skips):
     assert ("tile_empty" in report.regions[0].kernel_source) == skips
 
 
-def test_finfo_min_mask_is_never_skipped_and_stays_exact():
-    def f(q, k, v):
+@pytest.mark.parametrize("fill", [torch.finfo(torch.float32).min, -1e9, -1e4])
+def test_finite_fills_skip_tiles_and_fully_masked_rows_stay_exact(fill):
+    """Masks filled with finfo.min (or -1e9, -1e4), as model files write them, skip the tiles they empty.
+    Rows with a kept score lose nothing (exp(fill - max) is 0 in float32); rows masked everywhere (left
+    padding) average over every key in eager, so their query tile is computed again without skipping."""
+    def f(q, k, v, pad):
         i = torch.arange(q.shape[-2])[:, None]
         j = torch.arange(k.shape[-2])[None, :]
-        s = (q @ k.mT).masked_fill(j > i + 200, torch.finfo(q.dtype).min)  # rows of queries < 0: none
-        return s.softmax(-1) @ v
+        keep = (j <= i) & pad[:, None, None, :]
+        return torch.where(keep, q @ k.mT * 0.25, fill).softmax(-1) @ v
 
-    q, k, v = rand(1, 2, 40, 16), rand(1, 2, 300, 16), rand(1, 2, 300, 16)
-    out, ref, report = run_fused(f, q, k, v)
-    assert "tile_empty" not in report.regions[0].kernel_source
+    pad = torch.ones(2, 100, dtype=torch.bool)
+    pad[1, :40] = False                       # batch 1: queries 0..39 see no key at all
+    out, ref, report = run_fused(f, rand(2, 2, 100, 16), rand(2, 2, 100, 16), rand(2, 2, 100, 16), pad)
+    src = report.regions[0].kernel_source
+    assert "tile_empty" in src and "if redo:" in src
+    assert torch.allclose(ref[1, :, :40], ref[1, :, :40].mean(-2, keepdim=True).expand(-1, 40, -1))  # uniform
     assert rel_err(out, ref) < TOL
+
+
+def test_finite_fills_are_not_skipped_where_skipping_would_not_be_exact():
+    """A finite fill followed by an unknown addend (a bias could lift masked scores back), or one too
+    small to vanish (-100), computes every tile; training regions too (the backward would need the
+    recomputed rows). All stay exact."""
+    i = torch.arange(64)[:, None]
+    j = torch.arange(64)[None, :]
+
+    def lifted(q, k, v, bias):
+        return (torch.where(j <= i, q @ k.mT, torch.finfo(q.dtype).min) + bias).softmax(-1) @ v
+
+    def small(q, k, v, bias):
+        return torch.where(j <= i, q @ k.mT + bias, -100.0).softmax(-1) @ v
+
+    q, k, v, bias = rand(1, 2, 64, 16), rand(1, 2, 64, 16), rand(1, 2, 64, 16), rand(1, 2, 64, 64)
+    for fn in (lifted, small):
+        out, ref, report = run_fused(fn, q, k, v, bias)
+        assert "tile_empty" not in report.regions[0].kernel_source
+        assert rel_err(out, ref) < TOL
+
+    def causal_finfo(q, k, v):
+        return torch.where(j <= i, q @ k.mT, torch.finfo(q.dtype).min).softmax(-1) @ v
+
+    qg = q.clone().requires_grad_()
+    torch._dynamo.reset()
+    out = flashlight.compile(causal_finfo, inductor=False)(qg, k, v)
+    out.sum().backward()
+    region = list(runtime._REGISTRY.values())[-1]
+    assert region.ks.saved and "tile_empty" not in region.ks.source and qg.grad is not None
 
 
 def test_tile_skipping_matches_dense_computation():

@@ -401,7 +401,9 @@ def generate(region: Region, block_sparse: bool = True, training: bool = False) 
     prog = em.prog = OnlineProgram(region)
     # tile classification first, so that the loads it reads come before the loop bodies using them
     em.guard, em.guard_pre = [], []
-    em.tiles = emit_tile_skip(region, em, em.guard, em.guard_pre) if block_sparse else None
+    # finite fills (finfo.min) skip tiles in inference only: the backward would need the rows the forward
+    # recomputes (see _recompute_unskipped), and scans the tiles itself
+    em.tiles = emit_tile_skip(region, em, em.guard, em.guard_pre, finite=not training) if block_sparse else None
     build(region, em.operand, prog)
     kinds = prog.kind
     sizes = region.sizes
@@ -664,6 +666,8 @@ def _assemble(em: _Emitter, prog: OnlineProgram) -> KernelSource:
             "    start_n = tl.where(j < full_lo, j, j + (full_hi - full_lo))",
         ]
         body += ["    " + ln for ln in masked_body]
+        if tiles.row_checks:
+            body += _recompute_unskipped(em, prog, tiles, masked_body)
     body.append("")
     body.append("# combine the accumulators with the row values")
     body += em.post
@@ -716,6 +720,27 @@ def _assemble(em: _Emitter, prog: OnlineProgram) -> KernelSource:
                         n_dot=sum(a.kind == "dot" for a in prog.accumulators), notes=list(prog.notes),
                         N=N, classifier=classifier, range_rows=range_rows,
                         classifier_reads=classifier_reads, tile_skipping=skipping)
+
+
+def _recompute_unskipped(em: _Emitter, prog: OnlineProgram, tiles, masked_body) -> list:
+    """Lines that compute this query tile again over every key tile, if one of its rows kept no score
+    above a finite mask fill (+ margin): eager gives such a row its softmax over every key, the skipped
+    tiles included (a uniform average where all are masked), so skipping was exact only for the others."""
+    N = em.r.sizes["n"]
+    low = " | ".join(f"(m_{R.name} <= {float(t)!r})" for R, t in tiles.row_checks.items())
+    lines = ["",
+             "# a row with no score above the mask's fill (+ margin) averages over every key, skipped ones",
+             "# too, as in eager: compute this query tile again without skipping",
+             f"redo = tl.max(tl.where(mask_m[:, None] & ({low}), 1, 0)) > 0",
+             "if redo:"]
+    for R in prog.max_groups:
+        lines.append(f"    m_{R.name} = tl.full([BLOCK_M, 1], float(\"-inf\"), tl.float32)")
+    for acc in prog.accumulators:
+        shape = "[BLOCK_M, 1]" if acc.kind == "sum" else f"[BLOCK_M, {em.block_size['e']}]"
+        lines.append(f"    {acc.name} = tl.zeros({shape}, tl.float32)")
+    lines.append(f"    for start_n in range(0, {N}, BLOCK_N):")
+    lines += ["        " + ln for ln in masked_body]
+    return lines
 
 
 def _saved_values(prog: OnlineProgram):

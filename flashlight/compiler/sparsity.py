@@ -5,8 +5,13 @@ Two analyses, both generic over the user's mask expression:
 1. *Kill check* (compile time, abstract interpretation): for each mask ``where(c, x, -inf)`` (or
    ``where(c, -inf, x)``), force the masked value to -inf and evaluate the region over the values
    {-inf, 0, unknown finite}. If every running max sees -inf and every running sum / ·V term sees 0,
-   a tile on which the mask holds everywhere contributes nothing and may be skipped. A finfo.min
-   mask is not -inf, so it is never skipped (its fully masked rows average all keys, like eager).
+   a tile on which the mask holds everywhere contributes nothing and may be skipped. A finite fill
+   (finfo.min, -1e9, -1e4: at most FINITE_FILL) is not -inf: in a row that keeps a score above
+   fill + ROW_MARGIN its exp(fill - max) is 0 in float32, so skipping is exact there, but a row masked
+   everywhere averages over every key in eager. Such fills skip tiles only when the masked value reaches
+   the softmax through scaling by constants (a known value, not lifted by an unknown bias), and the
+   forward then checks each row's max after its loops: a query tile with a row at or below the
+   threshold is computed again without skipping (codegen._recompute_unskipped). Inference only.
 2. *Tile predicate* (run time, interval arithmetic in the kernel): the mask condition is evaluated
    over the tile's index ranges (positions from arange are affine in the query/key offsets) and the
    min/max of any data it reads (document ids, padding) — giving "true everywhere" / "false
@@ -114,24 +119,133 @@ def _abstract(region: Region, forced: set):
     return val
 
 
-def skippable_masks(region: Region):
-    """[(cond node, where-arg index of -inf)] whose -inf alone empties a tile, grouped by condition."""
+def skippable_masks(region: Region, finite: bool = False):
+    """[(cond node, where-arg index of the fill, where nodes, row checks)] whose fill alone empties a
+    tile, grouped by condition. -inf fills need no row check ({}). With `finite`, fills at or below
+    FINITE_FILL (finfo.min, -1e9, -1e4) too, when the masked value reaches the softmax only through
+    scaling by constants: their row checks {amax node: threshold} are what must hold after the loop for
+    skipping to have been exact (module doc)."""
     groups: dict = {}
     for n in region.nodes:
         if n.target in WHERE and isinstance(n.args[0], fx.Node):
-            br = _ninf_branch(region, n)
-            if br is not None:
-                groups.setdefault((n.args[0], br), set()).add(n)
+            fill = _fill_branch(region, n, finite)
+            if fill is not None:
+                br, value = fill
+                groups.setdefault((n.args[0], br, value), set()).add(n)
+    maxes = [n.args[0] for n in region.nodes if n.target is aten.amax.default]
+    sums = [n.args[0] for n in region.nodes if n.target is aten.sum.dim_IntList]
     out = []
-    for (cond, br), ws in groups.items():
-        val = _abstract(region, ws)
-        maxes = [n.args[0] for n in region.nodes if n.target is aten.amax.default]
-        sums = [n.args[0] for n in region.nodes if n.target is aten.sum.dim_IntList]
-        ok = all(val.get(x) == NINF for x in maxes) and all(val.get(x) == ZERO for x in sums) and \
-            val.get(region.pv.args[0]) == ZERO
+    for (cond, br, value), ws in groups.items():
+        if value == float("-inf"):
+            val, checks = _abstract(region, ws), {}
+            ok = all(val.get(x) == NINF for x in maxes)
+        else:
+            val, checks = _abstract_finite(region, ws, value)
+            ok = checks is not None and all(_is_fill(val.get(x)) for x in maxes)
+        ok = ok and all(val.get(x) == ZERO for x in sums) and val.get(region.pv.args[0]) == ZERO
         if ok:
-            out.append((cond, br, ws))
+            out.append((cond, br, ws, checks))
     return out
+
+
+# A finite fill at or below FINITE_FILL removes a score as -inf does wherever its row keeps one score
+# above fill + ROW_MARGIN: exp(fill - max) < e^-256 is 0 in float32, in eager as in the kernel. A row
+# whose max is not above that (every score masked: eager averages over every key) is recomputed.
+FINITE_FILL = -1e4
+ROW_MARGIN = 256.0
+
+
+def _fill_branch(region, w, finite):
+    """(index, value) of a where's branch that is -inf, or (with `finite`) a constant <= FINITE_FILL."""
+    for i in (1, 2):
+        v = _const_of(region, w, i)
+        if v is None or isinstance(v, bool):
+            continue
+        if v == float("-inf") or finite and math.isfinite(v) and v <= FINITE_FILL:
+            return i, float(v)
+    return None
+
+
+def _is_fill(v):
+    return isinstance(v, tuple) and v[0] == "fill"
+
+
+def _abstract_finite(region: Region, forced: set, fill: float):
+    """Abstract values with the `forced` where nodes set to the finite `fill`: ("fill", v) a known masked
+    value, ("shifted", v, R) that value minus the row max R, ZERO, TOP. Only scaling by positive
+    constants, adding constants, views and casts keep a masked value known (an unknown addend could lift
+    it back). Returns (values, {amax node: threshold}) or (values, None) where a shifted value is used
+    other than by exp."""
+    val: dict = {}
+    checks: dict = {}
+    internal = set(region.nodes)
+
+    def arg(node, i):
+        a = node.args[i]
+        if isinstance(a, fx.Node) and a in val:
+            return val[a]
+        c = _const_of(region, node, i)
+        return ("const", float(c)) if c is not None and not isinstance(c, bool) else TOP
+
+    def row_max(a):
+        while isinstance(a, fx.Node) and a in internal and a.target in VIEW_OPS:
+            a = a.args[0]
+        return a if isinstance(a, fx.Node) and a in internal and a.target is aten.amax.default else None
+
+    def check(R, v):
+        checks[R] = max(checks.get(R, -math.inf), v + ROW_MARGIN)
+
+    for n in region.nodes:
+        t = n.target
+        args = [arg(n, i) for i in range(len(n.args))]
+        if n in forced:
+            val[n] = ("fill", fill)
+        elif t in VIEW_OPS or t in (prims.convert_element_type.default, aten._to_copy.default):
+            val[n] = args[0]
+        elif t is aten.amax.default:
+            if _is_fill(args[0]):
+                check(n, args[0][1])
+            val[n] = TOP
+        elif t in (aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar):
+            a, b = args[0], args[1]
+            k = b[1] if b[0] == "const" else None
+            if _is_fill(a) and k is not None and k > 0 and math.isfinite(k):
+                val[n] = ("fill", a[1] * k if t in (aten.mul.Tensor, aten.mul.Scalar) else a[1] / k)
+            elif t in (aten.mul.Tensor, aten.mul.Scalar) and ZERO in (a, b):
+                val[n] = ZERO                    # every value here is finite: 0 · x = 0
+            elif a == ZERO and b != ZERO:
+                val[n] = ZERO
+            else:
+                val[n] = TOP
+        elif t in (aten.add.Tensor, aten.sub.Tensor, aten.add.Scalar, aten.sub.Scalar):
+            a, b = args[0], args[1]
+            alpha = n.kwargs.get("alpha", 1)
+            R = row_max(n.args[1]) if t is aten.sub.Tensor else None
+            if _is_fill(a) and R is not None and alpha == 1:
+                val[n] = ("shifted", a[1], R)
+            elif _is_fill(a) and b[0] == "const" and math.isfinite(b[1]):
+                sign = -1 if t in (aten.sub.Tensor, aten.sub.Scalar) else 1
+                val[n] = ("fill", a[1] + sign * alpha * b[1])
+            else:
+                val[n] = ZERO if a == ZERO and b == ZERO else TOP
+        elif t in WHERE:
+            a, b = args[1], args[2]
+            val[n] = a if a == b else ("fill", max(a[1], b[1])) if _is_fill(a) and _is_fill(b) else TOP
+        elif t in (aten.exp.default, aten.exp2.default):
+            a = args[0]
+            if isinstance(a, tuple) and a[0] == "shifted":
+                check(a[2], a[1])
+                val[n] = ZERO
+            elif _is_fill(a) and a[1] <= -ROW_MARGIN:
+                val[n] = ZERO
+            else:
+                val[n] = TOP
+        else:
+            val[n] = TOP
+    if any(isinstance(v, tuple) and v[0] == "shifted" and not all(
+            u.target in (aten.exp.default, aten.exp2.default) for u in n.users) for n, v in val.items()):
+        return val, None
+    return val, checks
 
 
 class IntervalEmitter:
@@ -312,13 +426,16 @@ class TileClassifier:
     dropped: dict = field(default_factory=dict)   # where node -> index of the branch kept on full tiles
     reads_tensors: bool = False      # classified by a separate kernel (True) or a scan in the kernel
     batch_axes: tuple = ()           # batch axes the classification depends on
+    row_checks: dict = field(default_factory=dict)  # amax node -> threshold its rows' max must exceed
+                                                    # (finite fills) for the skipped tiles to add nothing
 
 
-def emit_tile_skip(region: Region, emitter, lines, pre_lines):
-    """Emit the tile predicates into `lines` (per key tile) and `pre_lines` (per query tile)."""
-    empty, full, dropped = [], [], {}
+def emit_tile_skip(region: Region, emitter, lines, pre_lines, finite: bool = False):
+    """Emit the tile predicates into `lines` (per key tile) and `pre_lines` (per query tile); `finite`:
+    finite fills may skip tiles too (the forward then checks each row's max, TileClassifier.row_checks)."""
+    empty, full, dropped, row_checks = [], [], {}, {}
     iv = IntervalEmitter(region, emitter, lines, pre_lines)
-    for cond, br, ws in skippable_masks(region):
+    for cond, br, ws, checks in skippable_masks(region, finite):
         res = iv.value(cond) if cond in set(region.nodes) else iv.operand(next(iter(ws)), 0)
         if res is None or res[0] != "bool":
             continue
@@ -327,9 +444,11 @@ def emit_tile_skip(region: Region, emitter, lines, pre_lines):
         empty.append(true_everywhere if br == 1 else false_everywhere)
         full.append(false_everywhere if br == 1 else true_everywhere)
         dropped.update({w: 3 - br for w in ws})
+        for R, threshold in checks.items():
+            row_checks[R] = max(row_checks.get(R, -math.inf), threshold)
     if not empty:
         return None
     lines.append(f"tile_empty = {' | '.join(empty)}  # the masks remove every score of this tile")
     lines.append(f"tile_full = {' & '.join(full)}  # the masks keep every score of this tile")
     return TileClassifier("tile_empty", "tile_full", dropped, iv.reads_tensors,
-                          tuple(a for a in region.batch_axes if a in iv.batch_axes))
+                          tuple(a for a in region.batch_axes if a in iv.batch_axes), row_checks)
