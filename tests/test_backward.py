@@ -232,3 +232,29 @@ def test_half_precision_gradients_are_as_accurate_as_eager(name):
     ref = torch.autograd.grad(fn(**ref_in), [x for x in ref_in.values() if x.requires_grad], g.double())
     for name_, a, b, r in zip([k for k, x in inputs.items() if x.requires_grad], fused, eager, ref):
         assert rel_err(a, r) < max(3 * rel_err(b, r), 1e-2), (name_, rel_err(a, r), rel_err(b, r))
+
+
+def test_a_config_too_large_for_shared_memory_shrinks_until_it_fits():
+    """float32 inputs or wide heads can ask more shared memory than the GPU has (Triton raises
+    OutOfResources before launching): the backward tries fewer stages, then halved tiles, and remembers
+    the config that fitted."""
+    from triton.runtime.errors import OutOfResources
+
+    from flashlight.compiler.runtime import launch_fitting
+
+    tried = []
+
+    def launch(c):   # a GPU whose shared memory holds BLOCK_M × BLOCK_N × stages <= 8192
+        tried.append((c["BLOCK_M"], c["BLOCK_N"], c["num_stages"], c["num_warps"]))
+        if c["BLOCK_M"] * c["BLOCK_N"] * c["num_stages"] > 8192:
+            raise OutOfResources(c["BLOCK_M"] * c["BLOCK_N"] * c["num_stages"], 8192, "shared memory")
+
+    fitted = {}
+    cfg = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
+    got = launch_fitting(launch, cfg, fitted, "k")
+    assert tried == [(128, 64, 3, 8), (128, 64, 2, 8), (64, 64, 2, 4)] and got == {**cfg, "BLOCK_M": 64,
+                                                                                   "num_stages": 2, "num_warps": 4}
+    tried.clear()
+    assert launch_fitting(launch, cfg, fitted, "k") == got and len(tried) == 1   # remembered
+    with pytest.raises(RuntimeError, match="fits"):
+        launch_fitting(lambda c: launch({**c, "num_stages": 10**6}), cfg, {}, "k")

@@ -713,3 +713,24 @@ def test_dropout_in_training_falls_back_with_reason():
     ref = f(q, k, v)
     assert flashlight.counters["fused_launches"] == before
     assert out.shape == ref.shape and torch.isfinite(out).all()
+
+
+def test_float32_tiles_are_multiplied_at_torchs_float32_matmul_precision():
+    """Eager float32 matmuls are full precision unless the user allows TF32; the kernels follow the same
+    setting (as Inductor does), and a kernel made under one setting is not reused under the other."""
+    def f(q, k, v):
+        return torch.softmax(q @ k.mT, -1) @ v
+
+    args = (rand(1, 2, 32, 16), rand(1, 2, 32, 16), rand(1, 2, 32, 16))
+    before = torch.get_float32_matmul_precision()
+    try:
+        sources = {}
+        for setting in ("highest", "high"):
+            torch.set_float32_matmul_precision(setting)
+            sources[setting] = flashlight.explain(f, *args).regions[0].kernel_source
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert "DOT_PRECISION = tl.constexpr('ieee')" in sources["highest"]
+    assert "DOT_PRECISION = tl.constexpr('tf32')" in sources["high"]
+    name = re.compile(r"def (flashlight_attention_\w+)\(")
+    assert name.search(sources["highest"]).group(1) != name.search(sources["high"]).group(1)

@@ -122,6 +122,7 @@ class CompiledRegion:
     reference: object = field(default=None, repr=False)   # the region's own ops (fx.GraphModule), training
     backward_failed: str | None = None                    # why the generated backward was given up
     _row_steps: dict = field(default_factory=dict, repr=False)   # layout -> compiled row step
+    _fitted: dict = field(default_factory=dict, repr=False)      # (kernel, device, config) -> the one that fits
     row_step_failed: str | None = None                    # why the row step runs op by op
 
     @property
@@ -215,14 +216,17 @@ class CompiledRegion:
                 launches, self._backward_args[layout], bs.classifiers):
             if name is None:
                 continue
-            bm, bn = c["BLOCK_M"], c["BLOCK_N"]
-            ranges = []
-            if classifier:   # the tiles that masks reading data leave: classified per tile pair, reused
-                ranges = [self.classification(module, classifier, bs.classifier_reads, bs.range_rows,
-                                              inputs, in_args, bm, bn, fixed)]
-            getattr(module, name)[(math.ceil(size / c[fixed]) * bs.batch,)](
-                *inputs, *gbufs, dpv, table, *ranges, *in_args, *grad_args, BLOCK_M=bm, BLOCK_N=bn,
-                num_warps=c.get("num_warps", 4), num_stages=c.get("num_stages", 1))
+            def launch(c, name=name, size=size, fixed=fixed, in_args=in_args, grad_args=grad_args,
+                       classifier=classifier):
+                bm, bn = c["BLOCK_M"], c["BLOCK_N"]
+                ranges = []
+                if classifier:   # the tiles that masks reading data leave: classified per tile pair, reused
+                    ranges = [self.classification(module, classifier, bs.classifier_reads, bs.range_rows,
+                                                  inputs, in_args, bm, bn, fixed)]
+                getattr(module, name)[(math.ceil(size / c[fixed]) * bs.batch,)](
+                    *inputs, *gbufs, dpv, table, *ranges, *in_args, *grad_args, BLOCK_M=bm, BLOCK_N=bn,
+                    num_warps=c.get("num_warps", 4), num_stages=c.get("num_stages", 1))
+            launch_fitting(launch, c, self._fitted, (name, device.index))
         counters["fused_backward_launches"] += 1
         out = []
         for i, t in enumerate(inputs):
@@ -295,6 +299,39 @@ def saved_dtype(ks, kind):
     output's dtype (the backward only forms row sums of dO times them, as FlashAttention does with O; a
     float32 copy would add 4 bytes per output element to the memory a training step holds)."""
     return ks.out_dtype if kind == "vector" and ks.out_dtype in (torch.float16, torch.bfloat16) else torch.float32
+
+
+def smaller_configs(config: dict):
+    """The configs to try, in order, when `config` asks for more shared memory than the GPU has (float32
+    inputs, wide heads): itself, then fewer pipeline stages (down to 2), then the larger tile halved (with
+    at most 4 warps), down to 16 × 16."""
+    c = dict(config)
+    while True:
+        yield c
+        if c.get("num_stages", 1) > 2:
+            c = {**c, "num_stages": c["num_stages"] - 1}
+        elif max(c["BLOCK_M"], c["BLOCK_N"]) > 16:
+            big = "BLOCK_M" if c["BLOCK_M"] >= c["BLOCK_N"] else "BLOCK_N"
+            c = {**c, big: c[big] // 2, "num_warps": min(c.get("num_warps", 4), 4)}
+        else:
+            return
+
+
+def launch_fitting(launch, config: dict, fitted: dict, key) -> dict:
+    """launch(config), or the first of smaller_configs(config) that fits the GPU's shared memory (Triton
+    raises OutOfResources before anything runs); remembered in `fitted` for the next call. Returns it."""
+    from triton.runtime.errors import OutOfResources
+
+    memo = (key, tuple(sorted(config.items())))
+    for c in ([fitted[memo]] if memo in fitted else smaller_configs(config)):
+        try:
+            launch(c)
+        except OutOfResources:
+            counters["configs_shrunk"] += 1
+            continue
+        fitted[memo] = c
+        return c
+    raise RuntimeError(f"no tile config from {config} down to 16×16 fits this GPU's shared memory")
 
 
 def _row_step_eager(program, needs, params, row_names, dpv_dtype, inputs, saved, grad_out):
