@@ -750,7 +750,11 @@ def dot_precision() -> str:
     """How float32 tiles are multiplied, as torch multiplies float32 matrices: "ieee" at torch's default
     float32 matmul precision ("highest"), "tf32" once the user allows TF32
     (torch.set_float32_matmul_precision("high") or torch.backends.cuda.matmul.allow_tf32), as Inductor
-    does. 16-bit tiles are multiplied the same way either way."""
+    does, and FlexAttention (torch.backends.cuda.matmul.fp32_precision first, where set). 16-bit tiles
+    are multiplied the same way either way."""
+    setting = getattr(torch.backends.cuda.matmul, "fp32_precision", "none")
+    if setting != "none":
+        return "ieee" if setting == "ieee" else "tf32"
     return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
 
 
