@@ -292,8 +292,10 @@ def parse_args(argv=None):
                    help="flashlight mode: compile the rest of the graph with Inductor (default: on for "
                         "cuda, off on CPU where the interpreter dominates anyway)")
     p.add_argument("--tol", type=float, default=None,
-                   help="max |loss_flashlight - loss_eager| allowed (default 1e-3 on CPU fp32, 2e-2 on GPU, "
-                        "where Triton's fp32 dots use TF32)")
+                   help="max |loss_flashlight - loss_eager| allowed (default 1e-3 on CPU fp32, 2e-2 on GPU)")
+    p.add_argument("--tf32", action="store_true",
+                   help="torch.set_float32_matmul_precision('high') for every mode: float32 matmuls (eager's, "
+                        "Inductor's and flashlight's tiles) on TF32 tensor cores; default: full float32")
     p.add_argument("--log-every", type=int, default=None)
     p.add_argument("--out", default="outputs/train_gpt")
     args = p.parse_args(argv)
@@ -326,6 +328,8 @@ def main(argv=None) -> dict:
     unknown or unsupported variant."""
     args = parse_args(argv)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    if args.tf32:
+        torch.set_float32_matmul_precision("high")
     inductor = (device.type == "cuda") if args.inductor is None else args.inductor
     tol = args.tol if args.tol is not None else (1e-3 if device.type == "cpu" else 2e-2)
     variant, params = variant_for(args.attention, args.params)
