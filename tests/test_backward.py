@@ -258,3 +258,28 @@ def test_a_config_too_large_for_shared_memory_shrinks_until_it_fits():
     assert launch_fitting(launch, cfg, fitted, "k") == got and len(tried) == 1   # remembered
     with pytest.raises(RuntimeError, match="fits"):
         launch_fitting(lambda c: launch({**c, "num_stages": 10**6}), cfg, {}, "k")
+
+
+def test_finite_fill_masks_skip_tiles_in_training_with_exact_gradients():
+    """finfo.min masks (GPT-2's and HF's spelling) skip tiles in the training forward and both backward
+    kernels. A batch with a row masked everywhere (left padding) has that row averaged over every key in
+    eager: the forward computes its query tile again, and the backward visits every tile of that batch.
+    Gradients against float64 autograd, for a batch with such rows and one without."""
+    from flashlight.compiler import runtime
+
+    def f(q, k, v, pad):
+        i = torch.arange(q.shape[-2])[:, None]
+        j = torch.arange(k.shape[-2])[None, :]
+        keep = (j <= i) & pad[:, None, None, :]
+        return torch.where(keep, q @ k.mT * 0.25, torch.finfo(q.dtype).min).softmax(-1) @ v
+
+    S = 130
+    pad = torch.ones(2, S, dtype=torch.bool)
+    pad[1, :45] = False                     # batch 1: queries 0..44 see no key
+    inputs = {n: torch.randn(2, 2, S, 16, requires_grad=True) for n in "qkv"}
+    inputs["pad"] = pad
+    errors = check_grads(f, inputs)
+    region = list(runtime._REGISTRY.values())[-1]
+    assert "if redo:" in region.ks.source and "tile_empty" in region.backward_source.source
+    assert "redo_ptr" in region.backward_source.source and region.backward_source.row_checks
+    assert errors["q"] < TOL

@@ -63,6 +63,7 @@ class BackwardSource:
     value_leaf: int = 0           # the input ·V reads (the row step gives dPV in its dtype)
     range_rows: int = 1           # batch rows of the classification tables (the batch axes the masks read)
     classifier_reads: tuple = ()  # the inputs the classification kernels load (their tables depend on them only)
+    row_checks: dict = field(default_factory=dict)  # saved row max -> threshold (finite mask fills, see codegen)
     sizes: dict = field(default_factory=dict)
     batch: int = 1
     M: int = 0
@@ -267,12 +268,15 @@ def generate_backward(region: Region, needs: tuple, block_sparse: bool = True) -
         source += f"\n\n@triton.jit\ndef {name}({kern.signature(grad_leaves)}):\n" + body + "\n"
     tiles = dq.em.tiles
     range_rows = math.prod(sizes[a] for a in tiles.batch_axes) if tiles is not None and reads else 1
+    # finite fills: the saved running max of each group, and the value at or below which a row was
+    # removed everywhere (the forward's row check)
+    row_checks = {f"m_{R.name}": float(t) for R, t in tiles.row_checks.items()} if tiles is not None else {}
     return BackwardSource(source, dq_name, dkv_name, (dq.em.slots, dq.em.grad_slots),
                           (dkv.em.slots, dkv.em.grad_slots) if dkv else ([], []), grad_leaves, row_names,
                           tuple(needs), stored=tuple(sorted(dq.em.stored | (dkv.em.stored if dkv else set()))),
                           sizes=dict(sizes), value_leaf=region.leaf_index(region.value.source),
                           classifiers=tuple(classifiers), range_rows=range_rows,
-                          classifier_reads=tuple(sorted(reads)),
+                          classifier_reads=tuple(sorted(reads)), row_checks=row_checks,
                           batch=math.prod(region.batch_sizes) if region.batch_sizes else 1,
                           M=sizes["m"], N=sizes["n"], E=sizes["e"])
 
@@ -294,7 +298,8 @@ class _Kernel:
     def signature(self, grad_leaves):
         r = self.em.r
         ptrs = [f"in{i}_ptr" for i in range(len(r.leaves))] + [f"grad{i}_ptr" for i in grad_leaves]
-        ranges = ["ranges_ptr"] if self.classified else []
+        ranges = (["ranges_ptr"] if self.classified else []) + \
+            (["redo_ptr"] if self.em.tiles is not None and self.em.tiles.row_checks else [])
         return ", ".join(ptrs + ["dpv_ptr", "rows_ptr"] + ranges + self.em.params + self.em.grad_params +
                          ["BLOCK_M: tl.constexpr", "BLOCK_N: tl.constexpr"])
 
@@ -338,6 +343,12 @@ class _Kernel:
             # tiles every mask keeps whole run a body without the mask math
             inner_full = _prune(head + self.full_loop, live)
             ranges = self._ranges(fixed, loop_axis, big, block, tile_of + loop_head)
+            if em.tiles.row_checks:
+                ranges += ["# a batch with a row that a finite mask fill removed everywhere (the forward computed",
+                           "# its query tile over every key): every tile of this batch, as the forward did",
+                           "redo = tl.load(redo_ptr + pid_b) != 0",
+                           "lo = tl.where(redo, 0, lo)",
+                           f"hi = tl.where(redo, {L}, hi)"]
             loops = [
                 "# tiles the masks keep whole run without the mask math, if they form one run",
                 "one_run = (n_full > 0) & (full_hi - full_lo == n_full * " + B + ")",
@@ -491,7 +502,7 @@ class _TileProgram:
         em.access_names.clear()
         # the tile predicate: per key tile, and per query tile where the query tile is fixed
         em.guard, em.guard_pre = [], []
-        em.tiles = emit_tile_skip(region, em, em.guard, em.guard if loop_axis == "m" else em.guard_pre) \
+        em.tiles = emit_tile_skip(region, em, em.guard, em.guard if loop_axis == "m" else em.guard_pre, finite=True) \
             if block_sparse else None
         self.kinds = self.prog.kind
         self.mask_any = em.need_mask["m"] or em.need_mask["n"]

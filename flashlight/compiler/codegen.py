@@ -401,9 +401,7 @@ def generate(region: Region, block_sparse: bool = True, training: bool = False) 
     prog = em.prog = OnlineProgram(region)
     # tile classification first, so that the loads it reads come before the loop bodies using them
     em.guard, em.guard_pre = [], []
-    # finite fills (finfo.min) skip tiles in inference only: the backward would need the rows the forward
-    # recomputes (see _recompute_unskipped), and scans the tiles itself
-    em.tiles = emit_tile_skip(region, em, em.guard, em.guard_pre, finite=not training) if block_sparse else None
+    em.tiles = emit_tile_skip(region, em, em.guard, em.guard_pre, finite=True) if block_sparse else None
     build(region, em.operand, prog)
     kinds = prog.kind
     sizes = region.sizes

@@ -212,6 +212,7 @@ class CompiledRegion:
                 (slot_args(in_slots, inputs, bs.sizes), slot_args(grad_slots, grads, bs.sizes))
                 for in_slots, grad_slots in (bs.dq_slots, bs.dkv_slots)]
         launches = [(bs.dq_name, cfg["dq"], bs.M, "BLOCK_M"), (bs.dkv_name, cfg["dkv"], bs.N, "BLOCK_N")]
+        redo = self._redo_batches(saved) if bs.row_checks else None
         for (name, c, size, fixed), (in_args, grad_args), classifier in zip(
                 launches, self._backward_args[layout], bs.classifiers):
             if name is None:
@@ -223,6 +224,8 @@ class CompiledRegion:
                 if classifier:   # the tiles that masks reading data leave: classified per tile pair, reused
                     ranges = [self.classification(module, classifier, bs.classifier_reads, bs.range_rows,
                                                   inputs, in_args, bm, bn, fixed)]
+                if redo is not None:
+                    ranges.append(redo)
                 getattr(module, name)[(math.ceil(size / c[fixed]) * bs.batch,)](
                     *inputs, *gbufs, dpv, table, *ranges, *in_args, *grad_args, BLOCK_M=bm, BLOCK_N=bn,
                     num_warps=c.get("num_warps", 4), num_stages=c.get("num_stages", 1))
@@ -238,6 +241,15 @@ class CompiledRegion:
                 g = g + row_grads[i].to(g.dtype)
             out.append(g if g.dtype == t.dtype else g.to(t.dtype))
         return out
+
+    def _redo_batches(self, saved):
+        """Per batch index (int32): has it a row whose running max is at or below a finite mask fill's
+        threshold, one the forward computed over every key (codegen._recompute_unskipped)? The backward
+        then visits every tile of that batch. Computed on the device, without a sync."""
+        ks, bs = self.ks, self.backward_source
+        names = [name for name, _ in ks.saved]
+        flags = [(saved[names.index(m)].view(ks.batch, ks.M) <= t).any(1) for m, t in bs.row_checks.items()]
+        return torch.stack(flags).any(0).to(torch.int32)
 
     def row_step(self, inputs, saved, grad_out, needs):
         """The backward's row step (late.row_backward) as a function of (inputs, saved, grad_out): on the

@@ -11,7 +11,8 @@ Two analyses, both generic over the user's mask expression:
    everywhere averages over every key in eager. Such fills skip tiles only when the masked value reaches
    the softmax through scaling by constants (a known value, not lifted by an unknown bias), and the
    forward then checks each row's max after its loops: a query tile with a row at or below the
-   threshold is computed again without skipping (codegen._recompute_unskipped). Inference only.
+   threshold is computed again without skipping (codegen._recompute_unskipped). In training the
+   backward finds such rows from the saved row maxes and visits every tile of their batch.
 2. *Tile predicate* (run time, interval arithmetic in the kernel): the mask condition is evaluated
    over the tile's index ranges (positions from arange are affine in the query/key offsets) and the
    min/max of any data it reads (document ids, padding) — giving "true everywhere" / "false
