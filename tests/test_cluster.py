@@ -153,7 +153,8 @@ def test_sweep_on_slurm_resumes_after_a_killed_job(slurm, tmp_path):
             if df is None or len(df) != 1 or f.parent.name not in running:
                 continue
             task = running[f.parent.name]
-            if scontrol("suspend", task).returncode != 0:   # it ended meanwhile
+            if scontrol("suspend", task).returncode != 0:   # it ended meanwhile, or did not stop:
+                scontrol("resume", task)                    # never leave a frozen job behind
                 continue
             df = rows(f)
             if df is not None and len(df) == 1:
