@@ -33,8 +33,9 @@ import torch
 import torch.fx as fx
 
 from flashlight.compiler.analysis import GATHERS, MATMULS, WHERE, NotFusable, Region, flat_axes
-from flashlight.compiler.codegen import (LOG2E, LoadSlot, _batch_decomposition, _batch_row, _classifier, _contig,
-                                         _Emitter, _forward_copies, _lit, _prune, access_layout, dot, source_header)
+from flashlight.compiler.codegen import (LOG2E, LoadSlot, _batch_decomposition, _classifier, _contig, _Emitter,
+                                         _forward_copies, _lit, _prune, access_layout, dot, source_header, tile_loops,
+                                         tile_range_lines)
 from flashlight.compiler.indexing import VIEW_OPS, freeze_chain
 from flashlight.compiler.late import check_shift_invariance
 from flashlight.compiler.rewrite import OnlineProgram, build, lname, vname
@@ -342,59 +343,19 @@ class _Kernel:
         else:
             # tiles every mask keeps whole run a body without the mask math
             inner_full = _prune(head + self.full_loop, live)
-            ranges = self._ranges(fixed, loop_axis, big, block, tile_of + loop_head)
+            ranges = tile_range_lines(em.tiles, em.r.sizes, loop_axis, fixed, tile_of + loop_head + self.guard)
             if em.tiles.row_checks:
                 ranges += ["# a batch with a row that a finite mask fill removed everywhere (the forward computed",
                            "# its query tile over every key): every tile of this batch, as the forward did",
                            "redo = tl.load(redo_ptr + pid_b) != 0",
                            "lo = tl.where(redo, 0, lo)",
                            f"hi = tl.where(redo, {L}, hi)"]
-            loops = [
-                "# tiles the masks keep whole run without the mask math, if they form one run",
-                "one_run = (n_full > 0) & (full_hi - full_lo == n_full * " + B + ")",
-                "full_lo = tl.where(one_run, full_lo, hi)",
-                "full_hi = tl.where(one_run, full_hi, hi)",
-                f"for start_{loop_axis} in range(full_lo, full_hi, {B}):"]
-            loops += ["    " + ln for ln in inner_full]
-            loops += ["# the other tiles the masks leave, [lo, full_lo) and [full_hi, hi), with the mask",
-                      f"for j in range(lo, hi - (full_hi - full_lo), {B}):",
-                      f"    start_{loop_axis} = tl.where(j < full_lo, j, j + (full_hi - full_lo))"]
-            loops += ["    " + ln for ln in inner]
+            loops = tile_loops(loop_axis, B, inner_full, inner)
             used = set(_names("\n".join(ranges + loops + self.post)))
             lines += [""] + _prune(pre + self.init, used) + ranges + loops
         lines += [""] + self.post
         lines = _forward_copies(lines)
         return "\n".join("    " + ln if ln else "" for ln in lines)
-
-    def _ranges(self, fixed, loop_axis, big, block, head):
-        """Lines giving lo, hi (the looped tiles the masks leave) and full_lo, full_hi, n_full (those
-        they keep whole): from the classification kernel's table where the masks read data, else a
-        scan of index arithmetic over the tiles."""
-        em, sizes = self.em, self.em.r.sizes
-        L, B = big[loop_axis], block[loop_axis]
-        if em.tiles.reads_tensors:
-            row = _batch_row(em.tiles.batch_axes, sizes)
-            tiles = f"tl.cdiv({big[fixed]}, {block[fixed]})"
-            row = f"pid_{fixed}" if row == "0" else f"({row}) * {tiles} + pid_{fixed}"
-            return ["# the tiles the masks leave, and those they keep whole: from the classification kernel",
-                    f"ranges = ranges_ptr + ({row}) * 5",
-                    f"lo = {L} - tl.load(ranges + 0)",
-                    "hi = tl.load(ranges + 1)",
-                    f"full_lo = {L} - tl.load(ranges + 2)",
-                    "full_hi = tl.load(ranges + 3)",
-                    "n_full = tl.load(ranges + 4)"]
-        scan = ["# the tiles the masks leave, and those they keep whole (index arithmetic, no loads)",
-                f"lo = tl.full([], {L}, tl.int32)", "hi = tl.full([], 0, tl.int32)",
-                f"full_lo = tl.full([], {L}, tl.int32)", "full_hi = tl.full([], 0, tl.int32)",
-                "n_full = tl.full([], 0, tl.int32)",
-                f"for start_{loop_axis} in range(0, {L}, {B}):"]
-        scan += ["    " + ln for ln in _prune(head + self.guard, {"tile_empty", "tile_full"})]
-        scan += [f"    lo = tl.minimum(lo, tl.where(tile_empty, {L}, start_{loop_axis}))",
-                 f"    hi = tl.maximum(hi, tl.where(tile_empty, 0, start_{loop_axis} + {B}))",
-                 f"    full_lo = tl.minimum(full_lo, tl.where(tile_full, start_{loop_axis}, {L}))",
-                 f"    full_hi = tl.maximum(full_hi, tl.where(tile_full, start_{loop_axis} + {B}, 0))",
-                 "    n_full += tl.where(tile_full, 1, 0)"]
-        return scan
 
     def _row_loads(self, row_names, R):
         em = self.em

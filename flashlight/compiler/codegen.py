@@ -615,55 +615,10 @@ def _assemble(em: _Emitter, prog: OnlineProgram) -> KernelSource:
         body += ["    " + ln for ln in masked_body]
     else:
         if classified:
-            row = _batch_row(tiles.batch_axes, sizes)
-            row = "pid_m" if row == "0" else f"({row}) * tl.cdiv({M}, BLOCK_M) + pid_m"
-            body += [
-                "# key tiles the masks leave, and those they keep whole: from the classification kernel",
-                f"ranges = ranges_ptr + ({row}) * 5",
-                f"lo_n = {N} - tl.load(ranges + 0)",
-                "hi_n = tl.load(ranges + 1)",
-                f"full_lo = {N} - tl.load(ranges + 2)",
-                "full_hi = tl.load(ranges + 3)",
-                "n_full = tl.load(ranges + 4)",
-            ]
             classifier_src = _classifier(em, ptrs, consts)
-        else:
-            # a cheap pass of index arithmetic (no loads) finds the key tiles the masks leave
-            body += [
-                "# key tiles the masks leave, and those they keep whole (interval bounds per tile)",
-                f"lo_n = tl.full([], {N}, tl.int32)",
-                "hi_n = tl.full([], 0, tl.int32)",
-                f"full_lo = tl.full([], {N}, tl.int32)",
-                "full_hi = tl.full([], 0, tl.int32)",
-                "n_full = tl.full([], 0, tl.int32)",
-                f"for start_n in range(0, {N}, BLOCK_N):",
-            ]
-            body += ["    " + ln for ln in _prune(offs_n + em.guard, {"tile_empty", "tile_full"})]
-            body += [
-                f"    lo_n = tl.minimum(lo_n, tl.where(tile_empty, {N}, start_n))",
-                "    hi_n = tl.maximum(hi_n, tl.where(tile_empty, 0, start_n + BLOCK_N))",
-                f"    full_lo = tl.minimum(full_lo, tl.where(tile_full, start_n, {N}))",
-                "    full_hi = tl.maximum(full_hi, tl.where(tile_full, start_n + BLOCK_N, 0))",
-                "    n_full += tl.where(tile_full, 1, 0)",
-            ]
+        body += tile_range_lines(tiles, sizes, "n", "m", offs_n + em.guard)
         full_loop = [em.full_tile_lines.get(i, ln) for i, ln in enumerate(em.loop)]
-        full_body = _prune(offs_n + em.guard + full_loop, carried)
-        body += [
-            "# tiles kept whole run without the mask math, if they form one run (no branch in the loop)",
-            "one_run = (n_full > 0) & (full_hi - full_lo == n_full * BLOCK_N)",
-            "full_lo = tl.where(one_run, full_lo, hi_n)",
-            "full_hi = tl.where(one_run, full_hi, hi_n)",
-            "",
-            "for start_n in range(full_lo, full_hi, BLOCK_N):",
-        ]
-        body += ["    " + ln for ln in full_body]
-        body += [
-            "",
-            "# the other tiles the masks leave, [lo_n, full_lo) and [full_hi, hi_n), with the mask",
-            "for j in range(lo_n, hi_n - (full_hi - full_lo), BLOCK_N):",
-            "    start_n = tl.where(j < full_lo, j, j + (full_hi - full_lo))",
-        ]
-        body += ["    " + ln for ln in masked_body]
+        body += tile_loops("n", "BLOCK_N", _prune(offs_n + em.guard + full_loop, carried), masked_body)
         if tiles.row_checks:
             body += _recompute_unskipped(em, prog, tiles, masked_body)
     body.append("")
@@ -716,6 +671,52 @@ def _assemble(em: _Emitter, prog: OnlineProgram) -> KernelSource:
                         n_dot=sum(a.kind == "dot" for a in prog.accumulators), notes=list(prog.notes),
                         N=N, classifier=classifier, range_rows=range_rows,
                         classifier_reads=classifier_reads, tile_skipping=skipping)
+
+
+def tile_range_lines(tiles, sizes, axis: str, fixed: str, head) -> list:
+    """Lines giving lo, hi (the tiles of `axis` the masks leave, for this tile of `fixed`) and full_lo,
+    full_hi, n_full (those they keep whole): from the classification kernel's table where the masks read
+    data, else a scan of index arithmetic over the tiles (`head`: the lines that set offs/mask of `axis`
+    and the tile predicate). Shared by the forward and both backward kernels."""
+    L, B, Bf = sizes[axis], f"BLOCK_{axis.upper()}", f"BLOCK_{fixed.upper()}"
+    if tiles.reads_tensors:
+        row = _batch_row(tiles.batch_axes, sizes)
+        row = f"pid_{fixed}" if row == "0" else f"({row}) * tl.cdiv({sizes[fixed]}, {Bf}) + pid_{fixed}"
+        return ["# the tiles the masks leave, and those they keep whole: from the classification kernel",
+                f"ranges = ranges_ptr + ({row}) * 5",
+                f"lo = {L} - tl.load(ranges + 0)",
+                "hi = tl.load(ranges + 1)",
+                f"full_lo = {L} - tl.load(ranges + 2)",
+                "full_hi = tl.load(ranges + 3)",
+                "n_full = tl.load(ranges + 4)"]
+    lines = ["# the tiles the masks leave, and those they keep whole (index arithmetic, no loads)",
+             f"lo = tl.full([], {L}, tl.int32)", "hi = tl.full([], 0, tl.int32)",
+             f"full_lo = tl.full([], {L}, tl.int32)", "full_hi = tl.full([], 0, tl.int32)",
+             "n_full = tl.full([], 0, tl.int32)",
+             f"for start_{axis} in range(0, {L}, {B}):"]
+    lines += ["    " + ln for ln in _prune(head, {"tile_empty", "tile_full"})]
+    return lines + [f"    lo = tl.minimum(lo, tl.where(tile_empty, {L}, start_{axis}))",
+                    f"    hi = tl.maximum(hi, tl.where(tile_empty, 0, start_{axis} + {B}))",
+                    f"    full_lo = tl.minimum(full_lo, tl.where(tile_full, start_{axis}, {L}))",
+                    f"    full_hi = tl.maximum(full_hi, tl.where(tile_full, start_{axis} + {B}, 0))",
+                    "    n_full += tl.where(tile_full, 1, 0)"]
+
+
+def tile_loops(axis: str, block: str, full_body, masked_body) -> list:
+    """The two loops over the tiles [lo, hi) of `axis`: those the masks keep whole without the mask math
+    (if they form one run: no branch in the loop), then the others with it."""
+    lines = ["# tiles kept whole run without the mask math, if they form one run (no branch in the loop)",
+             f"one_run = (n_full > 0) & (full_hi - full_lo == n_full * {block})",
+             "full_lo = tl.where(one_run, full_lo, hi)",
+             "full_hi = tl.where(one_run, full_hi, hi)",
+             "",
+             f"for start_{axis} in range(full_lo, full_hi, {block}):"]
+    lines += ["    " + ln for ln in full_body]
+    lines += ["",
+              "# the other tiles the masks leave, [lo, full_lo) and [full_hi, hi), with the mask",
+              f"for j in range(lo, hi - (full_hi - full_lo), {block}):",
+              f"    start_{axis} = tl.where(j < full_lo, j, j + (full_hi - full_lo))"]
+    return lines + ["    " + ln for ln in masked_body]
 
 
 def _recompute_unskipped(em: _Emitter, prog: OnlineProgram, tiles, masked_body) -> list:
@@ -783,7 +784,7 @@ def _row_program(em: _Emitter, prog: OnlineProgram, saved) -> dict:
             "leaves": len(r.leaves), "param_names": list(em.params)}
 
 
-def _classifier(em: _Emitter, ptrs, consts, fixed: str = "m", params=None) -> str:
+def _classifier(em: _Emitter, ptrs, consts, fixed: str = "m") -> str:
     """A kernel that classifies every (query tile, key tile) for masks that read data.
 
     One program per tile pair, over only the batch axes the masks read; each folds its tile into the
@@ -792,13 +793,13 @@ def _classifier(em: _Emitter, ptrs, consts, fixed: str = "m", params=None) -> st
     L - lowest full start, highest full end, number of full tiles] (L the looped axis' size; all start
     at zero).
     """
-    r, tiles, sizes = em.r, em.tiles, em.r.sizes
+    tiles, sizes = em.tiles, em.r.sizes
     M, N = sizes["m"], sizes["n"]
     loop = "n" if fixed == "m" else "m"
     L = sizes[loop]
     size = {"m": M, "n": N}
-    sig = ", ".join(ptrs + ["ranges_ptr"] + list(em.params if params is None else params) + consts)
-    body = [f"pid = tl.program_id(0)",
+    sig = ", ".join(ptrs + ["ranges_ptr"] + em.params + consts)
+    body = ["pid = tl.program_id(0)",
             f"pid_n = pid % tl.cdiv({N}, BLOCK_N)",
             f"pid_m = (pid // tl.cdiv({N}, BLOCK_N)) % tl.cdiv({M}, BLOCK_M)",
             f"pid_b = pid // (tl.cdiv({N}, BLOCK_N) * tl.cdiv({M}, BLOCK_M))"]

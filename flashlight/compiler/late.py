@@ -175,7 +175,7 @@ def row_backward(program: dict, inputs, needs, params, saved, grad_out, row_name
     return dpv, table, leaf_grads
 
 
-def compile_row_backward(program: dict, inputs, needs, params, saved, grad_out, row_names, dpv_dtype):
+def compile_row_backward(program: dict, needs, params, row_names, dpv_dtype, inputs, saved, grad_out):
     """row_backward for these tensors' shapes, dtypes and devices, traced to one aten graph (its autograd
     included) with make_fx and compiled by Inductor: a few fused kernels instead of dozens of small
     ops and the autograd machinery on every call. Returns a function of (inputs, saved, grad_out)."""

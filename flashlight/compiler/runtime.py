@@ -256,21 +256,18 @@ class CompiledRegion:
         devices in COMPILED_ROW_STEP, traced and compiled by Inductor once per layout (falling back, with
         one warning, to running it op by op if that fails), elsewhere op by op."""
         bs = self.backward_source
-        eager = functools.partial(_row_step_eager, self.ks.row_program, needs, self.launch_args(inputs),
-                                  bs.row_names, inputs[bs.value_leaf].dtype)
+        step = (self.ks.row_program, needs, self.launch_args(inputs), bs.row_names, inputs[bs.value_leaf].dtype)
         if inputs[0].device.type not in COMPILED_ROW_STEP or self.row_step_failed:
-            return eager
+            return functools.partial(_row_step_eager, *step)
         key = tuple((tuple(t.shape), tuple(t.stride()), t.dtype) for t in (*inputs, *saved, grad_out)) + (needs,)
         if key not in self._row_steps:
             try:
-                self._row_steps[key] = compile_row_backward(
-                    self.ks.row_program, inputs, needs, self.launch_args(inputs), saved, grad_out, bs.row_names,
-                    inputs[bs.value_leaf].dtype)
+                self._row_steps[key] = compile_row_backward(*step, inputs, saved, grad_out)
             except Exception as e:
                 self.row_step_failed = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
                 warnings.warn(f"flashlight: compiling the backward's row step failed ({self.row_step_failed}); "
                               "it runs op by op instead (the same values, more launches)", stacklevel=2)
-                return eager
+                return functools.partial(_row_step_eager, *step)
         return self._row_steps[key]
 
     def tile_ranges(self, inputs, args, bm, bn):
@@ -453,7 +450,7 @@ def fused_attention_backward(inputs, saved, grad_out, needs, key):
 def _like(g, x):
     """g with the strides the op promises (those of empty_like(x), as the fake kernel below): Inductor
     checks them, and autograd's own gradients (the fallback) may come in another layout."""
-    if g.stride() == torch.empty_like(x, device="meta").stride():
+    if g.stride() == x.stride() and x.is_contiguous() or g.stride() == torch.empty_like(x, device="meta").stride():
         return g
     return torch.empty_like(x).copy_(g)
 
