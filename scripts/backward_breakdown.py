@@ -1,11 +1,15 @@
-"""Where the time of a fused forward+backward goes, and how the backward's tiles change it (GPU).
+"""Where the time of a fused forward+backward goes, and how the tiles change it (GPU).
 
     python scripts/backward_breakdown.py --variant causal --configs default 64,64,4,2 128,32,4,3/32,128,4,3
+    python scripts/backward_breakdown.py --variant vanilla --D 128 --flex
+    python scripts/backward_breakdown.py --variant vanilla --D 128 --forward --configs default 128,64,4,3
 
 Prints, per backward tile config (BLOCK_M, BLOCK_N, num_warps, num_stages for both kernels, or
 dQ-kernel/dK,dV-kernel; "default": the compiler's choice), the median fwd+bwd time
 (triton.testing.do_bench), then a per-kernel CUDA time table of one fwd+bwd step under torch.profiler
 for the first config: the forward kernel, the row step's PyTorch ops, the dQ and dK/dV kernels.
+--forward: the configs are the forward kernel's tiles, timed on a forward without gradients.
+--flex: the same time and table for FlexAttention, its block mask built once before (the runner's way).
 """
 import argparse
 
@@ -24,6 +28,17 @@ def tiles(spec):
     return one(parts[0]) if len(parts) == 1 else {"dq": one(parts[0]), "dkv": one(parts[1])}
 
 
+def kernel_table(step):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    events = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)
+    total = sum(e.device_time_total for e in events)
+    print(f"  one step, {total / 1e3:.3f} ms of GPU time:")
+    for e in events[:12]:
+        print(f"  {e.device_time_total / 1e3:8.3f} ms  x{e.count:<3d} {e.key[:90]}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--variant", default="causal")
@@ -32,33 +47,43 @@ def main():
     ap.add_argument("--S", type=int, default=4096)
     ap.add_argument("--D", type=int, default=64)
     ap.add_argument("--configs", nargs="+", default=["default"])
+    ap.add_argument("--forward", action="store_true", help="tile the forward kernel; time forward only")
+    ap.add_argument("--flex", action="store_true", help="also time and profile FlexAttention")
     a = ap.parse_args()
     v = vr.get(a.variant)
     shape = v.shape(B=a.B, H=a.H, Sq=a.S, Sk=a.S, D=a.D)
-    x = v.make_inputs(shape, torch.bfloat16, "cuda", requires_grad=True)
+    x = v.make_inputs(shape, torch.bfloat16, "cuda", requires_grad=not a.forward)
     wrt = [x[n] for n in v.learnable]
-    flops = 3.5 * v.flops(shape)
+    flops = (1.0 if a.forward else 3.5) * v.flops(shape)
+    what = "fwd" if a.forward else "fwd+bwd"
+
+    def stepper(fn):
+        if a.forward:
+            return lambda: fn(**x)
+        g = torch.randn_like(fn(**x))
+        return lambda: torch.autograd.grad(fn(**x), wrt, g)
+
     for i, c in enumerate(a.configs):
         torch._dynamo.reset()
-        fn = flashlight.compile(v.bind(shape), config={"backward": tiles(c)} if c != "default" else None)
-        out = fn(**x)
-        g = torch.randn_like(out)
-
-        def step():
-            return torch.autograd.grad(fn(**x), wrt, g)
+        config = None if c == "default" else tiles(c) if a.forward else {"backward": tiles(c)}
+        fn = flashlight.compile(v.bind(shape), config=config)
+        step = stepper(fn)
         step()
         ms = triton.testing.do_bench(step, rep=200, return_mode="median")
-        print(f"{a.variant} bwd tiles {c}: fwd+bwd {ms:.3f} ms, {flops / ms / 1e9:.0f} TFLOP/s "
-              f"(fused backward launches {flashlight.counters['fused_backward_launches']})", flush=True)
+        print(f"{a.variant} D{a.D} {'fwd' if a.forward else 'bwd'} tiles {c}: {what} {ms:.3f} ms, "
+              f"{flops / ms / 1e9:.0f} TFLOP/s (fused launches {flashlight.counters['fused_launches']}, "
+              f"backward {flashlight.counters['fused_backward_launches']})", flush=True)
         if i == 0:
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-                step()
-                torch.cuda.synchronize()
-            events = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)
-            total = sum(e.device_time_total for e in events)
-            print(f"  one step, {total / 1e3:.3f} ms of GPU time:")
-            for e in events[:12]:
-                print(f"  {e.device_time_total / 1e3:8.3f} ms  x{e.count:<3d} {e.key[:90]}")
+            kernel_table(step)
+    if a.flex:
+        from torch.nn.attention.flex_attention import flex_attention
+        compiled = torch.compile(flex_attention)
+        prep = v.flex_prepare(x, shape)
+        step = stepper(lambda **inputs: v.flex(inputs, shape, attention=compiled, prep=prep))
+        step()
+        ms = triton.testing.do_bench(step, rep=200, return_mode="median")
+        print(f"{a.variant} D{a.D} flex: {what} {ms:.3f} ms, {flops / ms / 1e9:.0f} TFLOP/s", flush=True)
+        kernel_table(step)
 
 
 if __name__ == "__main__":
