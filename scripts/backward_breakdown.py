@@ -75,6 +75,9 @@ def main():
               f"backward {flashlight.counters['fused_backward_launches']})", flush=True)
         if i == 0:
             kernel_table(step)
+            if not a.forward:  # the training forward alone: the same kernel with its saves
+                ms = triton.testing.do_bench(lambda: fn(**x), rep=200, return_mode="median")
+                print(f"  training forward alone {ms:.3f} ms", flush=True)
     if a.flex:
         from torch.nn.attention.flex_attention import flex_attention
         compiled = torch.compile(flex_attention)

@@ -283,3 +283,31 @@ def test_finite_fill_masks_skip_tiles_in_training_with_exact_gradients():
     assert "if redo:" in region.ks.source and "tile_empty" in region.backward_source.source
     assert "redo_ptr" in region.backward_source.source and region.backward_source.row_checks
     assert errors["q"] < TOL
+
+
+def test_softmax_training_forward_stores_the_output_not_its_accumulator(monkeypatch):
+    """Where the output is its one ·V accumulator over the row sum (softmax, whatever the mask or score
+    bias), the training forward stores only row sums and maxes, and the backward divides the output by its
+    row factor (compiled, as on the GPU). An output not linear in the accumulator (squared after ·V) or one
+    whose row values read an input (sinks) keeps storing it."""
+    from flashlight.compiler import runtime
+
+    monkeypatch.setattr(runtime, "COMPILED_ROW_STEP", {"cpu"})
+
+    def squared(q, k, v):
+        return sm_causal(q, k, v) ** 2
+
+    def stored(fn, inputs):
+        check_grads(fn, inputs)
+        region = list(runtime._REGISTRY.values())[-1]
+        assert region._row_steps and region.row_step_failed is None
+        return region.ks.row_program.get("from_out"), [kind for _, kind in region.ks.saved]
+
+    def qkv():
+        return {n: torch.randn(2, 3, 70, 24, requires_grad=True) for n in "qkv"}
+    assert stored(sm_causal, qkv()) == ("acc1", ["row", "row"])
+    assert stored(squared, qkv()) == (None, ["row", "vector", "row"])
+    v = vr.get("sinks")
+    shape = v.shape(B=1, H=2, Sq=40, Sk=40, D=16)
+    from_out, kinds = stored(v.bind(shape), v.make_inputs(shape, torch.float32, "cpu", requires_grad=True))
+    assert from_out is None and "vector" in kinds

@@ -19,6 +19,7 @@ import torch.fx as fx
 from flashlight.compiler.analysis import (GATHERS, MATMULS, WHERE, Access, NotFusable, Region, constant_value,
                                  flat_axes, shape_of)
 from flashlight.compiler.indexing import VIEW_OPS, GroupedView, apply_view, freeze_chain, split_over_axes
+from flashlight.compiler.late import row_scaled_accumulator
 from flashlight.compiler.rewrite import OnlineProgram, build, lname, vname
 from flashlight.compiler.sparsity import emit_tile_skip
 
@@ -98,6 +99,7 @@ class KernelSource:
     classifier_reads: tuple = ()   # the inputs the classification kernel loads (its table depends on them only)
     tile_skipping: str = "no"      # how key tiles are skipped, for explain
     saved: tuple = ()              # training: [(variable, "row" | "vector")] stored per row for the backward
+                                   # (less the accumulator the output stands in for: row_program["from_out"])
     row_program: dict | None = None  # training: the after-the-loop lines, for late.py
     params: tuple = ()             # names of the stride arguments, in launch order
 
@@ -584,6 +586,10 @@ def _assemble(em: _Emitter, prog: OnlineProgram) -> KernelSource:
     consts = ["BLOCK_M: tl.constexpr", "BLOCK_N: tl.constexpr"]
     classified = tiles is not None and tiles.reads_tensors
     saved = _saved_values(prog) if em.training else []
+    row_program = _row_program(em, prog, saved) if em.training else None
+    if row_program is not None and (acc := row_scaled_accumulator(row_program)):
+        row_program["from_out"] = acc   # the output stands in for it: not stored
+        saved = [s for s in saved if s[0] != acc]
     sig = ", ".join(ptrs + ["out_ptr"] + [f"save{i}_ptr" for i in range(len(saved))] +
                     (["ranges_ptr"] if classified else []) + em.params + consts)
     carried = {a.name for a in prog.accumulators} | {f"m_{R.name}" for R in prog.max_groups}
@@ -664,7 +670,6 @@ def _assemble(em: _Emitter, prog: OnlineProgram) -> KernelSource:
         "key tiles classified by a kernel of their own (the mask reads data), again only when "
         "the tensors it reads change" if classified
         else "key tiles classified by index arithmetic in the kernel")
-    row_program = _row_program(em, prog, saved) if em.training else None
     return KernelSource(source, name, em.slots, len(r.leaves), out_shape, r.output.meta["val"].dtype,
                         saved=tuple(saved), row_program=row_program, params=tuple(em.params),
                         sizes=dict(sizes), batch=batch, M=M,

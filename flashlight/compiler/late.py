@@ -126,7 +126,8 @@ def run_rows(program: dict, inputs, params, saved, tl=None):
     for i, t in enumerate(inputs):
         ns[f"in{i}_ptr"] = _Addr(_flat(t) if isinstance(t, torch.Tensor) else t, source=t)
     for (name, kind), t in zip(program["saved"], saved):
-        ns[name] = t.reshape(-1, 1) if kind == "row" else t.reshape(-1, sizes["e"])
+        # (a single element stands for a value the same in every row and column: stored_to_saved's ones)
+        ns[name] = t.reshape(-1, 1) if kind == "row" or t.numel() == 1 else t.reshape(-1, sizes["e"])
     exec(_compiled("\n".join(program["lines"])), ns)
     return ns
 
@@ -134,6 +135,60 @@ def run_rows(program: dict, inputs, params, saved, tl=None):
 @functools.lru_cache(maxsize=256)
 def _compiled(source: str):
     return compile(source, "<flashlight row program>", "exec")
+
+
+def row_scaled_accumulator(program: dict, trials: int = 3) -> str | None:
+    """The ·V accumulator the output stands in for, or None. When the output is that one accumulator times
+    a factor of its row's sums and maxes alone (softmax with any mask or score bias: out = acc / l), a
+    training forward need not store it: the backward divides the output by the factor (the output is
+    stored in its own dtype either way, as FlashAttention keeps O). Only programs whose after-the-loop
+    lines read no input qualify, so the factor is positive wherever the row has a key (1/l with l ≥ 1);
+    linearity is checked on random rows."""
+    vectors = [name for name, kind in program["saved"] if kind == "vector"]
+    if len(vectors) != 1 or any("tl.load(" in ln for ln in program["lines"]):
+        return None
+    acc, E = vectors[0], program["sizes"]["e"]
+    prog = dict(program, sizes=dict(program["sizes"], m=4, **{a: 1 for a in program["batch_axes"]}))
+    inputs = [torch.zeros(1, dtype=torch.float64) for _ in range(program["leaves"])]
+    params = [0] * len(program["param_names"])
+    for trial in range(trials):
+        g = torch.Generator().manual_seed(trial)
+        saved = [torch.randn((4, E), generator=g, dtype=torch.float64) if kind == "vector" else
+                 torch.randn((4, 1), generator=g, dtype=torch.float64) if name.startswith("m_") else
+                 torch.rand((4, 1), generator=g, dtype=torch.float64) + 0.5 for name, kind in program["saved"]]
+        out = run_rows(prog, inputs, params, saved)["out"]
+        factor = _row_factor(prog, inputs, params, saved, acc)
+        if not (torch.allclose(out, factor * saved[[n for n, _ in program["saved"]].index(acc)], rtol=1e-9)
+                and torch.allclose(factor, factor[:, :1].expand_as(factor), rtol=1e-12)):
+            return None
+    return acc
+
+
+def _row_factor(program, inputs, params, saved, acc):
+    """d out / d acc for an output linear in `acc`, per row: the output with acc set to ones."""
+    names = [n for n, _ in program["saved"]]
+    ones = list(saved)
+    ones[names.index(acc)] = torch.ones_like(saved[names.index(acc)])
+    return run_rows(program, inputs, params, ones)["out"]
+
+
+def stored_to_saved(program: dict, inputs, params, stored):
+    """Every saved row value in program["saved"]'s order, from what the forward stored: `stored` ends with
+    the region's output where the output stands in for an accumulator (row_scaled_accumulator); that
+    accumulator is the output divided by its row factor (detached: it is data, as a stored one is)."""
+    acc = program.get("from_out")
+    if acc is None:
+        return list(stored)
+    *stored, out = stored
+    names = [n for n, _ in program["saved"]]
+    saved = list(stored)
+    i = names.index(acc)
+    saved.insert(i, torch.ones(1, 1, device=out.device))   # stands in for acc while its factor is found
+    with torch.no_grad():
+        rows = [t.float() if t.is_floating_point() else t for t in saved]
+        factor = _row_factor(program, inputs, params, rows, acc)
+        saved[i] = (out.reshape(-1, program["sizes"]["e"]).float() / factor).to(out.dtype)
+    return saved
 
 
 def row_backward(program: dict, inputs, needs, params, saved, grad_out, row_names, dpv_dtype=None):
@@ -144,6 +199,8 @@ def row_backward(program: dict, inputs, needs, params, saved, grad_out, row_name
     sums = program["sums"]
     leaves = [t.detach().requires_grad_(bool(n)) if isinstance(t, torch.Tensor) and t.is_floating_point()
               else t for t, n in zip(inputs, needs)]
+    saved = stored_to_saved(program, [t.detach() if isinstance(t, torch.Tensor) else t for t in inputs], params,
+                            saved)
     with torch.enable_grad():
         saved = [s.detach().float().requires_grad_(s.is_floating_point()) for s in saved]
         ns = run_rows(program, leaves, params, saved)

@@ -89,9 +89,15 @@ def default_config(ks: KernelSource, device_type: str) -> dict:
         # with 4 warps were the fastest or within 3% of it; 128×64 with 8 warps lost up to 27% on
         # masked variants (sliding window, documents, ALiBi) and was never more than 3% ahead
         return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
-    block_m = 128 if width <= 128 and d <= 128 else 64
+    if n_dot == 1 and max(d, e) <= 256:
+        # H200, bf16, B4 H32 S4096 (2026-11-26, scripts/backward_breakdown.py --forward, side by side):
+        # D128, ten variants: 128×64 with 8 warps beat the earlier 128×32 on nine (alibi 1.83 → 1.41 ms,
+        # sliding window 0.93 → 0.73, vanilla 2.50 → 2.33) and lost 1% on the tenth; 128×128 was at most
+        # 3% faster but spills registers. D256 (vanilla, causal): 128×64, 8 warps, 2 stages (the most
+        # the shared memory holds) 4.24 / 2.38 ms against 6.06 / 3.29 with 64×32 tiles
+        return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3 if max(d, e) <= 128 else 2}
     block_n = 64 if d <= 64 else 32
-    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": 8 if block_m == 128 else 4, "num_stages": 3}
+    return {"BLOCK_M": 64, "BLOCK_N": block_n, "num_warps": 4, "num_stages": 3}
 
 
 
@@ -155,19 +161,22 @@ class CompiledRegion:
         if self._kernel is None:
             self._kernel = load_kernel(self.ks, self.dump_dir)
         ks, module = self.ks, self._kernel
-        cfg = launch_configs[ks.name] = self.launch_config(device)
-        bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+        cfg = self.launch_config(device)
         args = self.launch_args(inputs)
         out = torch.empty(ks.out_shape, dtype=ks.out_dtype, device=device)
         rows = ks.batch * ks.M
         saved = [torch.empty((rows,) if kind == "row" else (rows, ks.sizes["e"]), dtype=saved_dtype(ks, kind),
                              device=device) for _, kind in ks.saved]
-        ranges = [self.tile_ranges(inputs, args, bm, bn)] if ks.classifier else []
-        grid = (math.ceil(ks.M / bm) * ks.batch,)
-        getattr(module, ks.name)[grid](*inputs, out, *saved, *ranges, *args, BLOCK_M=bm, BLOCK_N=bn,
-                                       num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2))
+
+        def launch(c):   # a config asking more shared memory than this GPU has shrinks (launch_fitting)
+            bm, bn = c["BLOCK_M"], c["BLOCK_N"]
+            ranges = [self.tile_ranges(inputs, args, bm, bn)] if ks.classifier else []
+            getattr(module, ks.name)[(math.ceil(ks.M / bm) * ks.batch,)](
+                *inputs, out, *saved, *ranges, *args, BLOCK_M=bm, BLOCK_N=bn,
+                num_warps=c.get("num_warps", 4), num_stages=c.get("num_stages", 2))
+        launch_configs[ks.name] = launch_fitting(launch, cfg, self._fitted, (ks.name, device.index))
         counters["fused_launches"] += 1
-        return (out, saved) if ks.saved else out
+        return (out, saved) if ks.row_program is not None else out
 
     def backward(self, inputs, saved, grad_out, needs):
         """Gradients of the inputs flagged in `needs` (None for the others): the generated backward, or,
@@ -476,7 +485,9 @@ def _(inputs, saved, grad_out, needs, key):
 def _setup_context(ctx, inputs, output):
     leaves, key = inputs
     ctx.key, ctx.n = key, len(leaves)
-    ctx.save_for_backward(*leaves, *output[1:])
+    # the output itself where it stands in for a ·V accumulator (late.row_scaled_accumulator)
+    from_out = lookup(key).ks.row_program.get("from_out")
+    ctx.save_for_backward(*leaves, *output[1:], *output[:1 if from_out else 0])
 
 
 def _backward(ctx, grads):
