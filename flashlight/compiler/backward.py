@@ -65,6 +65,7 @@ class BackwardSource:
     range_rows: int = 1           # batch rows of the classification tables (the batch axes the masks read)
     classifier_reads: tuple = ()  # the inputs the classification kernels load (their tables depend on them only)
     row_checks: dict = field(default_factory=dict)  # saved row max -> threshold (finite mask fills, see codegen)
+    from_out: bool = False        # the kernels read dO itself, times a factor per row (late.row_scaled_accumulator)
     sizes: dict = field(default_factory=dict)
     batch: int = 1
     M: int = 0
@@ -233,16 +234,24 @@ def backward_for(region: Region, ks, block_sparse: bool = True, requires_grad=No
         raise NotFusable(why)
     requires_grad = requires_grad or [True] * len(region.leaves)
     needs = tuple(_floating(leaf) and bool(rg) for leaf, rg in zip(region.leaves, requires_grad))
-    return generate_backward(region, needs, block_sparse)
+    return generate_backward(region, needs, block_sparse, from_out=bool(ks.row_program.get("from_out")))
 
 
-def generate_backward(region: Region, needs: tuple, block_sparse: bool = True) -> BackwardSource:
-    """The backward kernels of a region, for the leaves whose `needs` flag is set."""
+def generate_backward(region: Region, needs: tuple, block_sparse: bool = True,
+                      from_out: bool = False) -> BackwardSource:
+    """The backward kernels of a region, for the leaves whose `needs` flag is set. `from_out`: the
+    output is its one ·V accumulator times a factor per row, so dLoss/d(P·V) is dO times that factor,
+    formed as the kernels load dO (no copy of dO of the output's size)."""
     dq = _tile_kernel(region, "n", needs, block_sparse)
     dkv_needed = any(needs[region.leaf_index(a.source)] for sm in region.scores for a in (sm.k,)) or \
         needs[region.leaf_index(region.value.source)]
     dkv = _tile_kernel(region, "m", needs, block_sparse) if dkv_needed else None
-    row_names = tuple(sorted((set(dq.rows) | (set(dkv.rows) if dkv else set())) - {"dpv"}))
+    rows = set(dq.rows) | (set(dkv.rows) if dkv else set())
+    from_out = from_out and "dpv" in rows
+    row_names = tuple(sorted((rows - {"dpv"}) | ({"dpv_scale"} if from_out else set())))
+    for kern in (dq, dkv):
+        if kern is not None:
+            kern.from_out = from_out
     grad_leaves = tuple(i for i, n in enumerate(needs) if n)
     digest = hashlib.sha256((source_header() + dq.text + (dkv.text if dkv else "") + repr(row_names)).encode()
                             ).hexdigest()[:16]
@@ -277,7 +286,7 @@ def generate_backward(region: Region, needs: tuple, block_sparse: bool = True) -
                           tuple(needs), stored=tuple(sorted(dq.em.stored | (dkv.em.stored if dkv else set()))),
                           sizes=dict(sizes), value_leaf=region.leaf_index(region.value.source),
                           classifiers=tuple(classifiers), range_rows=range_rows,
-                          classifier_reads=tuple(sorted(reads)), row_checks=row_checks,
+                          classifier_reads=tuple(sorted(reads)), row_checks=row_checks, from_out=from_out,
                           batch=math.prod(region.batch_sizes) if region.batch_sizes else 1,
                           M=sizes["m"], N=sizes["n"], E=sizes["e"])
 
@@ -287,6 +296,7 @@ class _Kernel:
 
     def __init__(self, em, pre, loop, post, rows, text):
         self.em, self.pre, self.loop, self.post, self.rows, self.text = em, pre, loop, post, rows, text
+        self.from_out = False   # set by generate_backward
         # masks that read data: the tiles they leave come from a classification kernel's table
         self.classified = em.tiles is not None and em.tiles.reads_tensors
 
@@ -301,8 +311,9 @@ class _Kernel:
         ptrs = [f"in{i}_ptr" for i in range(len(r.leaves))] + [f"grad{i}_ptr" for i in grad_leaves]
         ranges = (["ranges_ptr"] if self.classified else []) + \
             (["redo_ptr"] if self.em.tiles is not None and self.em.tiles.row_checks else [])
-        return ", ".join(ptrs + ["dpv_ptr", "rows_ptr"] + ranges + self.em.params + self.em.grad_params +
-                         ["BLOCK_M: tl.constexpr", "BLOCK_N: tl.constexpr"])
+        dout = [f"dout_s{i}" for i in range(len(r.batch_axes) + 2)] if self.from_out else []
+        return ", ".join(ptrs + ["dout_ptr" if self.from_out else "dpv_ptr", "rows_ptr"] + ranges + self.em.params +
+                         self.em.grad_params + dout + ["BLOCK_M: tl.constexpr", "BLOCK_N: tl.constexpr"])
 
     def body(self, row_names, grad_leaves):
         em, r = self.em, self.em.r
@@ -361,7 +372,14 @@ class _Kernel:
         em = self.em
         E = em.r.sizes["e"]
         out = ["row = pid_b * {M} + offs_m".format(M=em.r.sizes["m"])]
-        if "dpv" in self.rows:
+        if "dpv" in self.rows and self.from_out:
+            axes = em.r.batch_axes
+            at = "".join(f"{a} * dout_s{i} + " for i, a in enumerate(axes))
+            scale = f"tl.load(rows_ptr + {row_names.index('dpv_scale') * R} + row, mask=mask_m, other=0.0)[:, None]"
+            out.append(f"dpv = tl.load(dout_ptr + {at}offs_m[:, None] * dout_s{len(axes)} + offs_e[None, :] * "
+                       f"dout_s{len(axes) + 1}, mask=mask_m[:, None] & mask_e[None, :], other=0.0) * {scale}  "
+                       "# dLoss/d(P·V): dO times d out/d(P·V), a factor per row")
+        elif "dpv" in self.rows:
             out.append(f"dpv = tl.load(dpv_ptr + row[:, None] * {E} + offs_e[None, :], "
                        f"mask=mask_m[:, None] & mask_e[None, :], other=0.0)  # dLoss/d(P·V), from the row pass")
         for k, name in enumerate(row_names):

@@ -164,21 +164,23 @@ def row_scaled_accumulator(program: dict, trials: int = 3) -> str | None:
     return acc
 
 
-def _row_factor(program, inputs, params, saved, acc):
-    """d out / d acc for an output linear in `acc`, per row: the output with acc set to ones."""
+def _row_factor(program, inputs, params, saved, acc, of="out"):
+    """d `of` / d acc for a row value linear in `acc`, per row: that value with acc set to ones."""
     names = [n for n, _ in program["saved"]]
     ones = list(saved)
     ones[names.index(acc)] = torch.ones_like(saved[names.index(acc)])
-    return run_rows(program, inputs, params, ones)["out"]
+    ns = run_rows(program, inputs, params, ones)
+    return ns["out"] if of == "out" else (ns["out"], ns[of])
 
 
 def stored_to_saved(program: dict, inputs, params, stored):
-    """Every saved row value in program["saved"]'s order, from what the forward stored: `stored` ends with
-    the region's output where the output stands in for an accumulator (row_scaled_accumulator); that
-    accumulator is the output divided by its row factor (detached: it is data, as a stored one is)."""
+    """(every saved row value in program["saved"]'s order, d out / d(P·V) per row or None), from what the forward
+    stored: `stored` ends with the region's output where the output stands in for an accumulator
+    (row_scaled_accumulator); that accumulator is the output divided by its row factor (detached: it is
+    data, as a stored one is)."""
     acc = program.get("from_out")
     if acc is None:
-        return list(stored)
+        return list(stored), None
     *stored, out = stored
     names = [n for n, _ in program["saved"]]
     saved = list(stored)
@@ -186,9 +188,10 @@ def stored_to_saved(program: dict, inputs, params, stored):
     saved.insert(i, torch.ones(1, 1, device=out.device))   # stands in for acc while its factor is found
     with torch.no_grad():
         rows = [t.float() if t.is_floating_point() else t for t in saved]
-        factor = _row_factor(program, inputs, params, rows, acc)
+        factor, pv_factor = _row_factor(program, inputs, params, rows, acc, of=program["pv"])
         saved[i] = (out.reshape(-1, program["sizes"]["e"]).float() / factor).to(out.dtype)
-    return saved
+    # d out / d(P·V): the kernels take dLoss/d(P·V) as dO times this (P·V is acc times its own factor)
+    return saved, factor / pv_factor
 
 
 def row_backward(program: dict, inputs, needs, params, saved, grad_out, row_names, dpv_dtype=None):
@@ -199,8 +202,8 @@ def row_backward(program: dict, inputs, needs, params, saved, grad_out, row_name
     sums = program["sums"]
     leaves = [t.detach().requires_grad_(bool(n)) if isinstance(t, torch.Tensor) and t.is_floating_point()
               else t for t, n in zip(inputs, needs)]
-    saved = stored_to_saved(program, [t.detach() if isinstance(t, torch.Tensor) else t for t in inputs], params,
-                            saved)
+    saved, factor = stored_to_saved(program, [t.detach() if isinstance(t, torch.Tensor) else t for t in inputs],
+                                    params, saved)
     with torch.enable_grad():
         saved = [s.detach().float().requires_grad_(s.is_floating_point()) for s in saved]
         ns = run_rows(program, leaves, params, saved)
@@ -215,13 +218,19 @@ def row_backward(program: dict, inputs, needs, params, saved, grad_out, row_name
             grads[i] = g
     R, E = out.shape[0], program["sizes"]["e"]
     dpv = grads[0]
-    dpv = torch.zeros(R, E, device=out.device) if dpv is None else dpv.expand(R, E)
-    dpv = dpv.to(dpv_dtype or torch.float32).contiguous()
+    if factor is not None or "dpv_scale" in row_names:   # the kernels form dPV from dO and dpv_scale
+        dpv = out.new_empty(0)
+    elif dpv is None:
+        dpv = torch.zeros(R, E, device=out.device, dtype=dpv_dtype or torch.float32)
+    else:
+        dpv = dpv.expand(R, E).to(dpv_dtype or torch.float32).contiguous()
     sum_grads = dict(zip((f"g_{s}" for s in sums), grads[1:1 + len(sums)]))
     rows = []
     for name in row_names:
         if name in sum_grads:
             val = sum_grads[name] if sum_grads[name] is not None else torch.zeros(R, device=out.device)
+        elif name == "dpv_scale":
+            val = factor.expand(R, factor.shape[-1])[:, 0]
         elif name.startswith("mu_"):
             val = ns[program["mu_of"][name[3:]]]
         else:

@@ -209,6 +209,9 @@ class CompiledRegion:
             self._backward_module = load_source(bs.source, bs.dq_name, self.dump_dir)
         module = self._backward_module
         dpv, table, row_grads = self.row_step(inputs, saved, grad_out, needs)(inputs, saved, grad_out)
+        dout_args = []
+        if bs.from_out:   # the kernels read dO with its strides (a factor per row is in the table)
+            dpv, dout_args = grad_out, list(grad_out.stride())
         device = inputs[0].device
         cfg = backward_config(bs, device.type, self.config.get("backward"))
         table = table.to(device=device, dtype=torch.float32).contiguous()
@@ -236,7 +239,7 @@ class CompiledRegion:
                 if redo is not None:
                     ranges.append(redo)
                 getattr(module, name)[(math.ceil(size / c[fixed]) * bs.batch,)](
-                    *inputs, *gbufs, dpv, table, *ranges, *in_args, *grad_args, BLOCK_M=bm, BLOCK_N=bn,
+                    *inputs, *gbufs, dpv, table, *ranges, *in_args, *grad_args, *dout_args, BLOCK_M=bm, BLOCK_N=bn,
                     num_warps=c.get("num_warps", 4), num_stages=c.get("num_stages", 1))
             launch_fitting(launch, c, self._fitted, (name, device.index))
         counters["fused_backward_launches"] += 1
