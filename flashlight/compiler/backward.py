@@ -242,16 +242,11 @@ def generate_backward(region: Region, needs: tuple, block_sparse: bool = True,
     """The backward kernels of a region, for the leaves whose `needs` flag is set. `from_out`: the
     output is its one ·V accumulator times a factor per row, so dLoss/d(P·V) is dO times that factor,
     formed as the kernels load dO (no copy of dO of the output's size)."""
-    dq = _tile_kernel(region, "n", needs, block_sparse)
+    dq = _tile_kernel(region, "n", needs, block_sparse, from_out)
     dkv_needed = any(needs[region.leaf_index(a.source)] for sm in region.scores for a in (sm.k,)) or \
         needs[region.leaf_index(region.value.source)]
-    dkv = _tile_kernel(region, "m", needs, block_sparse) if dkv_needed else None
-    rows = set(dq.rows) | (set(dkv.rows) if dkv else set())
-    from_out = from_out and "dpv" in rows
-    row_names = tuple(sorted((rows - {"dpv"}) | ({"dpv_scale"} if from_out else set())))
-    for kern in (dq, dkv):
-        if kern is not None:
-            kern.from_out = from_out
+    dkv = _tile_kernel(region, "m", needs, block_sparse, from_out) if dkv_needed else None
+    row_names = tuple(sorted((set(dq.rows) | (set(dkv.rows) if dkv else set())) - {"dpv"}))
     grad_leaves = tuple(i for i, n in enumerate(needs) if n)
     digest = hashlib.sha256((source_header() + dq.text + (dkv.text if dkv else "") + repr(row_names)).encode()
                             ).hexdigest()[:16]
@@ -296,7 +291,7 @@ class _Kernel:
 
     def __init__(self, em, pre, loop, post, rows, text):
         self.em, self.pre, self.loop, self.post, self.rows, self.text = em, pre, loop, post, rows, text
-        self.from_out = False   # set by generate_backward
+        self.from_out = False   # dO read as given (set by _TileProgram.kernel)
         # masks that read data: the tiles they leave come from a classification kernel's table
         self.classified = em.tiles is not None and em.tiles.reads_tensors
 
@@ -375,10 +370,9 @@ class _Kernel:
         if "dpv" in self.rows and self.from_out:
             axes = em.r.batch_axes
             at = "".join(f"{a} * dout_s{i} + " for i, a in enumerate(axes))
-            scale = f"tl.load(rows_ptr + {row_names.index('dpv_scale') * R} + row, mask=mask_m, other=0.0)[:, None]"
             out.append(f"dpv = tl.load(dout_ptr + {at}offs_m[:, None] * dout_s{len(axes)} + offs_e[None, :] * "
-                       f"dout_s{len(axes) + 1}, mask=mask_m[:, None] & mask_e[None, :], other=0.0) * {scale}  "
-                       "# dLoss/d(P·V): dO times d out/d(P·V), a factor per row")
+                       f"dout_s{len(axes) + 1}, mask=mask_m[:, None] & mask_e[None, :], other=0.0)  "
+                       "# dO, as given: dLoss/d(P·V) is dO times dpv_scale, a factor per row")
         elif "dpv" in self.rows:
             out.append(f"dpv = tl.load(dpv_ptr + row[:, None] * {E} + offs_e[None, :], "
                        f"mask=mask_m[:, None] & mask_e[None, :], other=0.0)  # dLoss/d(P·V), from the row pass")
@@ -460,8 +454,8 @@ def _table_gradient(em, acc, codes, body, init, post, carried, valid):
     post.append(f"tl.atomic_add({ptr}, {name}, mask=tl.arange(0, {GB}) < {G}{RELAXED})")
 
 
-def _tile_kernel(region: Region, loop_axis: str, needs, block_sparse) -> _Kernel:
-    t = _TileProgram(region, loop_axis, needs, block_sparse)
+def _tile_kernel(region: Region, loop_axis: str, needs, block_sparse, from_out=False) -> _Kernel:
+    t = _TileProgram(region, loop_axis, needs, block_sparse, from_out)
     t.recompute()
     t.seed()
     t.reverse()
@@ -472,8 +466,8 @@ def _tile_kernel(region: Region, loop_axis: str, needs, block_sparse) -> _Kernel
 class _TileProgram:
     """The steps of one backward kernel's tile body, in order, over the lines and adjoints they share."""
 
-    def __init__(self, region: Region, loop_axis: str, needs, block_sparse):
-        self.r, self.loop_axis, self.needs = region, loop_axis, needs
+    def __init__(self, region: Region, loop_axis: str, needs, block_sparse, from_out=False):
+        self.r, self.loop_axis, self.needs, self.from_out = region, loop_axis, needs, from_out
         em = self.em = _TileEmitter(region, loop_axis)
         self.prog = em.prog = OnlineProgram(region)
         build(region, em.operand, self.prog)
@@ -494,7 +488,7 @@ class _TileProgram:
         self.adj: dict = {}        # internal node -> [(contribution, tile axes it spans)]
         self.leaf_adj: dict = {}   # access key -> (access, [(contribution, tile axes)])
         self.score_adj: dict = {}  # score matmul -> its adjoint's name
-        self.rows = {"dpv"}
+        self.rows = {"dpv", "dpv_scale"} if from_out else {"dpv"}
         self.init, self.post, self.carried = [], [], []
 
     def full(self, acc, ctx, where):
@@ -555,11 +549,13 @@ class _TileProgram:
         """2. dP = dPV·Vᵀ for what ·V multiplies, the row gradient of each sum for what it sums."""
         em, r, body = self.em, self.r, self.body
         v = self.v = self.full(r.value, ("n", "e"), em.loop if self.loop_axis == "n" else em.pre)
-        body.append("# dP = dO·Vᵀ: the adjoint of the probabilities fed to ·V")
+        body.append("# dP = dO·Vᵀ: the adjoint of the probabilities fed to ·V" +
+                    (" (dO read as given, times d out/d(P·V) per row)" if self.from_out else ""))
+        scale = " * dpv_scale" if self.from_out else ""
         if self.loop_axis == "n":
-            body.append(f"dp = {dot(f'dpv.to({v}.dtype)', f'tl.trans({v})')}")
+            body.append(f"dp = {dot(f'dpv.to({v}.dtype)', f'tl.trans({v})')}{scale}")
         else:
-            body.append(f"dp = {dot(v, f'tl.trans(dpv.to({v}.dtype))')}  # transposed, [keys, queries]")
+            body.append(f"dp = {dot(v, f'tl.trans(dpv.to({v}.dtype))')}{scale}  # transposed, [keys, queries]")
         self.give(r.pv, 0, "dp", {"m", "n"})
         for node in r.nodes:
             if node.target is aten.sum.dim_IntList:
@@ -636,6 +632,7 @@ class _TileProgram:
         if self.loop_axis == "m" and needs[r.leaf_index(r.value.source)]:     # dV = Pᵀ·dO
             p = vname(r.pv.args[0])
             pm = f"tl.where(valid, {p}, 0.0)" if valid else p
+            pm = f"{pm} * dpv_scale" if self.from_out else pm   # Pᵀ·(dO times a factor per query)
             self._accumulate("dv", f"[BLOCK_N, {em.block_size['e']}]",
                              dot(f"tl.broadcast_to({pm}, {self.tile}).to({self.v}.dtype)", f"dpv.to({self.v}.dtype)"),
                              r.value, ("n", "e"), "dV = Pᵀ·dO")
@@ -662,6 +659,7 @@ class _TileProgram:
         rows |= {"mu_" + n.split("_", 1)[1] for n in _names(text) if n.startswith(("mu2_", "s2_"))}
         rows = {n for n in rows if not n.startswith("s2_") and not n.startswith("mu2_")}
         kern = _Kernel(em, em.guard_pre + em.pre, self.body, self.post, rows, text)
+        kern.from_out = self.from_out
         kern.init, kern.carried, kern.guard = self.init, self.carried + ["_atomic"], em.guard
         kern.full_loop = [self.full_lines.get(i, self._full_tile(ln)) for i, ln in enumerate(self.body)]
         return kern
