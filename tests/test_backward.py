@@ -288,7 +288,8 @@ def test_finite_fill_masks_skip_tiles_in_training_with_exact_gradients():
 def test_softmax_training_forward_stores_the_output_not_its_accumulator(monkeypatch):
     """Where the output is its one ·V accumulator over the row sum (softmax, whatever the mask or score
     bias), the training forward stores only row sums and maxes, and the backward divides the output by its
-    row factor (compiled, as on the GPU). An output not linear in the accumulator (squared after ·V) or one
+    row factor (compiled, as on the GPU); its kernels read dO as given, times d out/d(P·V) per row where an
+    epilogue scales the output. An output not linear in the accumulator (squared after ·V) or one
     whose row values read an input (sinks) keeps storing it."""
     from flashlight.compiler import runtime
 
@@ -306,6 +307,9 @@ def test_softmax_training_forward_stores_the_output_not_its_accumulator(monkeypa
     def qkv():
         return {n: torch.randn(2, 3, 70, 24, requires_grad=True) for n in "qkv"}
     assert stored(sm_causal, qkv()) == ("acc1", ["row", "row"])
+    assert "dpv_scale" not in list(runtime._REGISTRY.values())[-1].backward_source.row_names   # dO as given
+    assert stored(lambda q, k, v: sm_causal(q, k, v) * 0.5, qkv()) == ("acc1", ["row", "row"])
+    assert "dpv_scale" in list(runtime._REGISTRY.values())[-1].backward_source.row_names   # dO · 0.5
     assert stored(squared, qkv()) == (None, ["row", "vector", "row"])
     v = vr.get("sinks")
     shape = v.shape(B=1, H=2, Sq=40, Sk=40, D=16)

@@ -234,18 +234,21 @@ def backward_for(region: Region, ks, block_sparse: bool = True, requires_grad=No
         raise NotFusable(why)
     requires_grad = requires_grad or [True] * len(region.leaves)
     needs = tuple(_floating(leaf) and bool(rg) for leaf, rg in zip(region.leaves, requires_grad))
-    return generate_backward(region, needs, block_sparse, from_out=bool(ks.row_program.get("from_out")))
+    from_out = bool(ks.row_program.get("from_out"))
+    return generate_backward(region, needs, block_sparse, from_out=from_out,
+                             scaled=from_out and not ks.row_program.get("out_is_pv"))
 
 
 def generate_backward(region: Region, needs: tuple, block_sparse: bool = True,
-                      from_out: bool = False) -> BackwardSource:
+                      from_out: bool = False, scaled: bool = False) -> BackwardSource:
     """The backward kernels of a region, for the leaves whose `needs` flag is set. `from_out`: the
-    output is its one ·V accumulator times a factor per row, so dLoss/d(P·V) is dO times that factor,
-    formed as the kernels load dO (no copy of dO of the output's size)."""
-    dq = _tile_kernel(region, "n", needs, block_sparse, from_out)
+    output is its one ·V accumulator times a factor per row, so dLoss/d(P·V) is dO times a factor per
+    row (`scaled`; 1 where the output is the ·V product itself): the kernels read dO as given (no copy
+    of dO of the output's size)."""
+    dq = _tile_kernel(region, "n", needs, block_sparse, from_out, scaled)
     dkv_needed = any(needs[region.leaf_index(a.source)] for sm in region.scores for a in (sm.k,)) or \
         needs[region.leaf_index(region.value.source)]
-    dkv = _tile_kernel(region, "m", needs, block_sparse, from_out) if dkv_needed else None
+    dkv = _tile_kernel(region, "m", needs, block_sparse, from_out, scaled) if dkv_needed else None
     row_names = tuple(sorted((set(dq.rows) | (set(dkv.rows) if dkv else set())) - {"dpv"}))
     grad_leaves = tuple(i for i, n in enumerate(needs) if n)
     digest = hashlib.sha256((source_header() + dq.text + (dkv.text if dkv else "") + repr(row_names)).encode()
@@ -372,7 +375,8 @@ class _Kernel:
             at = "".join(f"{a} * dout_s{i} + " for i, a in enumerate(axes))
             out.append(f"dpv = tl.load(dout_ptr + {at}offs_m[:, None] * dout_s{len(axes)} + offs_e[None, :] * "
                        f"dout_s{len(axes) + 1}, mask=mask_m[:, None] & mask_e[None, :], other=0.0)  "
-                       "# dO, as given: dLoss/d(P·V) is dO times dpv_scale, a factor per row")
+                       "# dO, as given" + (": dLoss/d(P·V) is dO times dpv_scale, a factor per row"
+                                           if "dpv_scale" in self.rows else " (dLoss/d(P·V): out is P·V)"))
         elif "dpv" in self.rows:
             out.append(f"dpv = tl.load(dpv_ptr + row[:, None] * {E} + offs_e[None, :], "
                        f"mask=mask_m[:, None] & mask_e[None, :], other=0.0)  # dLoss/d(P·V), from the row pass")
@@ -454,8 +458,8 @@ def _table_gradient(em, acc, codes, body, init, post, carried, valid):
     post.append(f"tl.atomic_add({ptr}, {name}, mask=tl.arange(0, {GB}) < {G}{RELAXED})")
 
 
-def _tile_kernel(region: Region, loop_axis: str, needs, block_sparse, from_out=False) -> _Kernel:
-    t = _TileProgram(region, loop_axis, needs, block_sparse, from_out)
+def _tile_kernel(region: Region, loop_axis: str, needs, block_sparse, from_out=False, scaled=False) -> _Kernel:
+    t = _TileProgram(region, loop_axis, needs, block_sparse, from_out, scaled)
     t.recompute()
     t.seed()
     t.reverse()
@@ -466,8 +470,9 @@ def _tile_kernel(region: Region, loop_axis: str, needs, block_sparse, from_out=F
 class _TileProgram:
     """The steps of one backward kernel's tile body, in order, over the lines and adjoints they share."""
 
-    def __init__(self, region: Region, loop_axis: str, needs, block_sparse, from_out=False):
+    def __init__(self, region: Region, loop_axis: str, needs, block_sparse, from_out=False, scaled=False):
         self.r, self.loop_axis, self.needs, self.from_out = region, loop_axis, needs, from_out
+        self.scaled = from_out and scaled   # dLoss/d(P·V) = dO · dpv_scale (a factor per row)
         em = self.em = _TileEmitter(region, loop_axis)
         self.prog = em.prog = OnlineProgram(region)
         build(region, em.operand, self.prog)
@@ -488,7 +493,7 @@ class _TileProgram:
         self.adj: dict = {}        # internal node -> [(contribution, tile axes it spans)]
         self.leaf_adj: dict = {}   # access key -> (access, [(contribution, tile axes)])
         self.score_adj: dict = {}  # score matmul -> its adjoint's name
-        self.rows = {"dpv", "dpv_scale"} if from_out else {"dpv"}
+        self.rows = {"dpv", "dpv_scale"} if self.scaled else {"dpv"}
         self.init, self.post, self.carried = [], [], []
 
     def full(self, acc, ctx, where):
@@ -550,8 +555,8 @@ class _TileProgram:
         em, r, body = self.em, self.r, self.body
         v = self.v = self.full(r.value, ("n", "e"), em.loop if self.loop_axis == "n" else em.pre)
         body.append("# dP = dO·Vᵀ: the adjoint of the probabilities fed to ·V" +
-                    (" (dO read as given, times d out/d(P·V) per row)" if self.from_out else ""))
-        scale = " * dpv_scale" if self.from_out else ""
+                    (" (dO read as given, times d out/d(P·V) per row)" if self.scaled else ""))
+        scale = " * dpv_scale" if self.scaled else ""
         if self.loop_axis == "n":
             body.append(f"dp = {dot(f'dpv.to({v}.dtype)', f'tl.trans({v})')}{scale}")
         else:
@@ -632,7 +637,7 @@ class _TileProgram:
         if self.loop_axis == "m" and needs[r.leaf_index(r.value.source)]:     # dV = Pᵀ·dO
             p = vname(r.pv.args[0])
             pm = f"tl.where(valid, {p}, 0.0)" if valid else p
-            pm = f"{pm} * dpv_scale" if self.from_out else pm   # Pᵀ·(dO times a factor per query)
+            pm = f"{pm} * dpv_scale" if self.scaled else pm   # Pᵀ·(dO times a factor per query)
             self._accumulate("dv", f"[BLOCK_N, {em.block_size['e']}]",
                              dot(f"tl.broadcast_to({pm}, {self.tile}).to({self.v}.dtype)", f"dpv.to({self.v}.dtype)"),
                              r.value, ("n", "e"), "dV = Pᵀ·dO")

@@ -19,7 +19,7 @@ import torch.fx as fx
 from flashlight.compiler.analysis import (GATHERS, MATMULS, WHERE, Access, NotFusable, Region, constant_value,
                                  flat_axes, shape_of)
 from flashlight.compiler.indexing import VIEW_OPS, GroupedView, apply_view, freeze_chain, split_over_axes
-from flashlight.compiler.late import row_scaled_accumulator
+from flashlight.compiler.late import output_is_pv, row_scaled_accumulator
 from flashlight.compiler.rewrite import OnlineProgram, build, lname, vname
 from flashlight.compiler.sparsity import emit_tile_skip
 
@@ -589,6 +589,7 @@ def _assemble(em: _Emitter, prog: OnlineProgram) -> KernelSource:
     row_program = _row_program(em, prog, saved) if em.training else None
     if row_program is not None and (acc := row_scaled_accumulator(row_program)):
         row_program["from_out"] = acc   # the output stands in for it: not stored
+        row_program["out_is_pv"] = output_is_pv(row_program)
         saved = [s for s in saved if s[0] != acc]
     sig = ", ".join(ptrs + ["out_ptr"] + [f"save{i}_ptr" for i in range(len(saved))] +
                     (["ranges_ptr"] if classified else []) + em.params + consts)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import math
 import random
+import re
 
 import torch
 
@@ -162,6 +163,24 @@ def row_scaled_accumulator(program: dict, trials: int = 3) -> str | None:
                 and torch.allclose(factor, factor[:, :1].expand_as(factor), rtol=1e-12)):
             return None
     return acc
+
+
+def output_is_pv(program: dict) -> bool:
+    """Whether the output is the ·V product itself (through views and casts): d out / d(P·V) is then 1,
+    and the backward's kernels use dO as it is."""
+    rhs = {}
+    for ln in program["lines"]:
+        m = re.match(r"\s*(\w+) = (.*?)\s*(#.*)?$", ln)
+        if m:
+            rhs[m.group(1)] = m.group(2)
+    name, seen = "out", set()
+    while name != program["pv"] and name not in seen:
+        seen.add(name)
+        m = re.fullmatch(r"\(?(\w+)\)?(\.to\(tl\.(float|bfloat)\d+\))?", rhs.get(name, ""))
+        if m is None:
+            return False
+        name = m.group(1)
+    return name == program["pv"]
 
 
 def _row_factor(program, inputs, params, saved, acc, of="out"):
