@@ -158,7 +158,7 @@ def row_scaled_accumulator(program: dict, trials: int = 3) -> str | None:
                  torch.randn((4, 1), generator=g, dtype=torch.float64) if name.startswith("m_") else
                  torch.rand((4, 1), generator=g, dtype=torch.float64) + 0.5 for name, kind in program["saved"]]
         out = run_rows(prog, inputs, params, saved)["out"]
-        factor = _row_factor(prog, inputs, params, saved, acc)
+        factor = _with_unit_accumulator(prog, inputs, params, saved, acc)["out"]
         if not (torch.allclose(out, factor * saved[[n for n, _ in program["saved"]].index(acc)], rtol=1e-9)
                 and torch.allclose(factor, factor[:, :1].expand_as(factor), rtol=1e-12)):
             return None
@@ -183,13 +183,10 @@ def output_is_pv(program: dict) -> bool:
     return name == program["pv"]
 
 
-def _row_factor(program, inputs, params, saved, acc, of="out"):
-    """d `of` / d acc for a row value linear in `acc`, per row: that value with acc set to ones."""
-    names = [n for n, _ in program["saved"]]
-    ones = list(saved)
-    ones[names.index(acc)] = torch.ones_like(saved[names.index(acc)])
-    ns = run_rows(program, inputs, params, ones)
-    return ns["out"] if of == "out" else (ns["out"], ns[of])
+def _with_unit_accumulator(program, inputs, params, saved, acc):
+    """The row values with `acc` set to ones: for one linear in acc, its factor per row (d value / d acc)."""
+    i = [n for n, _ in program["saved"]].index(acc)
+    return run_rows(program, inputs, params, [*saved[:i], torch.ones_like(saved[i]), *saved[i + 1:]])
 
 
 def stored_to_saved(program: dict, inputs, params, stored):
@@ -207,10 +204,10 @@ def stored_to_saved(program: dict, inputs, params, stored):
     saved.insert(i, torch.ones(1, 1, device=out.device))   # stands in for acc while its factor is found
     with torch.no_grad():
         rows = [t.float() if t.is_floating_point() else t for t in saved]
-        factor, pv_factor = _row_factor(program, inputs, params, rows, acc, of=program["pv"])
-        saved[i] = (out.reshape(-1, program["sizes"]["e"]).float() / factor).to(out.dtype)
+        unit = _with_unit_accumulator(program, inputs, params, rows, acc)
+        saved[i] = (out.reshape(-1, program["sizes"]["e"]).float() / unit["out"]).to(out.dtype)
     # d out / d(P·V): the kernels take dLoss/d(P·V) as dO times this (P·V is acc times its own factor)
-    return saved, factor / pv_factor
+    return saved, unit["out"] / unit[program["pv"]]
 
 
 def row_backward(program: dict, inputs, needs, params, saved, grad_out, row_names, dpv_dtype=None):
@@ -221,7 +218,7 @@ def row_backward(program: dict, inputs, needs, params, saved, grad_out, row_name
     sums = program["sums"]
     leaves = [t.detach().requires_grad_(bool(n)) if isinstance(t, torch.Tensor) and t.is_floating_point()
               else t for t, n in zip(inputs, needs)]
-    saved, factor = stored_to_saved(program, [t.detach() if isinstance(t, torch.Tensor) else t for t in inputs],
+    saved, dpv_scale = stored_to_saved(program, [t.detach() if isinstance(t, torch.Tensor) else t for t in inputs],
                                     params, saved)
     with torch.enable_grad():
         saved = [s.detach().float().requires_grad_(s.is_floating_point()) for s in saved]
@@ -237,7 +234,7 @@ def row_backward(program: dict, inputs, needs, params, saved, grad_out, row_name
             grads[i] = g
     R, E = out.shape[0], program["sizes"]["e"]
     dpv = grads[0]
-    if factor is not None or "dpv_scale" in row_names:   # the kernels form dPV from dO and dpv_scale
+    if dpv_scale is not None:   # the kernels form dPV from dO (and dpv_scale where it is not 1)
         dpv = out.new_empty(0)
     elif dpv is None:
         dpv = torch.zeros(R, E, device=out.device, dtype=dpv_dtype or torch.float32)
@@ -249,7 +246,7 @@ def row_backward(program: dict, inputs, needs, params, saved, grad_out, row_name
         if name in sum_grads:
             val = sum_grads[name] if sum_grads[name] is not None else torch.zeros(R, device=out.device)
         elif name == "dpv_scale":
-            val = factor.expand(R, factor.shape[-1])[:, 0]
+            val = dpv_scale.expand(R, dpv_scale.shape[-1])[:, 0]
         elif name.startswith("mu_"):
             val = ns[program["mu_of"][name[3:]]]
         else:
