@@ -315,3 +315,35 @@ def test_softmax_training_forward_stores_the_output_not_its_accumulator(monkeypa
     shape = v.shape(B=1, H=2, Sq=40, Sk=40, D=16)
     from_out, kinds = stored(v.bind(shape), v.make_inputs(shape, torch.float32, "cpu", requires_grad=True))
     assert from_out is None and "vector" in kinds
+
+
+def test_output_written_in_place_later_keeps_its_accumulator():
+    """A model that scales the attention output in place (`y.mul_(0.5)` after `att @ v`): the output is
+    no longer what the backward would divide, so the forward stores the accumulator; gradients of a GPT-2
+    style module (projections, registered tril buffer) against float64."""
+    from flashlight.compiler import runtime
+
+    class Attention(torch.nn.Module):
+        def __init__(self, d=32, h=2, T=40):
+            super().__init__()
+            self.h, self.c_attn, self.c_proj = h, torch.nn.Linear(d, 3 * d), torch.nn.Linear(d, d)
+            self.register_buffer("bias", torch.tril(torch.ones(T, T)).view(1, 1, T, T))
+
+        def forward(self, x):
+            B, T, C = x.shape
+            q, k, v = (t.view(B, T, self.h, C // self.h).transpose(1, 2) for t in self.c_attn(x).split(C, 2))
+            att = (q @ k.transpose(-2, -1)) * k.size(-1) ** -0.5
+            y = att.masked_fill(self.bias[:, :, :T, :T] == 0, float("-inf")).softmax(-1) @ v
+            y.mul_(0.5)
+            return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
+
+    torch._dynamo.reset()
+    model, x = Attention(), torch.randn(2, 40, 32)
+    reference = Attention().double()
+    reference.load_state_dict(model.state_dict())
+    flashlight.compile(model)(x).square().mean().backward()
+    reference(x.double()).square().mean().backward()
+    region = list(runtime._REGISTRY.values())[-1]
+    assert region.ks.row_program.get("from_out") is None and "vector" in [k for _, k in region.ks.saved]
+    for (name, p), p64 in zip(model.named_parameters(), reference.parameters()):
+        assert rel_err(p.grad, p64.grad) < TOL, (name, rel_err(p.grad, p64.grad))

@@ -533,3 +533,27 @@ def _check_access_axes(region):
             raise NotFusable(f"{acc.source.name} is read along axes {sorted(used)} after ·V")
         if consumer in region.nodes and consumer.target not in MATMULS and not used <= allowed_score:
             raise NotFusable(f"{acc.source.name} is read along axes {sorted(used)} inside the score program")
+
+
+def written_in_place_later(node: fx.Node) -> bool:
+    """Whether a later op writes into `node`'s value in place, directly or through a view of it (as the
+    ops' schemas declare aliasing and writes): then that value is not what it was when `node` ran."""
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        for user in n.users:
+            if user in seen or user.op != "call_function":
+                continue
+            seen.add(user)
+            schema = getattr(user.target, "_schema", None)
+            if schema is None:
+                continue
+            for i, arg in enumerate(schema.arguments):
+                value = user.args[i] if i < len(user.args) else user.kwargs.get(arg.name)
+                refers = value is n or (isinstance(value, (list, tuple)) and n in value)
+                if refers and arg.alias_info is not None and arg.alias_info.is_write:
+                    return True
+            # a view of it (by its schema, or _unsafe_view and the like, which do not declare it): follow it
+            if user.target in VIEW_OPS or any(r.alias_info is not None for r in schema.returns):
+                stack.append(user)
+    return False

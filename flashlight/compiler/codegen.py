@@ -395,11 +395,14 @@ def _comment(node):
     return str(node.target)
 
 
-def generate(region: Region, block_sparse: bool = True, training: bool = False) -> KernelSource:
+def generate(region: Region, block_sparse: bool = True, training: bool = False,
+             output_written_later: bool = False) -> KernelSource:
     """The forward kernel of a region. With `training`, it also stores what the backward starts from:
-    every online accumulator and running max, per row (backward.py, late.py)."""
+    every online accumulator and running max, per row (backward.py, late.py); the output stands in for
+    an accumulator where it can (late.row_scaled_accumulator), unless the program writes into the output
+    in place afterwards (`output_written_later`)."""
     em = _Emitter(region, None)
-    em.training = training
+    em.training, em.output_written_later = training, output_written_later
     prog = em.prog = OnlineProgram(region)
     # tile classification first, so that the loads it reads come before the loop bodies using them
     em.guard, em.guard_pre = [], []
@@ -587,7 +590,7 @@ def _assemble(em: _Emitter, prog: OnlineProgram) -> KernelSource:
     classified = tiles is not None and tiles.reads_tensors
     saved = _saved_values(prog) if em.training else []
     row_program = _row_program(em, prog, saved) if em.training else None
-    if row_program is not None and (acc := row_scaled_accumulator(row_program)):
+    if row_program is not None and not em.output_written_later and (acc := row_scaled_accumulator(row_program)):
         row_program["from_out"] = acc   # the output stands in for it: not stored
         row_program["out_is_pv"] = output_is_pv(row_program)
         saved = [s for s in saved if s[0] != acc]
