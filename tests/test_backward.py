@@ -213,15 +213,18 @@ def test_compiled_row_step_matches_the_op_by_op_one(monkeypatch, name):
     assert region._row_steps and region.row_step_failed is None
 
 
-@pytest.mark.parametrize("name", ["causal", "sinks", "evoformer"])
+@pytest.mark.parametrize("name", ["causal", "causal+proj", "sinks", "evoformer"])
 def test_half_precision_gradients_are_as_accurate_as_eager(name):
     """In 16-bit the forward saves its ·V accumulators in the output's dtype (as FlashAttention keeps O):
     every gradient stays within a small factor of eager autograd's own error against float64 (float16:
     Triton's interpreter computes bfloat16 wrongly, and both take the same path)."""
-    v = vr.get(name)
+    v = vr.get(name.split("+")[0])
     shape = v.shape(B=1, H=4, Sq=96, Sk=96, D=32, **({"N": 2} if name == "evoformer" else {}))
     inputs = v.make_inputs(shape, torch.float16, "cpu", requires_grad=True, seed=5)
     fn = v.bind(shape)
+    if name.endswith("+proj"):   # the output feeds a projection: it stands in for its accumulator (fp16)
+        w, attention = torch.randn(32, 32, dtype=torch.float16) / 6, fn
+        fn = lambda **x: attention(**x) @ w.to(x["q"].dtype)  # noqa: E731
     torch._dynamo.reset()
     out = flashlight.compile(fn, inductor=False)(**inputs)
     g = torch.randn_like(out)
@@ -287,34 +290,37 @@ def test_finite_fill_masks_skip_tiles_in_training_with_exact_gradients():
 
 def test_softmax_training_forward_stores_the_output_not_its_accumulator(monkeypatch):
     """Where the output is its one ·V accumulator over the row sum (softmax, whatever the mask or score
-    bias), the training forward stores only row sums and maxes, and the backward divides the output by its
-    row factor (compiled, as on the GPU); its kernels read dO as given, times d out/d(P·V) per row where an
-    epilogue scales the output. An output not linear in the accumulator (squared after ·V) or one
-    whose row values read an input (sinks) keeps storing it."""
+    bias), the backward's kernels read dO as given, times d out/d(P·V) per row where an epilogue scales the
+    output (compiled, as on the GPU). Where the output then feeds a projection, as in a model, the training
+    forward stores only row sums and maxes and the backward divides the output by its row factor; an
+    output the graph returns (the caller may write into it) keeps its accumulator. An output not linear in
+    the accumulator (squared after ·V) or one whose row values read an input (sinks) keeps storing it."""
     from flashlight.compiler import runtime
 
     monkeypatch.setattr(runtime, "COMPILED_ROW_STEP", {"cpu"})
+    w = torch.randn(24, 24)
 
-    def squared(q, k, v):
-        return sm_causal(q, k, v) ** 2
+    def projected(attention):   # the output feeds o_proj, as in a model
+        return lambda q, k, v: attention(q, k, v) @ w.to(q.dtype)
 
     def stored(fn, inputs):
         check_grads(fn, inputs)
         region = list(runtime._REGISTRY.values())[-1]
         assert region._row_steps and region.row_step_failed is None
-        return region.ks.row_program.get("from_out"), [kind for _, kind in region.ks.saved]
+        return (region.ks.row_program.get("from_out"), [kind for _, kind in region.ks.saved],
+                "dpv_ptr" in region.backward_source.source, "dpv_scale" in region.backward_source.row_names)
 
     def qkv():
         return {n: torch.randn(2, 3, 70, 24, requires_grad=True) for n in "qkv"}
-    assert stored(sm_causal, qkv()) == ("acc1", ["row", "row"])
-    assert "dpv_scale" not in list(runtime._REGISTRY.values())[-1].backward_source.row_names   # dO as given
-    assert stored(lambda q, k, v: sm_causal(q, k, v) * 0.5, qkv()) == ("acc1", ["row", "row"])
-    assert "dpv_scale" in list(runtime._REGISTRY.values())[-1].backward_source.row_names   # dO · 0.5
-    assert stored(squared, qkv()) == (None, ["row", "vector", "row"])
+    assert stored(projected(sm_causal), qkv()) == ("acc1", ["row", "row"], False, False)
+    assert stored(projected(lambda q, k, v: sm_causal(q, k, v) * 0.5), qkv()) == ("acc1", ["row", "row"], False, True)
+    assert stored(sm_causal, qkv()) == (None, ["row", "vector", "row"], False, False)   # returned
+    assert stored(projected(lambda q, k, v: sm_causal(q, k, v) ** 2), qkv()) == (None, ["row", "vector", "row"],
+                                                                                  True, False)
     v = vr.get("sinks")
     shape = v.shape(B=1, H=2, Sq=40, Sk=40, D=16)
-    from_out, kinds = stored(v.bind(shape), v.make_inputs(shape, torch.float32, "cpu", requires_grad=True))
-    assert from_out is None and "vector" in kinds
+    from_out, kinds, dpv, _ = stored(v.bind(shape), v.make_inputs(shape, torch.float32, "cpu", requires_grad=True))
+    assert from_out is None and "vector" in kinds and dpv
 
 
 def test_output_written_in_place_later_keeps_its_accumulator():

@@ -535,13 +535,16 @@ def _check_access_axes(region):
             raise NotFusable(f"{acc.source.name} is read along axes {sorted(used)} inside the score program")
 
 
-def written_in_place_later(node: fx.Node) -> bool:
-    """Whether a later op writes into `node`'s value in place, directly or through a view of it (as the
-    ops' schemas declare aliasing and writes): then that value is not what it was when `node` ran."""
+def may_change_after(node: fx.Node) -> bool:
+    """Whether `node`'s value may be changed after it runs: a later op writes into it in place, directly
+    or through a view of it (as the ops' schemas declare aliasing and writes), or the graph returns it or
+    a view of it (the caller may write into it)."""
     seen, stack = set(), [node]
     while stack:
         n = stack.pop()
         for user in n.users:
+            if user.op == "output":
+                return True
             if user in seen or user.op != "call_function":
                 continue
             seen.add(user)

@@ -14,7 +14,7 @@ import warnings
 import torch
 import torch.fx as fx
 
-from flashlight.compiler.analysis import NotFusable, analyse, find_pv_candidates, shape_of, written_in_place_later
+from flashlight.compiler.analysis import NotFusable, analyse, find_pv_candidates, may_change_after, shape_of
 from flashlight.compiler.capture import normalize
 from flashlight.compiler.backward import backward_for
 from flashlight.compiler.codegen import generate
@@ -101,7 +101,7 @@ def plan(gm: fx.GraphModule, training: bool = False, dump=None, config=None, blo
                 "ops": sorted({str(n.target).replace("aten.", "") for n in region.nodes}),
             }
             ks = generate(region, block_sparse=block_sparse, training=training,
-                          output_written_later=training and written_in_place_later(region.output))
+                          output_may_change=training and may_change_after(region.output))
             rep.kernel_source = ks.source
             rep.matched["online form"] = "; ".join(ks.notes)
             rep.matched["tile skipping"] = ks.tile_skipping

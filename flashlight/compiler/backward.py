@@ -65,7 +65,8 @@ class BackwardSource:
     range_rows: int = 1           # batch rows of the classification tables (the batch axes the masks read)
     classifier_reads: tuple = ()  # the inputs the classification kernels load (their tables depend on them only)
     row_checks: dict = field(default_factory=dict)  # saved row max -> threshold (finite mask fills, see codegen)
-    from_out: bool = False        # the kernels read dO itself, times a factor per row (late.row_scaled_accumulator)
+    reads_dout: bool = False      # the kernels read dO itself (times a factor per row where not 1): the output
+                                  # is linear in one accumulator (late.row_scaled_accumulator)
     sizes: dict = field(default_factory=dict)
     batch: int = 1
     M: int = 0
@@ -234,21 +235,21 @@ def backward_for(region: Region, ks, block_sparse: bool = True, requires_grad=No
         raise NotFusable(why)
     requires_grad = requires_grad or [True] * len(region.leaves)
     needs = tuple(_floating(leaf) and bool(rg) for leaf, rg in zip(region.leaves, requires_grad))
-    from_out = bool(ks.row_program.get("from_out"))
-    return generate_backward(region, needs, block_sparse, from_out=from_out,
-                             scaled=from_out and not ks.row_program.get("out_is_pv"))
+    reads_dout = bool(ks.row_program.get("row_linear"))   # the output is linear in one accumulator
+    return generate_backward(region, needs, block_sparse, reads_dout=reads_dout,
+                             scaled=reads_dout and not ks.row_program.get("out_is_pv"))
 
 
 def generate_backward(region: Region, needs: tuple, block_sparse: bool = True,
-                      from_out: bool = False, scaled: bool = False) -> BackwardSource:
-    """The backward kernels of a region, for the leaves whose `needs` flag is set. `from_out`: the
+                      reads_dout: bool = False, scaled: bool = False) -> BackwardSource:
+    """The backward kernels of a region, for the leaves whose `needs` flag is set. `reads_dout`: the
     output is its one ·V accumulator times a factor per row, so dLoss/d(P·V) is dO times a factor per
     row (`scaled`; 1 where the output is the ·V product itself): the kernels read dO as given (no copy
     of dO of the output's size)."""
-    dq = _tile_kernel(region, "n", needs, block_sparse, from_out, scaled)
+    dq = _tile_kernel(region, "n", needs, block_sparse, reads_dout, scaled)
     dkv_needed = any(needs[region.leaf_index(a.source)] for sm in region.scores for a in (sm.k,)) or \
         needs[region.leaf_index(region.value.source)]
-    dkv = _tile_kernel(region, "m", needs, block_sparse, from_out, scaled) if dkv_needed else None
+    dkv = _tile_kernel(region, "m", needs, block_sparse, reads_dout, scaled) if dkv_needed else None
     row_names = tuple(sorted((set(dq.rows) | (set(dkv.rows) if dkv else set())) - {"dpv"}))
     grad_leaves = tuple(i for i, n in enumerate(needs) if n)
     digest = hashlib.sha256((source_header() + dq.text + (dkv.text if dkv else "") + repr(row_names)).encode()
@@ -284,7 +285,7 @@ def generate_backward(region: Region, needs: tuple, block_sparse: bool = True,
                           tuple(needs), stored=tuple(sorted(dq.em.stored | (dkv.em.stored if dkv else set()))),
                           sizes=dict(sizes), value_leaf=region.leaf_index(region.value.source),
                           classifiers=tuple(classifiers), range_rows=range_rows,
-                          classifier_reads=tuple(sorted(reads)), row_checks=row_checks, from_out=from_out,
+                          classifier_reads=tuple(sorted(reads)), row_checks=row_checks, reads_dout=reads_dout,
                           batch=math.prod(region.batch_sizes) if region.batch_sizes else 1,
                           M=sizes["m"], N=sizes["n"], E=sizes["e"])
 
@@ -294,7 +295,7 @@ class _Kernel:
 
     def __init__(self, em, pre, loop, post, rows, text):
         self.em, self.pre, self.loop, self.post, self.rows, self.text = em, pre, loop, post, rows, text
-        self.from_out = False   # dO read as given (set by _TileProgram.kernel)
+        self.reads_dout = False   # dO read as given (set by _TileProgram.kernel)
         # masks that read data: the tiles they leave come from a classification kernel's table
         self.classified = em.tiles is not None and em.tiles.reads_tensors
 
@@ -309,8 +310,8 @@ class _Kernel:
         ptrs = [f"in{i}_ptr" for i in range(len(r.leaves))] + [f"grad{i}_ptr" for i in grad_leaves]
         ranges = (["ranges_ptr"] if self.classified else []) + \
             (["redo_ptr"] if self.em.tiles is not None and self.em.tiles.row_checks else [])
-        dout = [f"dout_s{i}" for i in range(len(r.batch_axes) + 2)] if self.from_out else []
-        return ", ".join(ptrs + ["dout_ptr" if self.from_out else "dpv_ptr", "rows_ptr"] + ranges + self.em.params +
+        dout = [f"dout_s{i}" for i in range(len(r.batch_axes) + 2)] if self.reads_dout else []
+        return ", ".join(ptrs + ["dout_ptr" if self.reads_dout else "dpv_ptr", "rows_ptr"] + ranges + self.em.params +
                          self.em.grad_params + dout + ["BLOCK_M: tl.constexpr", "BLOCK_N: tl.constexpr"])
 
     def body(self, row_names, grad_leaves):
@@ -370,7 +371,7 @@ class _Kernel:
         em = self.em
         E = em.r.sizes["e"]
         out = ["row = pid_b * {M} + offs_m".format(M=em.r.sizes["m"])]
-        if "dpv" in self.rows and self.from_out:
+        if "dpv" in self.rows and self.reads_dout:
             axes = em.r.batch_axes
             at = "".join(f"{a} * dout_s{i} + " for i, a in enumerate(axes))
             out.append(f"dpv = tl.load(dout_ptr + {at}offs_m[:, None] * dout_s{len(axes)} + offs_e[None, :] * "
@@ -458,8 +459,8 @@ def _table_gradient(em, acc, codes, body, init, post, carried, valid):
     post.append(f"tl.atomic_add({ptr}, {name}, mask=tl.arange(0, {GB}) < {G}{RELAXED})")
 
 
-def _tile_kernel(region: Region, loop_axis: str, needs, block_sparse, from_out=False, scaled=False) -> _Kernel:
-    t = _TileProgram(region, loop_axis, needs, block_sparse, from_out, scaled)
+def _tile_kernel(region: Region, loop_axis: str, needs, block_sparse, reads_dout=False, scaled=False) -> _Kernel:
+    t = _TileProgram(region, loop_axis, needs, block_sparse, reads_dout, scaled)
     t.recompute()
     t.seed()
     t.reverse()
@@ -470,9 +471,9 @@ def _tile_kernel(region: Region, loop_axis: str, needs, block_sparse, from_out=F
 class _TileProgram:
     """The steps of one backward kernel's tile body, in order, over the lines and adjoints they share."""
 
-    def __init__(self, region: Region, loop_axis: str, needs, block_sparse, from_out=False, scaled=False):
-        self.r, self.loop_axis, self.needs, self.from_out = region, loop_axis, needs, from_out
-        self.scaled = from_out and scaled   # dLoss/d(P·V) = dO · dpv_scale (a factor per row)
+    def __init__(self, region: Region, loop_axis: str, needs, block_sparse, reads_dout=False, scaled=False):
+        self.r, self.loop_axis, self.needs, self.reads_dout = region, loop_axis, needs, reads_dout
+        self.scaled = reads_dout and scaled   # dLoss/d(P·V) = dO · dpv_scale (a factor per row)
         em = self.em = _TileEmitter(region, loop_axis)
         self.prog = em.prog = OnlineProgram(region)
         build(region, em.operand, self.prog)
@@ -664,7 +665,7 @@ class _TileProgram:
         rows |= {"mu_" + n.split("_", 1)[1] for n in _names(text) if n.startswith(("mu2_", "s2_"))}
         rows = {n for n in rows if not n.startswith("s2_") and not n.startswith("mu2_")}
         kern = _Kernel(em, em.guard_pre + em.pre, self.body, self.post, rows, text)
-        kern.from_out = self.from_out
+        kern.reads_dout = self.reads_dout
         kern.init, kern.carried, kern.guard = self.init, self.carried + ["_atomic"], em.guard
         kern.full_loop = [self.full_lines.get(i, self._full_tile(ln)) for i, ln in enumerate(self.body)]
         return kern

@@ -396,13 +396,13 @@ def _comment(node):
 
 
 def generate(region: Region, block_sparse: bool = True, training: bool = False,
-             output_written_later: bool = False) -> KernelSource:
+             output_may_change: bool = False) -> KernelSource:
     """The forward kernel of a region. With `training`, it also stores what the backward starts from:
     every online accumulator and running max, per row (backward.py, late.py); the output stands in for
-    an accumulator where it can (late.row_scaled_accumulator), unless the program writes into the output
-    in place afterwards (`output_written_later`)."""
+    an accumulator where it can (late.row_scaled_accumulator), unless something may write into the output
+    before the backward runs (`output_may_change`: a later in-place op, or the caller it is returned to)."""
     em = _Emitter(region, None)
-    em.training, em.output_written_later = training, output_written_later
+    em.training, em.output_may_change = training, output_may_change
     prog = em.prog = OnlineProgram(region)
     # tile classification first, so that the loads it reads come before the loop bodies using them
     em.guard, em.guard_pre = [], []
@@ -590,10 +590,12 @@ def _assemble(em: _Emitter, prog: OnlineProgram) -> KernelSource:
     classified = tiles is not None and tiles.reads_tensors
     saved = _saved_values(prog) if em.training else []
     row_program = _row_program(em, prog, saved) if em.training else None
-    if row_program is not None and not em.output_written_later and (acc := row_scaled_accumulator(row_program)):
-        row_program["from_out"] = acc   # the output stands in for it: not stored
+    if row_program is not None and (acc := row_scaled_accumulator(row_program)):
+        row_program["row_linear"] = acc   # the backward reads dO as given (times d out/d(P·V) per row)
         row_program["out_is_pv"] = output_is_pv(row_program)
-        saved = [s for s in saved if s[0] != acc]
+        if not em.output_may_change:
+            row_program["from_out"] = acc   # the output stands in for it: not stored
+            saved = [s for s in saved if s[0] != acc]
     sig = ", ".join(ptrs + ["out_ptr"] + [f"save{i}_ptr" for i in range(len(saved))] +
                     (["ranges_ptr"] if classified else []) + em.params + consts)
     carried = {a.name for a in prog.accumulators} | {f"m_{R.name}" for R in prog.max_groups}

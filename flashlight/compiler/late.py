@@ -183,29 +183,35 @@ def output_is_pv(program: dict) -> bool:
     return name == program["pv"]
 
 
-def _with_unit_accumulator(program, inputs, params, saved, acc):
-    """The row values with `acc` set to ones: for one linear in acc, its factor per row (d value / d acc)."""
+def _with_unit_accumulator(program, inputs, params, saved, acc, device=None):
+    """The row values with `acc` set to ones (one element stands for every row and column): for a value
+    linear in acc, its factor per row (d value / d acc). saved[acc's index] is not read."""
     i = [n for n, _ in program["saved"]].index(acc)
-    return run_rows(program, inputs, params, [*saved[:i], torch.ones_like(saved[i]), *saved[i + 1:]])
+    ones = torch.ones(1, 1, dtype=torch.float64 if device is None else torch.float32, device=device)
+    return run_rows(program, inputs, params, [*saved[:i], ones, *saved[i + 1:]])
 
 
 def stored_to_saved(program: dict, inputs, params, stored):
-    """(every saved row value in program["saved"]'s order, d out / d(P·V) per row or None), from what the forward
-    stored: `stored` ends with the region's output where the output stands in for an accumulator
-    (row_scaled_accumulator); that accumulator is the output divided by its row factor (detached: it is
-    data, as a stored one is)."""
-    acc = program.get("from_out")
+    """(every saved row value in program["saved"]'s order, d out / d(P·V) per row or None), from what the
+    forward stored. Where the output is linear in one accumulator (row_scaled_accumulator) the factor
+    comes from the row values; where the output also stands in for that accumulator, `stored` ends with
+    the output, and the accumulator is the output divided by its row factor (detached: it is data, as a
+    stored one is)."""
+    acc = program.get("row_linear")
     if acc is None:
         return list(stored), None
-    *stored, out = stored
-    names = [n for n, _ in program["saved"]]
-    saved = list(stored)
-    i = names.index(acc)
-    saved.insert(i, torch.ones(1, 1, device=out.device))   # stands in for acc while its factor is found
+    from_out = program.get("from_out") is not None
+    out = stored[-1] if from_out else None
+    saved = list(stored[:-1] if from_out else stored)
+    i = [n for n, _ in program["saved"]].index(acc)
+    if from_out:
+        saved.insert(i, None)
     with torch.no_grad():
-        rows = [t.float() if t.is_floating_point() else t for t in saved]
-        unit = _with_unit_accumulator(program, inputs, params, rows, acc)
-        saved[i] = (out.reshape(-1, program["sizes"]["e"]).float() / unit["out"]).to(out.dtype)
+        rows = [t.float() if t is not None and t.is_floating_point() else t for t in saved]
+        device = stored[-1].device
+        unit = _with_unit_accumulator(program, inputs, params, rows, acc, device)
+        if from_out:
+            saved[i] = (out.reshape(-1, program["sizes"]["e"]).float() / unit["out"]).to(out.dtype)
     # d out / d(P·V): the kernels take dLoss/d(P·V) as dO times this (P·V is acc times its own factor)
     return saved, unit["out"] / unit[program["pv"]]
 

@@ -210,7 +210,7 @@ class CompiledRegion:
         module = self._backward_module
         dpv, table, row_grads = self.row_step(inputs, saved, grad_out, needs)(inputs, saved, grad_out)
         dout_args = []
-        if bs.from_out:   # the kernels read dO with its strides (a factor per row is in the table)
+        if bs.reads_dout:   # the kernels read dO with its strides (a factor per row is in the table)
             dpv, dout_args = grad_out, list(grad_out.stride())
         device = inputs[0].device
         cfg = backward_config(bs, device.type, self.config.get("backward"))
