@@ -10,6 +10,9 @@ dQ-kernel/dK,dV-kernel; "default": the compiler's choice), the median fwd+bwd ti
 for the first config: the forward kernel, the row step's PyTorch ops, the dQ and dK/dV kernels.
 --forward: the configs are the forward kernel's tiles, timed on a forward without gradients.
 --flex: the same time and table for FlexAttention, its block mask built once before (the runner's way).
+--project: the attention output goes through a [Dv, Dv] projection inside the compiled function, as in
+a model (the output is then not returned, so the training forward may save it instead of its accumulator).
+Each timed step also prints the step's peak memory above what was allocated before it.
 """
 import argparse
 
@@ -49,6 +52,7 @@ def main():
     ap.add_argument("--configs", nargs="+", default=["default"])
     ap.add_argument("--forward", action="store_true", help="tile the forward kernel; time forward only")
     ap.add_argument("--flex", action="store_true", help="also time and profile FlexAttention")
+    ap.add_argument("--project", action="store_true", help="follow attention by a projection, as a model")
     a = ap.parse_args()
     v = vr.get(a.variant)
     shape = v.shape(B=a.B, H=a.H, Sq=a.S, Sk=a.S, D=a.D)
@@ -56,6 +60,19 @@ def main():
     wrt = [x[n] for n in v.learnable]
     flops = (1.0 if a.forward else 3.5) * v.flops(shape)
     what = "fwd" if a.forward else "fwd+bwd"
+
+    project = torch.randn(shape.Dv, shape.Dv, device="cuda", dtype=torch.bfloat16) / shape.Dv**0.5
+
+    def model(fn):
+        return (lambda **inputs: fn(**inputs) @ project) if a.project else fn
+
+    def peak_mb(step):
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - before) / 2**20
 
     def stepper(fn):
         if a.forward:
@@ -66,13 +83,14 @@ def main():
     for i, c in enumerate(a.configs):
         torch._dynamo.reset()
         config = None if c == "default" else tiles(c) if a.forward else {"backward": tiles(c)}
-        fn = flashlight.compile(v.bind(shape), config=config)
+        fn = flashlight.compile(model(v.bind(shape)), config=config)
         step = stepper(fn)
         step()
         ms = triton.testing.do_bench(step, rep=200, return_mode="median")
         print(f"{a.variant} D{a.D} {'fwd' if a.forward else 'bwd'} tiles {c}: {what} {ms:.3f} ms, "
               f"{flops / ms / 1e9:.0f} TFLOP/s (fused launches {flashlight.counters['fused_launches']}, "
-              f"backward {flashlight.counters['fused_backward_launches']})", flush=True)
+              f"backward {flashlight.counters['fused_backward_launches']}), "
+              f"peak {peak_mb(step):.0f} MB", flush=True)
         if i == 0:
             kernel_table(step)
             if not a.forward:  # the training forward alone: the same kernel with its saves
@@ -82,10 +100,11 @@ def main():
         from torch.nn.attention.flex_attention import flex_attention
         compiled = torch.compile(flex_attention)
         prep = v.flex_prepare(x, shape)
-        step = stepper(lambda **inputs: v.flex(inputs, shape, attention=compiled, prep=prep))
+        step = stepper(model(lambda **inputs: v.flex(inputs, shape, attention=compiled, prep=prep)))
         step()
         ms = triton.testing.do_bench(step, rep=200, return_mode="median")
-        print(f"{a.variant} D{a.D} flex: {what} {ms:.3f} ms, {flops / ms / 1e9:.0f} TFLOP/s", flush=True)
+        print(f"{a.variant} D{a.D} flex: {what} {ms:.3f} ms, {flops / ms / 1e9:.0f} TFLOP/s, "
+              f"peak {peak_mb(step):.0f} MB", flush=True)
         kernel_table(step)
 
 
