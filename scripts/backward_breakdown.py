@@ -12,7 +12,8 @@ for the first config: the forward kernel, the row step's PyTorch ops, the dQ and
 --flex: the same time and table for FlexAttention, its block mask built once before (the runner's way).
 --project: the attention output goes through a [Dv, Dv] projection inside the compiled function, as in
 a model (the output is then not returned, so the training forward may save it instead of its accumulator).
-Each timed step also prints the step's peak memory above what was allocated before it.
+Each timed step also prints the step's peak memory above what was allocated before it, and its host and
+GPU time per step over steps launched back to back.
 """
 import argparse
 
@@ -29,6 +30,22 @@ def tiles(spec):
         return {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": st}
     parts = spec.split("/")
     return one(parts[0]) if len(parts) == 1 else {"dq": one(parts[0]), "dkv": one(parts[1])}
+
+
+def back_to_back(step, n=30):
+    """(host ms per step, GPU ms per step) over n steps launched back to back, without do_bench's cache
+    flush between them: where the host takes longer than the GPU, the GPU waits for it."""
+    import time
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    t0 = time.perf_counter()
+    start.record()
+    for _ in range(n):
+        step()
+    host = (time.perf_counter() - t0) * 1e3 / n
+    end.record()
+    torch.cuda.synchronize()
+    return host, start.elapsed_time(end) / n
 
 
 def kernel_table(step):
@@ -87,10 +104,11 @@ def main():
         step = stepper(fn)
         step()
         ms = triton.testing.do_bench(step, rep=200, return_mode="median")
+        host, gpu = back_to_back(step)
         print(f"{a.variant} D{a.D} {'fwd' if a.forward else 'bwd'} tiles {c}: {what} {ms:.3f} ms, "
               f"{flops / ms / 1e9:.0f} TFLOP/s (fused launches {flashlight.counters['fused_launches']}, "
               f"backward {flashlight.counters['fused_backward_launches']}), "
-              f"peak {peak_mb(step):.0f} MB", flush=True)
+              f"peak {peak_mb(step):.0f} MB; back to back: host {host:.3f} ms, GPU {gpu:.3f} ms per step", flush=True)
         if i == 0:
             kernel_table(step)
             if not a.forward:  # the training forward alone: the same kernel with its saves
@@ -103,8 +121,9 @@ def main():
         step = stepper(model(lambda **inputs: v.flex(inputs, shape, attention=compiled, prep=prep)))
         step()
         ms = triton.testing.do_bench(step, rep=200, return_mode="median")
+        host, gpu = back_to_back(step)
         print(f"{a.variant} D{a.D} flex: {what} {ms:.3f} ms, {flops / ms / 1e9:.0f} TFLOP/s, "
-              f"peak {peak_mb(step):.0f} MB", flush=True)
+              f"peak {peak_mb(step):.0f} MB; back to back: host {host:.3f} ms, GPU {gpu:.3f} ms per step", flush=True)
         kernel_table(step)
 
 

@@ -353,3 +353,32 @@ def test_output_written_in_place_later_keeps_its_accumulator():
     assert region.ks.row_program.get("from_out") is None and "vector" in [k for _, k in region.ks.saved]
     for (name, p), p64 in zip(model.named_parameters(), reference.parameters()):
         assert rel_err(p.grad, p64.grad) < TOL, (name, rel_err(p.grad, p64.grad))
+
+
+def test_what_only_the_row_step_reads_is_freed_before_the_gradients_are_allocated(monkeypatch):
+    """The training forward's output (saved where it stands in for its accumulator) or its stored ·V
+    accumulator is read only by the backward's row step, so it is freed before the backward kernels
+    allocate dQ, dK, dV: the backward's peak holds no output-sized tensor more than FlexAttention's."""
+    import weakref
+
+    from flashlight.compiler import runtime
+
+    seen = {}
+    rows, generated = runtime.CompiledRegion.rows, runtime.CompiledRegion._generated_backward
+
+    def watched_rows(self, inputs, saved, grad_out, needs):
+        seen["wide"] = [weakref.ref(t) for t in saved if t.numel() > self.ks.batch * self.ks.M]
+        return rows(self, inputs, saved, grad_out, needs)
+
+    def watched_backward(self, *args):
+        seen["alive"] = [r() is not None for r in seen["wide"]]
+        return generated(self, *args)
+
+    monkeypatch.setattr(runtime.CompiledRegion, "rows", watched_rows)
+    monkeypatch.setattr(runtime.CompiledRegion, "_generated_backward", watched_backward)
+    w = torch.randn(24, 24)
+    for fn in (lambda q, k, v: sm_causal(q, k, v) @ w.to(q.dtype),   # output saved (feeds a projection)
+               sm_causal):   # returned: its accumulator is stored
+        # Inductor compiles the backward graph around the ops and frees each tensor after its last use
+        check_grads(fn, {n: torch.randn(2, 3, 70, 24, requires_grad=True) for n in "qkv"}, inductor=True)
+        assert len(seen["wide"]) == 1 and seen["alive"] == [False], seen

@@ -13,6 +13,7 @@ import hashlib
 import importlib.util
 import math
 import os
+import re
 import sys
 import warnings
 import weakref
@@ -30,6 +31,7 @@ counters: collections.Counter = collections.Counter()
 COMPILED_ROW_STEP = {"cuda"}
 
 _REGISTRY: dict = {}        # key -> CompiledRegion
+OPS_PROTOCOL = "2: the backward is fused_attention_rows then fused_attention_backward"
 launch_configs: dict = {}   # kernel name -> the config of its latest launch (the runner reports it)
 _MODULES: dict = {}         # source hash -> loaded kernel function
 
@@ -133,7 +135,9 @@ class CompiledRegion:
 
     @property
     def key(self):
-        return hashlib.sha256(self.ks.source.encode()).hexdigest()[:20]
+        # the ops' protocol is in the key: graphs Inductor and AOTAutograd cached on disk call the ops by
+        # key, and one cached by an older flashlight would call them the old way
+        return hashlib.sha256((OPS_PROTOCOL + self.ks.source).encode()).hexdigest()[:20]
 
     def launch_args(self, inputs):
         """Stride/offset arguments, replayed from the view chains once per input layout."""
@@ -178,20 +182,60 @@ class CompiledRegion:
         counters["fused_launches"] += 1
         return (out, saved) if ks.row_program is not None else out
 
-    def backward(self, inputs, saved, grad_out, needs):
-        """Gradients of the inputs flagged in `needs` (None for the others): the generated backward, or,
-        if it fails to compile or launch, the user's own ops for the region under torch.autograd (with one
-        warning: correct, but it materialises the scores, as eager does)."""
+    # The backward is two ops, so that what only its row step reads (the output, a stored ·V accumulator)
+    # is freed before the kernels' gradients are allocated, as Inductor does for FlexAttention's backward:
+    # rows() gives what the kernels start from, backward() the gradients.
+
+    def row_grad_leaves(self, inputs, needs):
+        """The inputs that the after-the-loop lines read and that need a gradient: rows() gives each a
+        gradient of its own (static, so that the op's fake kernel knows its outputs)."""
+        lines = "\n".join(self.ks.row_program["lines"])
+        return [i for i, (t, n) in enumerate(zip(inputs, needs))
+                if n and t.is_floating_point() and re.search(rf"\bin{i}_ptr\b", lines)]
+
+    def rows_like(self, inputs, needs):
+        """rows()'s outputs as empty tensors: [dPV, row table, a gradient per row_grad_leaves]."""
+        bs, rows = self.backward_source, self.ks.batch * self.ks.M
+        x = inputs[0]
+        dpv = x.new_empty((0,) if self.ks.row_program.get("row_linear") else (rows, self.ks.sizes["e"]),
+                          dtype=inputs[bs.value_leaf].dtype)
+        table = x.new_empty((len(bs.row_names), rows) if bs.row_names else (1,), dtype=torch.float32)
+        return [dpv, table] + [torch.empty_like(inputs[i]) for i in self.row_grad_leaves(inputs, needs)]
+
+    def rows(self, inputs, saved, grad_out, needs):
+        """The backward's row step (late.row_backward) in the layout rows_like() promises. If it fails,
+        the generated backward is given up (backward() then runs the region's own ops)."""
+        needs = tuple(bool(n) for n in needs)
+        like = self.rows_like(inputs, needs)
+        if self.backward_failed is None:
+            try:
+                dpv, table, grads = self.row_step(inputs, saved, grad_out, needs)(inputs, saved, grad_out)
+                return [dpv.reshape(like[0].shape).to(like[0].dtype).contiguous(),
+                        table.reshape(like[1].shape).float().contiguous()] + [
+                    _like(grads[i], inputs[i]) if i in grads else torch.zeros_like(inputs[i])
+                    for i in self.row_grad_leaves(inputs, needs)]
+            except Exception as e:
+                self._give_up_backward(e)
+        return [t.zero_() for t in like]
+
+    def _give_up_backward(self, e):
+        if self.reference is None:
+            raise e
+        self.backward_failed = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+        warnings.warn(f"flashlight: the generated backward failed ({self.backward_failed}); this "
+                      "region's gradients now come from its own ops under autograd", stacklevel=3)
+
+    def backward(self, inputs, row_saved, rows, grad_out, needs):
+        """Gradients of the inputs flagged in `needs` (None for the others), from rows()'s outputs and the
+        forward's saved per-row values (`row_saved`, by name): the generated backward, or, if it fails to
+        compile or launch, the user's own ops for the region under torch.autograd (with one warning:
+        correct, but it materialises the scores, as eager does)."""
         needs = tuple(bool(n) for n in needs)
         if self.backward_failed is None:
             try:
-                return self._generated_backward(inputs, saved, grad_out, needs)
+                return self._generated_backward(inputs, row_saved, rows, grad_out, needs)
             except Exception as e:
-                if self.reference is None:
-                    raise
-                self.backward_failed = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
-                warnings.warn(f"flashlight: the generated backward failed ({self.backward_failed}); this "
-                              "region's gradients now come from its own ops under autograd", stacklevel=2)
+                self._give_up_backward(e)
         counters["backward_fallbacks"] += 1
         with torch.enable_grad():
             xs = [x.detach().requires_grad_(n) for x, n in zip(inputs, needs)]
@@ -200,7 +244,7 @@ class CompiledRegion:
             got = iter(torch.autograd.grad(out, wanted, grad_out.reshape(out.shape), allow_unused=True))
         return [(next(got) if n else None) for n in needs]
 
-    def _generated_backward(self, inputs, saved, grad_out, needs):
+    def _generated_backward(self, inputs, row_saved, rows, grad_out, needs):
         bs = self.backward_source
         if any(n and not b for n, b in zip(needs, bs.needs)):
             raise RuntimeError("a gradient is asked of an input that did not require grad when the region "
@@ -208,13 +252,13 @@ class CompiledRegion:
         if self._backward_module is None:
             self._backward_module = load_source(bs.source, bs.dq_name, self.dump_dir)
         module = self._backward_module
-        dpv, table, row_grads = self.row_step(inputs, saved, grad_out, needs)(inputs, saved, grad_out)
+        dpv, table = rows[:2]
+        row_grads = dict(zip(self.row_grad_leaves(inputs, needs), rows[2:]))
         dout_args = []
         if bs.reads_dout:   # the kernels read dO with its strides (a factor per row is in the table)
             dpv, dout_args = grad_out, list(grad_out.stride())
         device = inputs[0].device
         cfg = backward_config(bs, device.type, self.config.get("backward"))
-        table = table.to(device=device, dtype=torch.float32).contiguous()
         grads = {i: torch.empty(inputs[i].shape, dtype=inputs[i].dtype, device=device) if i in bs.stored else
                  torch.zeros(inputs[i].shape, dtype=torch.float32, device=device) for i in bs.grad_leaves}
         gbufs = [grads[i] for i in bs.grad_leaves]
@@ -224,7 +268,7 @@ class CompiledRegion:
                 (slot_args(in_slots, inputs, bs.sizes), slot_args(grad_slots, grads, bs.sizes))
                 for in_slots, grad_slots in (bs.dq_slots, bs.dkv_slots)]
         launches = [(bs.dq_name, cfg["dq"], bs.M, "BLOCK_M"), (bs.dkv_name, cfg["dkv"], bs.N, "BLOCK_N")]
-        redo = self._redo_batches(saved) if bs.row_checks else None
+        redo = self._redo_batches(row_saved) if bs.row_checks else None
         for (name, c, size, fixed), (in_args, grad_args), classifier in zip(
                 launches, self._backward_args[layout], bs.classifiers):
             if name is None:
@@ -254,13 +298,17 @@ class CompiledRegion:
             out.append(g if g.dtype == t.dtype else g.to(t.dtype))
         return out
 
-    def _redo_batches(self, saved):
+    def row_saved(self, saved):
+        """The forward's stored per-row values (not its [rows, Dv] accumulators), by name."""
+        return [t for t, (_, kind) in zip(saved, self.ks.saved) if kind == "row"]
+
+    def _redo_batches(self, row_saved):
         """Per batch index (int32): has it a row whose running max is at or below a finite mask fill's
         threshold, one the forward computed over every key (codegen._recompute_unskipped)? The backward
         then visits every tile of that batch. Computed on the device, without a sync."""
         ks, bs = self.ks, self.backward_source
-        names = [name for name, _ in ks.saved]
-        flags = [(saved[names.index(m)].view(ks.batch, ks.M) <= t).any(1) for m, t in bs.row_checks.items()]
+        names = [name for name, kind in ks.saved if kind == "row"]
+        flags = [(row_saved[names.index(m)].view(ks.batch, ks.M) <= t).any(1) for m, t in bs.row_checks.items()]
         return torch.stack(flags).any(0).to(torch.int32)
 
     def row_step(self, inputs, saved, grad_out, needs):
@@ -445,8 +493,10 @@ def _(inputs, key):
 # Training: the forward also returns the per-row state its backward starts from; the backward is an op
 # of its own, so AOTAutograd puts it in the backward graph and Inductor compiles the rest around it.
 _LIB.define("fused_attention_train(Tensor[] inputs, str key) -> Tensor[]")
-_LIB.define("fused_attention_backward(Tensor[] inputs, Tensor[] saved, Tensor grad_out, bool[] needs, "
-            "str key) -> Tensor[]")
+_LIB.define("fused_attention_rows(Tensor[] inputs, Tensor[] saved, Tensor grad_out, bool[] needs, str key) "
+            "-> Tensor[]")
+_LIB.define("fused_attention_backward(Tensor[] inputs, Tensor[] row_saved, Tensor[] rows, Tensor grad_out, "
+            "bool[] needs, str key) -> Tensor[]")
 
 
 def fused_attention_train(inputs, key):
@@ -454,8 +504,12 @@ def fused_attention_train(inputs, key):
     return [out, *saved]
 
 
-def fused_attention_backward(inputs, saved, grad_out, needs, key):
-    grads = lookup(key).backward(inputs, saved, grad_out, needs)
+def fused_attention_rows(inputs, saved, grad_out, needs, key):
+    return lookup(key).rows(inputs, saved, grad_out, needs)
+
+
+def fused_attention_backward(inputs, row_saved, rows, grad_out, needs, key):
+    grads = lookup(key).backward(inputs, row_saved, rows, grad_out, needs)
     return [x.new_empty(0) if g is None else _like(g, x) for g, x in zip(grads, inputs)]
 
 
@@ -468,6 +522,7 @@ def _like(g, x):
 
 
 _LIB.impl("fused_attention_train", fused_attention_train, "CompositeExplicitAutograd")
+_LIB.impl("fused_attention_rows", fused_attention_rows, "CompositeExplicitAutograd")
 _LIB.impl("fused_attention_backward", fused_attention_backward, "CompositeExplicitAutograd")
 
 
@@ -480,8 +535,13 @@ def _(inputs, key):
         for _, kind in ks.saved]
 
 
-@torch.library.register_fake("flashlight::fused_attention_backward", lib=_LIB)
+@torch.library.register_fake("flashlight::fused_attention_rows", lib=_LIB)
 def _(inputs, saved, grad_out, needs, key):
+    return lookup(key).rows_like(inputs, needs)
+
+
+@torch.library.register_fake("flashlight::fused_attention_backward", lib=_LIB)
+def _(inputs, row_saved, rows, grad_out, needs, key):
     return [torch.empty_like(x) if n else x.new_empty(0) for x, n in zip(inputs, needs)]
 
 
@@ -502,7 +562,10 @@ def _backward(ctx, grads):
     needs = [bool(n) for n in ctx.needs_input_grad[0]]
     ks = lookup(ctx.key).ks
     g_out = grads[0] if grads[0] is not None else leaves[0].new_zeros(ks.out_shape, dtype=ks.out_dtype)
-    res = torch.ops.flashlight.fused_attention_backward(leaves, state, g_out, needs, ctx.key)
+    # two ops: the output and accumulators the row step reads are freed before the gradients are allocated
+    rows = torch.ops.flashlight.fused_attention_rows(leaves, state, g_out, needs, ctx.key)
+    row_saved = lookup(ctx.key).row_saved(state)
+    res = torch.ops.flashlight.fused_attention_backward(leaves, row_saved, rows, g_out, needs, ctx.key)
     return [r if n else None for r, n in zip(res, needs)], None
 
 
