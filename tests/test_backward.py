@@ -198,6 +198,35 @@ def test_document_mask_backward_classifies_tiles_once_and_skips_them():
     assert all(bs.classifiers) and "mask dropped" in bs.source   # kept-whole tiles run without the mask
 
 
+def test_document_ids_viewed_in_the_program_are_classified_once_across_steps():
+    """The runner's document_mask views the ids inside the program: the backward gets them back from
+    autograd as a new tensor object each step, on the same storage, and still reuses its tables; a new
+    ids tensor (same values, new memory) is classified again."""
+    from flashlight.compiler import runtime
+
+    v = vr.get("document_mask")
+    shape = v.shape(B=2, H=2, Sq=64, Sk=64, D=16, docs=3)
+    x = v.make_inputs(shape, torch.float32, "cpu", requires_grad=True)
+    torch._dynamo.reset()
+    fn = flashlight.compile(v.bind(shape))
+
+    def step():
+        before = dict(runtime.counters)
+        check = {n: t.detach().double().requires_grad_(t.requires_grad) if t.is_floating_point() else t
+                 for n, t in x.items()}
+        out = fn(**x)
+        g = torch.randn_like(out)
+        got = torch.autograd.grad(out, [x[n] for n in "qkv"], g)
+        want = torch.autograd.grad(v.reference(**check), [check[n] for n in "qkv"], g.double())
+        assert all(rel_err(a, b) < TOL for a, b in zip(got, want))
+        return [runtime.counters[c] - before.get(c, 0) for c in ("classifications", "classifications_reused")]
+
+    assert step() == [3, 0]
+    assert step() == [0, 3]
+    x["doc_ids"] = x["doc_ids"].clone()
+    assert step() == [3, 0]
+
+
 @pytest.mark.parametrize("name", ["evoformer", "sinks"])
 def test_compiled_row_step_matches_the_op_by_op_one(monkeypatch, name):
     """The row step compiled by Inductor (as on the GPU) gives the same gradients, inputs read by row

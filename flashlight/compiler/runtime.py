@@ -132,6 +132,7 @@ class CompiledRegion:
     _row_steps: dict = field(default_factory=dict, repr=False)   # layout -> compiled row step
     _fitted: dict = field(default_factory=dict, repr=False)      # (kernel, device, config) -> the one that fits
     row_step_failed: str | None = None                    # why the row step runs op by op
+    _row_grad_leaves: dict = field(default_factory=dict, repr=False)  # needs pattern -> row_grad_leaves
 
     @property
     def key(self):
@@ -189,34 +190,40 @@ class CompiledRegion:
     def row_grad_leaves(self, inputs, needs):
         """The inputs that the after-the-loop lines read and that need a gradient: rows() gives each a
         gradient of its own (static, so that the op's fake kernel knows its outputs)."""
-        lines = "\n".join(self.ks.row_program["lines"])
-        return [i for i, (t, n) in enumerate(zip(inputs, needs))
-                if n and t.is_floating_point() and re.search(rf"\bin{i}_ptr\b", lines)]
+        key = tuple(bool(n) and t.is_floating_point() for t, n in zip(inputs, needs))
+        if key not in self._row_grad_leaves:   # per call on the host path: found once per pattern
+            lines = "\n".join(self.ks.row_program["lines"])
+            self._row_grad_leaves[key] = [i for i, wanted in enumerate(key)
+                                          if wanted and re.search(rf"\bin{i}_ptr\b", lines)]
+        return self._row_grad_leaves[key]
 
     def rows_like(self, inputs, needs):
         """rows()'s outputs as empty tensors: [dPV, row table, a gradient per row_grad_leaves]."""
-        bs, rows = self.backward_source, self.ks.batch * self.ks.M
+        (dpv_shape, dpv_dtype), table_shape = self._rows_layout(inputs)
         x = inputs[0]
-        dpv = x.new_empty((0,) if self.ks.row_program.get("row_linear") else (rows, self.ks.sizes["e"]),
-                          dtype=inputs[bs.value_leaf].dtype)
-        table = x.new_empty((len(bs.row_names), rows) if bs.row_names else (1,), dtype=torch.float32)
-        return [dpv, table] + [torch.empty_like(inputs[i]) for i in self.row_grad_leaves(inputs, needs)]
+        return [x.new_empty(dpv_shape, dtype=dpv_dtype), x.new_empty(table_shape, dtype=torch.float32)] + [
+            torch.empty_like(inputs[i]) for i in self.row_grad_leaves(inputs, needs)]
+
+    def _rows_layout(self, inputs):
+        bs, rows = self.backward_source, self.ks.batch * self.ks.M
+        dpv_shape = (0,) if self.ks.row_program.get("row_linear") else (rows, self.ks.sizes["e"])
+        return (dpv_shape, inputs[bs.value_leaf].dtype), (len(bs.row_names), rows) if bs.row_names else (1,)
 
     def rows(self, inputs, saved, grad_out, needs):
         """The backward's row step (late.row_backward) in the layout rows_like() promises. If it fails,
         the generated backward is given up (backward() then runs the region's own ops)."""
         needs = tuple(bool(n) for n in needs)
-        like = self.rows_like(inputs, needs)
         if self.backward_failed is None:
             try:
                 dpv, table, grads = self.row_step(inputs, saved, grad_out, needs)(inputs, saved, grad_out)
-                return [dpv.reshape(like[0].shape).to(like[0].dtype).contiguous(),
-                        table.reshape(like[1].shape).float().contiguous()] + [
+                (dpv_shape, dpv_dtype), table_shape = self._rows_layout(inputs)
+                return [dpv.reshape(dpv_shape).to(dpv_dtype).contiguous(),
+                        table.reshape(table_shape).float().contiguous()] + [
                     _like(grads[i], inputs[i]) if i in grads else torch.zeros_like(inputs[i])
                     for i in self.row_grad_leaves(inputs, needs)]
             except Exception as e:
                 self._give_up_backward(e)
-        return [t.zero_() for t in like]
+        return [t.zero_() for t in self.rows_like(inputs, needs)]
 
     def _give_up_backward(self, e):
         if self.reference is None:
@@ -338,14 +345,15 @@ class CompiledRegion:
 
     def classification(self, module, classifier, read_ix, range_rows, inputs, args, bm, bn, fixed):
         """A classification kernel's table (per tile of the `fixed` axis: the tiles of the other that
-        masks reading data leave), reused while the tensors it reads are the same objects, unmodified,
-        with the same tiles."""
+        masks reading data leave), reused while the tensors it reads are the same memory, unmodified,
+        with the same tiles. Same memory: the same storage, alive all along (a tensor the backward gets
+        back from autograd is a new object each step, on the storage the forward read)."""
         reads = [inputs[i] for i in read_ix]
         state = _classification_state(reads, args, bm, bn)
         cached = self._classified.get(classifier)
         if state is not None and cached is not None:
             refs, old_state, table = cached
-            if old_state == state and all(r() is t for r, t in zip(refs, reads)):
+            if old_state == state and all(r() is t.untyped_storage() for r, t in zip(refs, reads)):
                 counters["classifications_reused"] += 1
                 return table
         ks = self.ks
@@ -355,11 +363,12 @@ class CompiledRegion:
         getattr(module, classifier)[(range_rows * m_tiles * n_tiles,)](
             *inputs, table, *args, BLOCK_M=bm, BLOCK_N=bn, num_warps=4, num_stages=1)
         counters["classifications"] += 1
-        # the tensors are held weakly, so a freed tensor never matches a new one at the same address
+        # storages are held weakly (torch keeps one Python object per live storage), so a freed tensor
+        # never matches a new one at the same address
         if state is None:
             self._classified.pop(classifier, None)
         else:
-            self._classified[classifier] = ([weakref.ref(t) for t in reads], state, table)
+            self._classified[classifier] = ([weakref.ref(t.untyped_storage()) for t in reads], state, table)
         return table
 
 
