@@ -133,6 +133,7 @@ class CompiledRegion:
     _fitted: dict = field(default_factory=dict, repr=False)      # (kernel, device, config) -> the one that fits
     row_step_failed: str | None = None                    # why the row step runs op by op
     _row_grad_leaves: dict = field(default_factory=dict, repr=False)  # needs pattern -> row_grad_leaves
+    _backward_configs: dict = field(default_factory=dict, repr=False)  # device type -> backward tiles
 
     @property
     def key(self):
@@ -217,8 +218,7 @@ class CompiledRegion:
             try:
                 dpv, table, grads = self.row_step(inputs, saved, grad_out, needs)(inputs, saved, grad_out)
                 (dpv_shape, dpv_dtype), table_shape = self._rows_layout(inputs)
-                return [dpv.reshape(dpv_shape).to(dpv_dtype).contiguous(),
-                        table.reshape(table_shape).float().contiguous()] + [
+                return [_in_layout(dpv, dpv_shape, dpv_dtype), _in_layout(table, table_shape, torch.float32)] + [
                     _like(grads[i], inputs[i]) if i in grads else torch.zeros_like(inputs[i])
                     for i in self.row_grad_leaves(inputs, needs)]
             except Exception as e:
@@ -265,7 +265,9 @@ class CompiledRegion:
         if bs.reads_dout:   # the kernels read dO with its strides (a factor per row is in the table)
             dpv, dout_args = grad_out, list(grad_out.stride())
         device = inputs[0].device
-        cfg = backward_config(bs, device.type, self.config.get("backward"))
+        if device.type not in self._backward_configs:
+            self._backward_configs[device.type] = backward_config(bs, device.type, self.config.get("backward"))
+        cfg = self._backward_configs[device.type]
         grads = {i: torch.empty(inputs[i].shape, dtype=inputs[i].dtype, device=device) if i in bs.stored else
                  torch.zeros(inputs[i].shape, dtype=torch.float32, device=device) for i in bs.grad_leaves}
         gbufs = [grads[i] for i in bs.grad_leaves]
@@ -520,6 +522,14 @@ def fused_attention_rows(inputs, saved, grad_out, needs, key):
 def fused_attention_backward(inputs, row_saved, rows, grad_out, needs, key):
     grads = lookup(key).backward(inputs, row_saved, rows, grad_out, needs)
     return [x.new_empty(0) if g is None else _like(g, x) for g, x in zip(grads, inputs)]
+
+
+def _in_layout(t, shape, dtype):
+    """t as a contiguous tensor of this shape and dtype (as it is, when it already is one: this runs on
+    every backward step, and each no-op conversion is a few microseconds of host time)."""
+    if t.dtype != dtype or tuple(t.shape) != shape or not t.is_contiguous():
+        t = t.reshape(shape).to(dtype).contiguous()
+    return t
 
 
 def _like(g, x):
