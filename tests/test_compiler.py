@@ -199,7 +199,17 @@ def sm_nn_dropout_eval(q, k, v):
     return _dropout_module((q @ k.mT * 0.3).softmax(-1)) @ v
 
 
-@pytest.mark.parametrize("fn", [sm_einsum, sm_bmm3d, sm_handwritten, sm_no_max, sigmoid_attn, relu_norm,
+def sm_in_place(q, k, v):
+    # older model files write the scores in place: scale, then mask, then softmax
+    s = q @ k.mT
+    s.mul_(q.shape[-1] ** -0.5)
+    s.masked_fill_(torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool).triu(1), float("-inf"))
+    p = s.softmax(-1)
+    p.mul_(1.0)   # (a no-op written in place after the softmax)
+    return p @ v
+
+
+@pytest.mark.parametrize("fn", [sm_in_place, sm_einsum, sm_bmm3d, sm_handwritten, sm_no_max, sigmoid_attn, relu_norm,
                                 gqa_expand, sinks_free_gate, sm_pow2, sm_exp2, sm_two_starstar,
                                 sm_pow10_no_max, sm_softmax_dtype, sm_log_softmax_exp, sm_nn_softmax,
                                 sm_baddbmm, sm_einsum_scaled_q, sm_dropout_zero, sm_nn_dropout_eval])
@@ -211,6 +221,23 @@ def test_spellings(fn):
     args = (q, k, v) + ((rand(B, H, Sq, Dv),) if fn is sinks_free_gate else ())
     out, ref, _ = run_fused(fn, *args)
     assert rel_err(out, ref) < TOL
+
+
+def test_a_write_into_an_input_still_happens():
+    """In-place ops become out-of-place ones for the matcher; one that writes into an input is kept, so the
+    caller sees the input changed as eager leaves it."""
+    def scale_q_in_place(q, k, v):
+        q.mul_(0.5)
+        return (q @ k.mT).softmax(-1) @ v
+
+    q, k, v = rand(2, 3, 33, 16), rand(2, 3, 40, 16), rand(2, 3, 40, 16)
+    q_eager = q.clone()
+    ref = scale_q_in_place(q_eager.double(), k.double(), v.double())
+    torch._dynamo.reset()
+    before = flashlight.counters["fused_launches"]
+    out = flashlight.compile(scale_q_in_place, inductor=False)(q, k, v)
+    assert flashlight.counters["fused_launches"] > before
+    assert rel_err(out, ref) < TOL and torch.equal(q, q_eager * 0.5)
 
 
 def test_projection_views_are_index_arithmetic():

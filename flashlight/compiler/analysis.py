@@ -256,13 +256,20 @@ RANDOM = ("bernoulli", "native_dropout", "rand", "randn", "rand_like", "randn_li
 def analyse(gm: fx.GraphModule, pv: fx.Node) -> Region:
     """Build the Region ending at the ·V matmul `pv`, or raise NotFusable."""
     try:
-        return _analyse(gm, pv)
+        region = _analyse(gm, pv)
     except NotFusable as e:
         random = _random_ops_before(pv.args[0])
         if random:   # dropout (training, p > 0) traces to a Bernoulli mask multiplied into the probabilities
             raise NotFusable(f"dropout with p > 0 is not fused (random {', '.join(random)} on the way to "
                              f"the ·V product): left to Inductor; [{e}]") from None
         raise
+    for acc in region.accesses.values():   # a random mask over the scores, drawn whole outside: dropout
+        if acc.kind == "tensor" and {"m", "n"} <= set(flat_axes(acc.axes)):
+            random = _random_ops_before(acc.source)
+            if random:
+                raise NotFusable(f"dropout with p > 0 is not fused (random {', '.join(random)}, a mask over "
+                                 "the scores): left to Inductor")
+    return region
 
 
 def _random_ops_before(node):

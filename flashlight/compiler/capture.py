@@ -221,6 +221,9 @@ def normalize(fn, example_inputs) -> fx.GraphModule:
         def fn(*args):
             return fx.Interpreter(gm).run(*args)
 
+    # in-place ops become out-of-place ones (`s.masked_fill_(m, -inf)` on the scores is `masked_fill`), so
+    # the matcher sees one spelling; writes into the function's inputs stay, as copies at the end
+    fn = torch.func.functionalize(fn, remove="mutations")
     fake_mode = detect_fake_mode(example_inputs)
     with fx.traceback.preserve_node_meta():
         if fake_mode is not None:
