@@ -1,0 +1,174 @@
+"""Attention as model files write it, trained: each module is compiled with flashlight, takes one
+backward step, and must fuse forward and backward with every parameter's gradient matching a float64 copy
+(CPU, Triton interpreter). The spellings are those of popular model code: masks as tensors filled with
+finfo.min, in-place writes on the scores, upcasts, baddbmm, embeddings as bias tables, cross attention."""
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import flashlight
+
+from test_compiler import TOL, rel_err   # conftest sets TRITON_INTERPRET=1 before imports
+
+B, S, C, H = 2, 40, 32, 4
+D = C // H
+NEG = torch.finfo(torch.float32).min
+
+
+def heads(t, s=S):
+    return t.view(B, s, H, D).transpose(1, 2)
+
+
+def merge(t):
+    return t.transpose(1, 2).reshape(B, -1, C)
+
+
+class Bert(nn.Module):
+    """The extended padding mask (1 - m) * finfo.min of shape [B, 1, 1, S], division by sqrt(d)."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.o = nn.Linear(C, 3 * C), nn.Linear(C, C)
+
+    def forward(self, x, pad):
+        q, k, v = (heads(t) for t in self.qkv(x).split(C, -1))
+        ext = (1.0 - pad[:, None, None, :].to(x.dtype)) * torch.finfo(x.dtype).min
+        s = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(D) + ext
+        return self.o(merge(torch.matmul(F.softmax(s, dim=-1), v)))
+
+
+class GPT2(nn.Module):
+    """A registered boolean tril buffer sliced per call, torch.where with a finfo.min tensor, `/ torch.full`."""
+
+    def __init__(self):
+        super().__init__()
+        self.c_attn, self.c_proj = nn.Linear(C, 3 * C), nn.Linear(C, C)
+        self.register_buffer("bias", torch.tril(torch.ones(64, 64, dtype=torch.bool))[None, None], persistent=False)
+
+    def forward(self, x):
+        q, k, v = (heads(t) for t in self.c_attn(x).split(C, 2))
+        w = torch.matmul(q, k.transpose(-1, -2)) / torch.full([], v.size(-1) ** 0.5, dtype=q.dtype)
+        w = torch.where(self.bias[:, :, :S, :S], w, torch.full([], torch.finfo(w.dtype).min, dtype=w.dtype))
+        return self.c_proj(merge(torch.matmul(F.softmax(w, dim=-1).type(v.dtype), v)))
+
+
+class Bloom(nn.Module):
+    """ALiBi through baddbmm on [B*H, S, D] batches, a boolean causal mask filled with finfo.min, fp32 softmax."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.o = nn.Linear(C, 3 * C), nn.Linear(C, C)
+        self.register_buffer("slopes", torch.tensor([2 ** (-8 * (i + 1) / H) for i in range(H)]), persistent=False)
+
+    def forward(self, x, causal):
+        q, k, v = (heads(t).reshape(B * H, S, D) for t in self.qkv(x).split(C, -1))
+        alibi = (self.slopes[:, None] * torch.arange(S)[None, :]).repeat(B, 1)[:, None, :]
+        s = torch.baddbmm(alibi, q, k.transpose(-1, -2), beta=1.0, alpha=1 / math.sqrt(D))
+        s = s.view(B, H, S, S).masked_fill(causal, torch.finfo(s.dtype).min)
+        p = F.softmax(s, dim=-1, dtype=torch.float32).to(x.dtype)
+        return self.o(merge(torch.bmm(p.view(B * H, S, S), v).view(B, H, S, D)))
+
+
+class Falcon(nn.Module):
+    """The scores divided in place (`s /= sqrt(d)`), an integer attention mask compared with 0."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.o = nn.Linear(C, 3 * C), nn.Linear(C, C)
+
+    def forward(self, x, am):
+        q, k, v = (heads(t) for t in self.qkv(x).split(C, -1))
+        s = q @ k.transpose(-1, -2)
+        s /= math.sqrt(D)
+        s = s.masked_fill(am[:, None, None, :] == 0, torch.finfo(s.dtype).min)
+        return self.o(merge(F.softmax(s, dim=-1) @ v))
+
+
+class Phi(nn.Module):
+    """q and k upcast to float32 before the score matmul, an additive causal mask, softmax back to v's dtype."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.o = nn.Linear(C, 3 * C), nn.Linear(C, C)
+
+    def forward(self, x, mask):
+        q, k, v = (heads(t) for t in self.qkv(x).split(C, -1))
+        w = torch.matmul(q.to(torch.float32), k.to(torch.float32).transpose(2, 3)) / math.sqrt(D) + mask
+        return self.o(merge(torch.matmul(F.softmax(w, dim=-1, dtype=torch.float32).to(v.dtype), v)))
+
+
+class EinsumInPlace(nn.Module):
+    """einsum in both matmuls, a learned per-head temperature, the causal mask written with masked_fill_."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.o = nn.Linear(C, 3 * C, bias=False), nn.Linear(C, C)
+        self.temp = nn.Parameter(torch.rand(H, 1, 1) + 0.5)
+
+    def forward(self, x):
+        q, k, v = (t.view(B, S, H, D) for t in self.qkv(x).split(C, -1))
+        s = torch.einsum("bihd,bjhd->bhij", q, k) * self.temp
+        s.masked_fill_(torch.ones(S, S, dtype=torch.bool).triu(1), float("-inf"))
+        return self.o(torch.einsum("bhij,bjhd->bihd", s.softmax(-1), v).reshape(B, S, C))
+
+
+class T5(nn.Module):
+    """A relative-position bias through nn.Embedding over buckets of j - i, no score scaling."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.o, self.rel = nn.Linear(C, 3 * C, bias=False), nn.Linear(C, C, bias=False), nn.Embedding(32, H)
+
+    def forward(self, x):
+        q, k, v = (heads(t) for t in self.qkv(x).split(C, -1))
+        rel = torch.arange(S)[None, :] - torch.arange(S)[:, None]
+        bucket = (rel > 0).long() * 16 + torch.clamp(rel.abs(), max=15)
+        s = torch.matmul(q, k.transpose(3, 2)) + self.rel(bucket).permute(2, 0, 1)[None]
+        return self.o(merge(torch.matmul(F.softmax(s.float(), dim=-1).type_as(s), v)))
+
+
+class CrossAttention(nn.Module):
+    """Queries from x, keys and values from a 23-token memory, a boolean key-padding mask."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.kv, self.o = nn.Linear(C, C), nn.Linear(C, 2 * C), nn.Linear(C, C)
+
+    def forward(self, x, mem, keep):
+        q = heads(self.q(x))
+        k, v = (heads(t, mem.shape[1]) for t in self.kv(mem).split(C, -1))
+        s = (q @ k.transpose(-2, -1) / D ** 0.5).masked_fill(~keep[:, None, None, :], float("-inf"))
+        return self.o(merge(s.softmax(-1) @ v))
+
+
+def _inputs(name):
+    g = torch.Generator().manual_seed(int(torch.randint(0, 10**6, ())))
+    x = torch.randn(B, S, C, generator=g)
+    causal = torch.ones(S, S, dtype=torch.bool).triu(1)[None, None]
+    pad = torch.ones(B, S, dtype=torch.long)
+    pad[1, -7:] = 0
+    return {
+        "Bert": (x, pad), "GPT2": (x,), "Bloom": (x, causal), "Falcon": (x, pad),
+        "Phi": (x, torch.zeros(1, 1, S, S).masked_fill(causal, NEG)), "EinsumInPlace": (x,), "T5": (x,),
+        "CrossAttention": (x, torch.randn(B, 23, C, generator=g), torch.arange(23)[None, :] < torch.tensor([[23], [15]])),
+    }[name]
+
+
+@pytest.mark.parametrize("cls", [Bert, GPT2, Bloom, Falcon, Phi, EinsumInPlace, T5, CrossAttention],
+                         ids=lambda c: c.__name__)
+def test_model_file_attention_trains_fused(cls):
+    model = cls()
+    reference = copy.deepcopy(model).double()
+    args = _inputs(cls.__name__)
+    torch._dynamo.reset()
+    before = dict(flashlight.counters)
+    flashlight.compile(model)(*args).square().mean().backward()
+    for c in ("fused_launches", "fused_backward_launches"):
+        assert flashlight.counters[c] > before.get(c, 0), (c, str(flashlight.explain(model, *args)))
+    reference(*(a.double() if a.is_floating_point() else a for a in args)).square().mean().backward()
+    for (name, p), p64 in zip(model.named_parameters(), reference.parameters()):
+        assert rel_err(p.grad, p64.grad) < TOL, (name, rel_err(p.grad, p64.grad))
