@@ -514,8 +514,10 @@ def _prune(lines, live_out):
     live, keep = set(live_out), []
     for ln in reversed(lines):
         m = _ASSIGN.match(ln)
-        if m is None:
+        if m is None:   # a loop header or a call: kept, and what it reads stays live
             keep.append(ln)
+            if not ln.lstrip().startswith("#"):
+                live |= set(re.findall(r"[A-Za-z_]\w*", ln.split("  #")[0]))
             continue
         name, rhs = m.group(1), m.group(2).split("  #")[0]
         if name in live:
