@@ -296,15 +296,18 @@ class CompiledRegion:
                     num_warps=c.get("num_warps", 4), num_stages=c.get("num_stages", 1))
             launch_fitting(launch, c, self._fitted, (name, device.index))
         counters["fused_backward_launches"] += 1
+        del gbufs
         out = []
         for i, t in enumerate(inputs):
             if not needs[i]:
                 out.append(None)
                 continue
-            g = grads[i] if i in grads else torch.zeros(t.shape, dtype=torch.float32, device=device)
+            # popped: a float32 sum buffer (GQA's dK/dV, bias gradients) is freed as soon as it is converted
+            g = grads.pop(i) if i in grads else torch.zeros(t.shape, dtype=torch.float32, device=device)
             if i in row_grads:
                 g = g + row_grads[i].to(g.dtype)
             out.append(g if g.dtype == t.dtype else g.to(t.dtype))
+            del g
         return out
 
     def row_saved(self, saved):
