@@ -342,6 +342,9 @@ def test_softmax_training_forward_stores_the_output_not_its_accumulator(monkeypa
     def qkv():
         return {n: torch.randn(2, 3, 70, 24, requires_grad=True) for n in "qkv"}
     assert stored(projected(sm_causal), qkv()) == ("acc1", ["row", "row"], False, False)
+    saves = [flashlight.explain(fn, **qkv()).regions[0].matched["training forward saves"]
+             for fn in (projected(sm_causal), sm_causal)]
+    assert "the output stands in" in saves[0] and "leaves the compiled graph" in saves[1], saves
     assert stored(projected(lambda q, k, v: sm_causal(q, k, v) * 0.5), qkv()) == ("acc1", ["row", "row"], False, True)
     assert stored(sm_causal, qkv()) == (None, ["row", "vector", "row"], False, False)   # returned
     assert stored(projected(lambda q, k, v: sm_causal(q, k, v) ** 2), qkv()) == (None, ["row", "vector", "row"],

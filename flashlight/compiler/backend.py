@@ -84,6 +84,19 @@ def requires_grad_nodes(gm: fx.GraphModule, example_inputs) -> set:
     return out
 
 
+def training_saves(ks) -> str:
+    """What a training forward keeps for its backward, and why an accumulator is among it."""
+    kinds = [kind for _, kind in ks.saved]
+    rows, vectors = kinds.count("row"), kinds.count("vector")
+    if ks.row_program.get("from_out"):
+        return f"{rows} per-row statistics; the output stands in for its ·V accumulator"
+    what = f"{rows} per-row statistics and {vectors} ·V accumulator(s)"
+    if ks.row_program.get("row_linear"):
+        what += (" (the output could stand in for its accumulator, but it leaves the compiled graph, where "
+                 "it may be written in place before the backward)")
+    return what
+
+
 def plan(gm: fx.GraphModule, training: bool = False, dump=None, config=None, block_sparse=True,
          example_inputs=()):
     """Analyse every attention region of a normalised graph: [(report, region, compiled | None)]."""
@@ -105,6 +118,8 @@ def plan(gm: fx.GraphModule, training: bool = False, dump=None, config=None, blo
             rep.kernel_source = ks.source
             rep.matched["online form"] = "; ".join(ks.notes)
             rep.matched["tile skipping"] = ks.tile_skipping
+            if training:
+                rep.matched["training forward saves"] = training_saves(ks)
             _check_device(region)
             backward = None
             if training:
