@@ -234,7 +234,7 @@ class CompiledRegion:
 
     def backward(self, inputs, row_saved, rows, grad_out, needs):
         """Gradients of the inputs flagged in `needs` (None for the others), from rows()'s outputs and the
-        forward's saved per-row values (`row_saved`, by name): the generated backward, or, if it fails to
+        forward's saved per-row values (`row_saved`, see row_saved()): the generated backward, or, if it fails to
         compile or launch, the user's own ops for the region under torch.autograd (with one warning:
         correct, but it materialises the scores, as eager does)."""
         needs = tuple(bool(n) for n in needs)
@@ -311,7 +311,7 @@ class CompiledRegion:
         return out
 
     def row_saved(self, saved):
-        """The forward's stored per-row values (not its [rows, Dv] accumulators), by name."""
+        """The forward's stored per-row values (not its [rows, Dv] accumulators), in ks.saved's order."""
         return [t for t, (_, kind) in zip(saved, self.ks.saved) if kind == "row"]
 
     def _redo_batches(self, row_saved):
