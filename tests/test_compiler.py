@@ -680,6 +680,25 @@ def test_failure_after_matching_falls_back_with_one_warning(stage, inductor, mon
         assert not report.fused and "injected failure" in report.regions[0].reason
 
 
+def test_a_graph_that_cannot_be_captured_runs_on_inductor_with_one_warning(monkeypatch):
+    """Tracing the graph to aten ops (make_fx, functionalization) failing is ours too: the graph runs as
+    Inductor compiles it, with one warning and the reason in the report."""
+    import warnings
+
+    from flashlight.compiler import backend
+
+    monkeypatch.setattr(backend, "normalize", _boom)
+    q, k, v = rand(1, 2, 24, 16), rand(1, 2, 24, 16), rand(1, 2, 24, 16)
+    torch._dynamo.reset()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = flashlight.compile(sm_handwritten, inductor=False)(q, k, v)
+    assert [str(w.message) for w in caught if "flashlight" in str(w.message)] == [
+        "flashlight: capturing the graph failed (RuntimeError: injected failure); left to Inductor"]
+    assert torch.allclose(out, sm_handwritten(q, k, v), atol=1e-5)
+    assert "capturing the graph failed" in backend.last_report.notes[0]
+
+
 class CausalSelfAttention(torch.nn.Module):
     def __init__(self, d=32, heads=2, n=64):
         super().__init__()

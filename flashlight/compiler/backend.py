@@ -285,7 +285,13 @@ def flashlight_backend(gm: fx.GraphModule, example_inputs, *, dump=None, config=
     if has_symbolic_sizes(example_inputs):
         return PerShape(gm, example_inputs, dump=dump, config=config, inductor=inductor,
                         block_sparse=block_sparse)
-    aten_gm, report, n_fused = fuse(gm, example_inputs, dump=dump, config=config, block_sparse=block_sparse)
+    try:
+        aten_gm, report, n_fused = fuse(gm, example_inputs, dump=dump, config=config, block_sparse=block_sparse)
+    except Exception as e:   # tracing the graph to aten ops (or a bug of ours) must not fail the user's program
+        why = f"capturing the graph failed ({type(e).__name__}: {' '.join(str(e).split())[:300]}); left to Inductor"
+        warnings.warn(f"flashlight: {why}", stacklevel=2)
+        last_report = Report([], notes=[why])
+        return _compile_unfused(gm, example_inputs, inductor)
     last_report = report
     if not n_fused:
         return _compile_unfused(gm, example_inputs, inductor)
