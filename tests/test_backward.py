@@ -317,6 +317,34 @@ def test_finite_fill_masks_skip_tiles_in_training_with_exact_gradients():
     assert errors["q"] < TOL
 
 
+def test_added_masks_skip_tiles_in_training_unless_they_are_learned():
+    """transformers' eager mask, [B, 1, S, S] of 0 / finfo.min added to the scores, skips tiles in the
+    training forward and both backward kernels (left padding: rows that see no key are averaged over every
+    key, as in eager). An added tensor that requires grad is a bias, not a mask: never classified, and its
+    gradient is exact."""
+    from flashlight.compiler import runtime
+
+    def f(q, k, v, mask):
+        return torch.softmax(q @ k.mT * 0.25 + mask, -1) @ v
+
+    S = 130
+    i, j = torch.arange(S)[:, None], torch.arange(S)[None, :]
+    keep = (j <= i).expand(2, 1, S, S).clone()
+    keep[1, :, :, :45] = False              # batch 1: left padding, queries 0..44 see no key
+    inputs = {n: torch.randn(2, 2, S, 16, requires_grad=True) for n in "qkv"}
+    inputs["mask"] = torch.zeros(2, 1, S, S).masked_fill(~keep, torch.finfo(torch.float32).min)
+    check_grads(f, inputs)
+    region = list(runtime._REGISTRY.values())[-1]
+    assert "if redo:" in region.ks.source and "def classify_tiles_" in region.ks.source
+    assert "tile_empty" in region.backward_source.source and region.backward_source.row_checks
+
+    inputs = {n: x.detach().requires_grad_() for n, x in inputs.items()}
+    inputs["mask"] = torch.randn(2, 1, S, S).masked_fill(~keep, -1e3).requires_grad_()
+    check_grads(f, inputs)
+    region = list(runtime._REGISTRY.values())[-1]
+    assert "tile_empty" not in region.ks.source and "tile_empty" not in region.backward_source.source
+
+
 def test_softmax_training_forward_stores_the_output_not_its_accumulator(monkeypatch):
     """Where the output is its one ·V accumulator over the row sum (softmax, whatever the mask or score
     bias), the backward's kernels read dO as given, times d out/d(P·V) per row where an epilogue scales the

@@ -174,3 +174,122 @@ def test_copies_are_forwarded_but_not_values_that_differ_between_loop_bodies():
     assert _forward_copies(lines) == [
         "t_where = t_bmm  # mask dropped", "t_where = tl.where(t_gt, float(\"-inf\"), t_bmm)",
         "t_exp = tl.exp(t_where - t_bmm)", "m_a = m_new_a"]
+
+
+# ---- masks added to the scores, as model files write them ------------------------------------------
+F32_MIN = torch.finfo(torch.float32).min
+
+
+def added(q, k, v, mask):
+    return torch.softmax(q @ k.mT * q.shape[-1] ** -0.5 + mask, -1) @ v
+
+
+def bert_padding(q, k, v, keep):   # BERT's extended mask, built from a float padding mask in the function
+    return torch.softmax(q @ k.mT + (1.0 - keep[:, None, None, :]) * F32_MIN, -1) @ v
+
+
+def where_built(q, k, v):          # a causal mask built by where from positions, then added
+    i, j = positions(q, k)
+    return torch.softmax(q @ k.mT + torch.where(j > i, F32_MIN, 0.0), -1) @ v
+
+
+class BufferSlice(torch.nn.Module):   # GPT-2's registered buffer, sliced to the sequence, as an additive mask
+    def __init__(self, n=128):
+        super().__init__()
+        keep = torch.ones(n, n, dtype=torch.bool).tril()
+        self.register_buffer("mask", torch.zeros(1, 1, n, n).masked_fill(~keep, F32_MIN))
+
+    def forward(self, q, k, v):
+        T = q.shape[-2]
+        return torch.softmax(q @ k.mT + self.mask[:, :, :T, :T], -1) @ v
+
+
+def hf_mask(B, S, fill, pad_from=None, window=None):
+    """transformers' eager mask: [B, 1, S, S] of 0 / fill, causal (a sliding window), left padding in batch 1
+    (its first `pad_from` queries see no key: eager averages them over every key)."""
+    i, j = torch.arange(S)[:, None], torch.arange(S)[None, :]
+    keep = (j <= i) & (i - j < (window or S))
+    keep = keep.expand(B, 1, S, S).clone()
+    if pad_from:
+        keep[1, :, :, :pad_from] = False
+    return torch.zeros(B, 1, S, S).masked_fill(~keep, fill)
+
+
+def added_case(name, g):
+    B, H, S, D = 2, 2, 100, 16
+    q, k, v = (torch.randn(B, H, S, D, generator=g) for _ in range(3))
+    if name == "hf causal, left padding":
+        return added, (q, k, v, hf_mask(B, S, F32_MIN, pad_from=30))
+    if name == "hf sliding window":
+        return added, (q, k, v, hf_mask(B, S, -1e38, window=24))
+    if name == "bert padding":
+        keep = torch.ones(B, S)
+        keep[1, 60:] = 0
+        return bert_padding, (q, k, v, keep)
+    if name == "where-built causal":
+        return where_built, (q, k, v)
+    if name == "buffer slice":
+        return BufferSlice(), (q, k, v)
+    # fp16's finfo.min does not absorb a float32 score: computed, never skipped, still exact
+    return added, (q, k, v, hf_mask(B, S, torch.finfo(torch.float16).min, pad_from=30))
+
+
+ADDED = ["hf causal, left padding", "hf sliding window", "bert padding", "where-built causal", "buffer slice",
+         "fp16 min"]
+
+
+@pytest.mark.parametrize("name", ADDED)
+def test_added_masks_skip_tiles_and_keep_the_eager_result(name):
+    """A mask added to the scores skips the tiles where it is at or below -1e30 (finfo.min of float32 and
+    bfloat16) and drops its load where it is 0 on the whole tile. Probe: NaN values in a key block every
+    query's mask removes reach the output only if that block is computed (0 · NaN)."""
+    g = torch.Generator().manual_seed(torch.randint(0, 10**6, ()).item())
+    fn, args = added_case(name, g)
+    src = flashlight.explain(fn, *args).regions[0].kernel_source
+    assert "tile_empty" in src and "mask dropped: the tile is kept whole" in src
+    assert ("def classify_tiles_" in src) == (name != "where-built causal"), src
+    outs = {}
+    for sparse in (True, False):
+        torch._dynamo.reset()
+        outs[sparse] = flashlight.compile(fn, inductor=False, config=SMALL_TILES, block_sparse=sparse)(*args)
+    ref = fn(*[a.double() if a.is_floating_point() else a for a in args])
+    # rows that see no key keep only a few float32 bits of their scores next to -65504: held to eager
+    # float32's own distance from float64 there (within 3x)
+    tol = max(TOL, 3 * rel_err(fn(*args), ref))
+    assert rel_err(outs[True], ref) < tol and rel_err(outs[False], ref) < tol
+    if name in ("hf causal, left padding", "fp16 min"):
+        # batch 1's keys 0..29 are masked for every query; its first 30 queries see no key at all, so
+        # their query tiles (rows 0..31) are computed again without skipping
+        q, k, v, mask = args
+        v = v.clone()
+        v[1, :, :16] = float("nan")
+        torch._dynamo.reset()
+        out = flashlight.compile(fn, inductor=False, config=SMALL_TILES)(q, k, v, mask)
+        skipped = not torch.isnan(out[1, :, 32:]).any()
+        assert skipped == (name != "fp16 min")
+
+
+def test_an_added_bias_is_classified_once_then_every_tile_is_computed():
+    """A tensor added to the scores may be a bias (Evoformer's pair bias) rather than a mask: when its first
+    classification finds no tile to skip and none kept whole, later calls skip the classification kernel
+    and compute every tile with the bias, exactly; a real mask keeps being classified as it changes."""
+    g = torch.Generator().manual_seed(torch.randint(0, 10**6, ()).item())
+    B, H, S, D = 2, 2, 64, 16
+    torch._dynamo.reset()
+    fused = flashlight.compile(added, inductor=False, config=SMALL_TILES)
+
+    def call(mask):
+        q, k, v = (torch.randn(B, H, S, D, generator=g) for _ in range(3))
+        before = dict(flashlight.counters)
+        out = fused(q, k, v, mask)
+        assert rel_err(out, added(q.double(), k.double(), v.double(), mask.double())) < TOL
+        return {c: flashlight.counters[c] - before.get(c, 0) for c in ("classifications", "classifications_skipped")}
+
+    assert call(torch.randn(B, H, S, S, generator=g)) == {"classifications": 1, "classifications_skipped": 0}
+    assert call(torch.randn(B, H, S, S, generator=g)) == {"classifications": 0, "classifications_skipped": 1}
+
+    torch._dynamo.reset()
+    fused = flashlight.compile(added, inductor=False, config=SMALL_TILES)
+    for window in (24, 40):   # new masks: classified each time
+        mask = hf_mask(B, S, F32_MIN, window=window).expand(B, H, S, S)
+        assert call(mask) == {"classifications": 1, "classifications_skipped": 0}

@@ -99,6 +99,7 @@ class Region:
     accesses: dict = field(default_factory=dict)   # (consumer, arg index) -> Access
     leaves: list = field(default_factory=list)     # tensor sources, in kernel-argument order
     epilogue: list = field(default_factory=list)   # elementwise ops after ·V (gating, e @ v / l…)
+    learned: set = field(default_factory=set)      # leaves that require grad (training): never a mask
 
     @property
     def output(self):

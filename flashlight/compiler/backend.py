@@ -106,6 +106,7 @@ def plan(gm: fx.GraphModule, training: bool = False, dump=None, config=None, blo
         rep = RegionReport(output=pv.name, fused=False)
         try:
             region = analyse(gm, pv)
+            region.learned = {leaf for leaf in region.leaves if leaf in grad_nodes}
             rep.matched = {
                 "inputs": [n.name for n in region.leaves],
                 "score matmuls": [sm.node.name for sm in region.scores],

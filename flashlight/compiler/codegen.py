@@ -98,6 +98,7 @@ class KernelSource:
     range_rows: int = 1            # batch rows of its table (product of the batch axes the mask reads)
     classifier_reads: tuple = ()   # the inputs the classification kernel loads (its table depends on them only)
     tile_skipping: str = "no"      # how key tiles are skipped, for explain
+    may_be_bias: bool = False      # a tensor added to the scores is among what the classifier reads
     saved: tuple = ()              # training: [(variable, "row" | "vector")] stored per row for the backward
                                    # (less the accumulator the output stands in for: row_program["from_out"])
     row_program: dict | None = None  # training: the after-the-loop lines, for late.py
@@ -678,12 +679,18 @@ def _assemble(em: _Emitter, prog: OnlineProgram) -> KernelSource:
         "key tiles classified by a kernel of their own (the mask reads data), again only when "
         "the tensors it reads change" if classified
         else "key tiles classified by index arithmetic in the kernel")
+    if tiles is not None and tiles.added:
+        skipping += ("; a tensor added to the scores removes a tile where it is at most -1e30 (finfo.min of "
+                     "float32/bfloat16) on all of it, and is not read where it is 0 on all of it"
+                     + ("; if its first classification finds neither, it is taken for a bias and not "
+                        "classified again" if classified else ""))
     return KernelSource(source, name, em.slots, len(r.leaves), out_shape, r.output.meta["val"].dtype,
                         saved=tuple(saved), row_program=row_program, params=tuple(em.params),
                         sizes=dict(sizes), batch=batch, M=M,
                         n_dot=sum(a.kind == "dot" for a in prog.accumulators), notes=list(prog.notes),
                         N=N, classifier=classifier, range_rows=range_rows,
-                        classifier_reads=classifier_reads, tile_skipping=skipping)
+                        classifier_reads=classifier_reads, tile_skipping=skipping,
+                        may_be_bias=bool(classifier and tiles.added))
 
 
 def tile_range_lines(tiles, sizes, axis: str, fixed: str, head) -> list:

@@ -124,6 +124,8 @@ class CompiledRegion:
     _args: dict = field(default_factory=dict, repr=False)   # input layouts -> stride arguments
     _tuned: tuple | None = field(default=None, repr=False)  # (tuned_generation, stored best config or None)
     _classified: dict = field(default_factory=dict, repr=False)  # classifier -> (what it read, state, table)
+    _no_classes: dict = field(default_factory=dict, repr=False)  # (classifier, tiles) -> table, or None:
+                                                                 # its first table had nothing to skip or drop
     backward_source: object = field(default=None, repr=False)   # training: its BackwardSource
     _backward_module: object = field(default=None, repr=False)
     _backward_args: dict = field(default_factory=dict, repr=False)  # input layouts -> stride arguments
@@ -353,6 +355,12 @@ class CompiledRegion:
         masks reading data leave), reused while the tensors it reads are the same memory, unmodified,
         with the same tiles. Same memory: the same storage, alive all along (a tensor the backward gets
         back from autograd is a new object each step, on the storage the forward read)."""
+        ks = self.ks
+        m_tiles, n_tiles = math.ceil(ks.M / bm), math.ceil(ks.N / bn)
+        judged = self._no_classes.get((classifier, bm, bn), False)
+        if judged is not None and judged is not False:
+            counters["classifications_skipped"] += 1
+            return judged
         reads = [inputs[i] for i in read_ix]
         state = _classification_state(reads, args, bm, bn)
         cached = self._classified.get(classifier)
@@ -361,13 +369,20 @@ class CompiledRegion:
             if old_state == state and all(r() is t.untyped_storage() for r, t in zip(refs, reads)):
                 counters["classifications_reused"] += 1
                 return table
-        ks = self.ks
-        m_tiles, n_tiles = math.ceil(ks.M / bm), math.ceil(ks.N / bn)
         rows = m_tiles if fixed == "BLOCK_M" else n_tiles
         table = torch.zeros(range_rows * rows * 5, dtype=torch.int32, device=inputs[0].device)
         getattr(module, classifier)[(range_rows * m_tiles * n_tiles,)](
             *inputs, table, *args, BLOCK_M=bm, BLOCK_N=bn, num_warps=4, num_stages=1)
         counters["classifications"] += 1
+        if judged is False and state is not None and ks.may_be_bias:
+            # A tensor added to the scores may be a bias (Evoformer's pair bias) rather than a mask: if its
+            # first table has no tile to skip and none kept whole, classifying costs a launch and a read of
+            # the tensors for nothing, so from now on every tile is computed with its mask math, as the
+            # table that says so (exact for any data; one device sync, once).
+            L, block = (ks.N, bn) if fixed == "BLOCK_M" else (ks.M, bm)
+            dense = torch.tensor([L, math.ceil(L / block) * block, 0, 0, 0], dtype=torch.int32,
+                                 device=table.device).repeat(range_rows * rows)
+            self._no_classes[(classifier, bm, bn)] = dense if torch.equal(table, dense) else None
         # storages are held weakly (torch keeps one Python object per live storage), so a freed tensor
         # never matches a new one at the same address
         if state is None:

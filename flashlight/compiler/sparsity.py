@@ -133,6 +133,9 @@ def skippable_masks(region: Region, finite: bool = False):
             if fill is not None:
                 br, value = fill
                 groups.setdefault((n.args[0], br, value), set()).add(n)
+    if finite:
+        for add, i in additive_masks(region):
+            groups[(add.args[i], ADDED, ABSORBED)] = {add}
     maxes = [n.args[0] for n in region.nodes if n.target is aten.amax.default]
     sums = [n.args[0] for n in region.nodes if n.target is aten.sum.dim_IntList]
     out = []
@@ -146,6 +149,56 @@ def skippable_masks(region: Region, finite: bool = False):
         ok = ok and all(val.get(x) == ZERO for x in sums) and val.get(region.pv.args[0]) == ZERO
         if ok:
             out.append((cond, br, ws, checks))
+    return out
+
+
+# An added mask (`scores + mask`, as model files add a [B, 1, S, S] mask of 0 / finfo.min) removes a score
+# where the mask is at or below ABSORBING: in float32 a score of magnitude below 5e29 does not move it above
+# ABSORBED, so the sum is a fill as a where's is, known up to that bound (every use of a fill in
+# _abstract_finite holds for an upper bound), and the same row checks make skipping exact. fp16's
+# finfo.min (-65504) does not absorb a score, so such a mask is computed, not skipped.
+ADDED = "added"
+ABSORBING = -1e30
+ABSORBED = -5e29
+
+
+def additive_masks(region: Region):
+    """[(add node, index of its mask operand)]: `x + mask` where x depends on the scores and the mask does
+    not, reads tensor data or is made by a where (not a position-only bias), and reads nothing learned
+    (`region.learned`: a bias that trains is no mask, and classifying it again after every step would
+    cost more than it saves)."""
+    internal = set(region.nodes)
+    learned = getattr(region, "learned", set())
+    scored: set = set()
+    for n in region.nodes:
+        if n.target in MATMULS or any(a in scored for a in n.all_input_nodes):
+            scored.add(n)
+
+    def mask_like(node, i):
+        """Reads data or holds a where; None where it reads something learned or a gathered table."""
+        a = node.args[i]
+        if not isinstance(a, fx.Node):
+            return False
+        if a in internal:
+            if a in scored:
+                return None
+            parts = [mask_like(a, j) for j in range(len(a.args))]
+            return None if None in parts else any(parts) or a.target in WHERE
+        acc = region.accesses.get((node, i))
+        if acc is None or acc.gather or acc.source in learned:
+            return None
+        return acc.kind == "tensor"
+
+    out = []
+    for n in region.nodes:
+        if n.target is not aten.add.Tensor or n.kwargs.get("alpha", 1) != 1 or n not in scored \
+                or not n.meta["val"].dtype.is_floating_point:
+            continue
+        for i in (0, 1):
+            other = n.args[1 - i]
+            if isinstance(other, fx.Node) and other in scored and mask_like(n, i):
+                out.append((n, i))
+                break
     return out
 
 
@@ -292,9 +345,13 @@ class IntervalEmitter:
             return self._iota_interval(x, acc)
         self.reads_tensors = True
         xs = f"{x}.to(tl.int32)" if acc.dtype == torch.bool else x
+        lo, hi = xs, xs
+        valid = self.em.mask_expr([a for a in ("m", "n") if a in axes], ("m", "n"))
+        if valid and acc.dtype.is_floating_point:   # positions past the end load 0: leave them out
+            lo, hi = (f"tl.where({valid}, {xs}, float('{inf}'))" for inf in ("inf", "-inf"))
         name = self.fresh()
-        lines.append(f"{name}_lo = tl.min({xs})  # smallest {acc.source.name} on this tile")
-        lines.append(f"{name}_hi = tl.max({xs})")
+        lines.append(f"{name}_lo = tl.min({lo})  # smallest {acc.source.name} on this tile")
+        lines.append(f"{name}_hi = tl.max({hi})")
         if acc.dtype == torch.bool:
             return ("bool", f"({name}_lo == 1)", f"({name}_hi == 0)")
         return ("num", f"{name}_lo", f"{name}_hi")
@@ -373,6 +430,12 @@ def _interval_of(n, ops):
         if t in _AND:
             return ("bool", f"({at} & {bt})", f"({af} | {bf})")
         return ("bool", f"({at} | {bt})", f"({af} & {bf})")
+    if t in WHERE:
+        (kc, ct, cf), (ka, alo, ahi), (kb, blo, bhi) = ops
+        if kc != "bool" or ka != "num" or kb != "num":
+            return None
+        return ("num", f"tl.where({ct}, {alo}, tl.where({cf}, {blo}, tl.minimum({alo}, {blo})))",
+                f"tl.where({ct}, {ahi}, tl.where({cf}, {bhi}, tl.maximum({ahi}, {bhi})))")
     if any(o[0] != "num" for o in ops):
         return None
     return _arithmetic_interval(n, ops)
@@ -429,6 +492,7 @@ class TileClassifier:
     batch_axes: tuple = ()           # batch axes the classification depends on
     row_checks: dict = field(default_factory=dict)  # amax node -> threshold its rows' max must exceed
                                                     # (finite fills) for the skipped tiles to add nothing
+    added: int = 0                   # how many of the masks are tensors added to the scores
 
 
 def emit_tile_skip(region: Region, emitter, lines, pre_lines, finite: bool = False):
@@ -437,6 +501,19 @@ def emit_tile_skip(region: Region, emitter, lines, pre_lines, finite: bool = Fal
     empty, full, dropped, row_checks = [], [], {}, {}
     iv = IntervalEmitter(region, emitter, lines, pre_lines)
     for cond, br, ws, checks in skippable_masks(region, finite):
+        if br == ADDED:   # cond is the mask added to the scores
+            (add,) = ws
+            i = add.args.index(cond)
+            res = iv.value(cond) if cond in set(region.nodes) else iv.operand(add, i)
+            if res is None or res[0] != "num":
+                continue
+            _, lo, hi = res
+            empty.append(f"({hi} <= {ABSORBING!r})")
+            full.append(f"(({lo} == 0) & ({hi} == 0))")
+            dropped[add] = 1 - i
+            for R, threshold in checks.items():
+                row_checks[R] = max(row_checks.get(R, -math.inf), threshold)
+            continue
         res = iv.value(cond) if cond in set(region.nodes) else iv.operand(next(iter(ws)), 0)
         if res is None or res[0] != "bool":
             continue
@@ -452,4 +529,5 @@ def emit_tile_skip(region: Region, emitter, lines, pre_lines, finite: bool = Fal
     lines.append(f"tile_empty = {' | '.join(empty)}  # the masks remove every score of this tile")
     lines.append(f"tile_full = {' & '.join(full)}  # the masks keep every score of this tile")
     return TileClassifier("tile_empty", "tile_full", dropped, iv.reads_tensors,
-                          tuple(a for a in region.batch_axes if a in iv.batch_axes), row_checks)
+                          tuple(a for a in region.batch_axes if a in iv.batch_axes), row_checks,
+                          sum(1 for w in dropped if w.target is aten.add.Tensor))
