@@ -778,3 +778,33 @@ def test_float32_tiles_are_multiplied_at_torchs_float32_matmul_precision():
     assert "DOT_PRECISION = tl.constexpr('tf32')" in sources["high"]
     name = re.compile(r"def (flashlight_attention_\w+)\(")
     assert name.search(sources["highest"]).group(1) != name.search(sources["high"]).group(1)
+
+
+def test_torch_compile_mode_and_options_reach_the_inductor_compile(monkeypatch):
+    """mode="reduce-overhead" (CUDA graphs around the graph, fused kernels included) and `options` are
+    torch.compile's own arguments: they reach Inductor's compile of the graph around the fused region,
+    which still fuses and is exact."""
+    import torch._inductor.compile_fx as cfx
+
+    seen = []
+    real = cfx.compile_fx
+    monkeypatch.setattr(cfx, "compile_fx", lambda gm, xs, **kw: seen.append(kw.get("config_patches")) or real(gm, xs, **kw))
+
+    def attn(q, k, v):
+        i = torch.arange(q.shape[-2])[:, None]
+        j = torch.arange(k.shape[-2])[None, :]
+        return torch.softmax((q @ k.mT * 0.25).masked_fill(j > i, float("-inf")), -1) @ v
+
+    q, k, v = rand(1, 2, 40, 16), rand(1, 2, 40, 16), rand(1, 2, 40, 16)
+    ref = attn(q.double(), k.double(), v.double())
+    for kwargs, patches in ((dict(mode="reduce-overhead"), {"triton.cudagraphs": True}),
+                            (dict(options={"max_autotune_gemm": False}), {"max_autotune_gemm": False}),
+                            ({}, None)):
+        torch._dynamo.reset()
+        seen.clear()
+        before = flashlight.counters["fused_launches"]
+        out = flashlight.compile(attn, **kwargs)(q, k, v)
+        assert flashlight.counters["fused_launches"] > before
+        assert seen[0] == patches and rel_err(out, ref) < TOL   # (compile_fx calls itself inside the patches)
+        # inside CUDA graphs a region keeps no device tensor between calls (the graph's pool owns them all)
+        assert list(runtime._REGISTRY.values())[-1].cuda_graphs == (kwargs.get("mode") == "reduce-overhead")

@@ -165,6 +165,11 @@ def test_classification_is_reused_only_while_its_inputs_are_unchanged():
         frozen = sorted_docs(B, S, g)         # inference tensors keep no version counter
     check(frozen, reused=0)
     check(frozen, reused=0)
+    # in CUDA graphs (mode="reduce-overhead") the classification is part of the graph: never kept
+    torch._dynamo.reset()
+    fused = flashlight.compile(doc_mask, config=SMALL_TILES, mode="reduce-overhead")
+    check(ids := sorted_docs(B, S, g), reused=0)
+    check(ids, reused=0)
 
 
 def test_copies_are_forwarded_but_not_values_that_differ_between_loop_bodies():

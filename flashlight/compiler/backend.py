@@ -98,7 +98,7 @@ def training_saves(ks) -> str:
 
 
 def plan(gm: fx.GraphModule, training: bool = False, dump=None, config=None, block_sparse=True,
-         example_inputs=()):
+         example_inputs=(), cuda_graphs=False):
     """Analyse every attention region of a normalised graph: [(report, region, compiled | None)]."""
     out = []
     grad_nodes = requires_grad_nodes(gm, example_inputs) if training else set()
@@ -132,7 +132,7 @@ def plan(gm: fx.GraphModule, training: bool = False, dump=None, config=None, blo
                 rep.backward_fused = True
                 rep.backward_source = backward.source
             rep.fused = True
-            compiled = CompiledRegion(ks, dict(config or {}), dump, backward_source=backward)
+            compiled = CompiledRegion(ks, dict(config or {}), dump, backward_source=backward, cuda_graphs=cuda_graphs)
             if training:   # the user's own ops for the region, kept for a backward that fails to run
                 compiled.reference = region_subgraph(gm, region.leaves, region.output)
             out.append((rep, region, compiled))
@@ -171,11 +171,11 @@ def is_training(inputs) -> bool:
     return torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in inputs)
 
 
-def fuse(gm, example_inputs, dump=None, config=None, block_sparse=True):
+def fuse(gm, example_inputs, dump=None, config=None, block_sparse=True, cuda_graphs=False):
     """Normalise and fuse; returns (graph module to run, report, number of regions fused)."""
     aten_gm = normalize(gm, example_inputs)
     planned = plan(aten_gm, training=is_training(example_inputs), dump=dump, config=config, block_sparse=block_sparse,
-                   example_inputs=example_inputs)
+                   example_inputs=example_inputs, cuda_graphs=cuda_graphs)
     report = Report([rep for rep, _, _ in planned])
     if not planned:
         report.notes.append("no attention region (matmul → row program → matmul) in this graph")
@@ -231,10 +231,8 @@ class PerShape:
                "(the fused kernels are generated for static sizes; pad or bucket the lengths to fuse)")
         warnings.warn(f"flashlight: {why}", stacklevel=2)
         last_report = Report([], notes=[why])
-        self.dynamic = self.gm
-        if self.options.get("inductor", True):
-            from torch._inductor.compile_fx import compile_fx
-            self.dynamic = compile_fx(self.gm, self.example_inputs)
+        self.dynamic = _compile_unfused(self.gm, self.example_inputs,
+                                        inductor_settings(**{k: self.options.get(k) for k in ("inductor", "mode", "options")}))
         return self.dynamic
 
 
@@ -247,7 +245,7 @@ class FallBackOnFailure:
     the reason in the report. An exception the unfused graph raises too is the user's and propagates.
     """
 
-    def __init__(self, fused, unfused, report: Report, inductor: bool):
+    def __init__(self, fused, unfused, report: Report, inductor):
         self.fused, self.unfused, self.report, self.inductor = fused, unfused, report, inductor
         self.fn = None   # set after the first call: the fused graph if it ran, else the unfused one
 
@@ -274,20 +272,46 @@ class FallBackOnFailure:
 
 
 def _compile_unfused(gm, example_inputs, inductor):
+    """The graph as Inductor compiles it (`inductor`: True, or a dict of Inductor config patches), or as
+    it is (False: run eagerly)."""
     if not inductor:
         return gm
     from torch._inductor.compile_fx import compile_fx
-    return compile_fx(gm, example_inputs)
+    return compile_fx(gm, example_inputs, config_patches=inductor if isinstance(inductor, dict) else None)
+
+
+def inductor_settings(inductor=True, mode=None, options=None):
+    """torch.compile's `mode` ("reduce-overhead": CUDA graphs, "max-autotune") and `options` for the
+    Inductor compile of the graph around the fused regions, as config patches (True: defaults)."""
+    if inductor is None:
+        inductor = True
+    if not inductor or not (mode and mode != "default" or options):
+        return inductor
+    from torch._inductor import list_mode_options
+    return {**(list_mode_options(mode) if mode and mode != "default" else {}), **(options or {})}
+
+
+def cuda_graphs(inductor) -> bool:
+    """Will Inductor run the compiled graph as CUDA graphs (mode="reduce-overhead", or its config)?"""
+    from torch._inductor import config
+    if isinstance(inductor, dict) and "triton.cudagraphs" in inductor:
+        return bool(inductor["triton.cudagraphs"])
+    return bool(inductor) and bool(config.triton.cudagraphs)
 
 
 def flashlight_backend(gm: fx.GraphModule, example_inputs, *, dump=None, config=None, inductor=True,
-                       block_sparse=True):
+                       block_sparse=True, mode=None, options=None):
+    """The torch.compile backend. `mode` and `options` are torch.compile's, applied to the Inductor
+    compile of the rest of the graph (mode="reduce-overhead" runs it, fused kernels included, as CUDA
+    graphs)."""
     global last_report
     if has_symbolic_sizes(example_inputs):
         return PerShape(gm, example_inputs, dump=dump, config=config, inductor=inductor,
-                        block_sparse=block_sparse)
+                        block_sparse=block_sparse, mode=mode, options=options)
+    inductor = inductor_settings(inductor, mode, options)
     try:
-        aten_gm, report, n_fused = fuse(gm, example_inputs, dump=dump, config=config, block_sparse=block_sparse)
+        aten_gm, report, n_fused = fuse(gm, example_inputs, dump=dump, config=config, block_sparse=block_sparse,
+                                        cuda_graphs=cuda_graphs(inductor))
     except Exception as e:   # tracing the graph to aten ops (or a bug of ours) must not fail the user's program
         why = f"capturing the graph failed ({type(e).__name__}: {' '.join(str(e).split())[:300]}); left to Inductor"
         warnings.warn(f"flashlight: {why}", stacklevel=2)

@@ -136,12 +136,15 @@ class CompiledRegion:
     row_step_failed: str | None = None                    # why the row step runs op by op
     _row_grad_leaves: dict = field(default_factory=dict, repr=False)  # needs pattern -> row_grad_leaves
     _backward_configs: dict = field(default_factory=dict, repr=False)  # device type -> backward tiles
+    cuda_graphs: bool = False   # run inside CUDA graphs (mode="reduce-overhead"): keep no device tensor
+                                # between calls (a graph's memory pool must own every tensor it made)
 
     @property
     def key(self):
         # the ops' protocol is in the key: graphs Inductor and AOTAutograd cached on disk call the ops by
         # key, and one cached by an older flashlight would call them the old way
-        return hashlib.sha256((OPS_PROTOCOL + self.ks.source).encode()).hexdigest()[:20]
+        graphs = "cuda graphs\n" if self.cuda_graphs else ""
+        return hashlib.sha256((OPS_PROTOCOL + graphs + self.ks.source).encode()).hexdigest()[:20]
 
     def launch_args(self, inputs):
         """Stride/offset arguments, replayed from the view chains once per input layout."""
@@ -362,7 +365,8 @@ class CompiledRegion:
             counters["classifications_skipped"] += 1
             return judged
         reads = [inputs[i] for i in read_ix]
-        state = _classification_state(reads, args, bm, bn)
+        # inside CUDA graphs the classification kernel is part of the graph: replays classify the new data
+        state = None if self.cuda_graphs else _classification_state(reads, args, bm, bn)
         cached = self._classified.get(classifier)
         if state is not None and cached is not None:
             refs, old_state, table = cached
