@@ -5,23 +5,28 @@ import functools
 
 import torch
 
+from flashlight.compiler import choose
 from flashlight.compiler.backend import flashlight_backend, is_training, plan
 from flashlight.compiler.capture import normalize
 from flashlight.compiler.explain import Report
 from flashlight.compiler.runtime import counters  # noqa: F401  (re-exported)
 
 
-def compile(fn, *, dump=None, config=None, inductor=True, block_sparse=True, fullgraph=False, dynamic=False,
-            **kwargs):
+def compile(fn, *, dump=None, config=None, inductor=True, block_sparse=True, choose_faster=True, fullgraph=False,
+            dynamic=False, **kwargs):
     """torch.compile `fn` with the flashlight backend.
 
     dump: directory where generated kernels are written (also FLASHLIGHT_DUMP=dir).
     config: tile config for the fused kernels, e.g. {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8}.
     inductor: compile the rest of the graph with Inductor (False runs it eagerly: quicker to start).
     block_sparse: skip key tiles that a -inf mask provably removes (False computes every tile).
+    choose_faster: on the first call on a GPU, time the graph against Inductor's unfused version where
+        that is cheap (inference, small sizes) and run the faster from then on (False: always the fused).
+    mode, options (torch.compile's): apply to the Inductor compile around the fused regions;
+        mode="reduce-overhead" runs the graph, fused kernels included, as CUDA graphs.
     """
     backend = functools.partial(flashlight_backend, dump=dump, config=config, inductor=inductor,
-                                block_sparse=block_sparse)
+                                block_sparse=block_sparse, choose_faster=choose_faster)
     functools.update_wrapper(backend, flashlight_backend)
     return torch.compile(fn, backend=backend, fullgraph=fullgraph, dynamic=dynamic, **kwargs)
 
@@ -50,4 +55,23 @@ def explain(fn, *args, **kwargs) -> Report:
     report = Report([rep for rep, _, _ in planned])
     if not planned:
         report.notes.append("no attention region (matmul → row program → matmul) found")
+    _known_choice(report, inputs)
     return report
+
+
+def _known_choice(report: Report, inputs) -> None:
+    """What flashlight.compile runs for these kernels on this GPU, if its first call has timed them
+    against Inductor's unfused code (compiler/choose.py)."""
+    fused = [r for r in report.regions if r.fused]
+    tensors = [x for x in inputs if isinstance(x, torch.Tensor)]
+    if not fused or not tensors:
+        return
+    choice = choose.known_choice(choose.choice_key([r.kernel_source for r in fused], tensors[0].device))
+    if choice is None:
+        return
+    note = choose.describe(choice)
+    if choice["runs"] == "inductor":
+        for r in fused:
+            r.fused, r.reason = False, note
+    else:
+        report.notes.append(note)

@@ -46,7 +46,7 @@ def main():
                     torch._dynamo.reset()
                     mode = "reduce-overhead" if graphs else None
                     if backend == "flashlight":
-                        compiled = flashlight.compile(v.bind(shape), mode=mode)
+                        compiled = flashlight.compile(v.bind(shape), mode=mode, choose_faster=False)
                         call = lambda x: compiled(**x)  # noqa: E731
                     else:
                         attention = torch.compile(flex_attention, mode=mode)

@@ -808,3 +808,84 @@ def test_torch_compile_mode_and_options_reach_the_inductor_compile(monkeypatch):
         assert seen[0] == patches and rel_err(out, ref) < TOL   # (compile_fx calls itself inside the patches)
         # inside CUDA graphs a region keeps no device tensor between calls (the graph's pool owns them all)
         assert list(runtime._REGISTRY.values())[-1].cuda_graphs == (kwargs.get("mode") == "reduce-overhead")
+
+
+def test_a_graph_slower_than_inductors_code_runs_inductors(monkeypatch, tmp_path):
+    """On its first call on a GPU a fused graph is timed against Inductor's unfused version (here: the
+    timing is given, as the CPU has no GPU clock); where Inductor's is faster it runs from then on, with
+    the same results, and the report and explain say so. The choice is kept on disk: a new compile of the
+    same kernels takes it without timing."""
+    from flashlight.compiler import backend, choose
+
+    monkeypatch.setenv("FLASHLIGHT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(choose, "_CHOICES", {})
+    monkeypatch.setattr(choose, "why_not_timed", lambda gm, regions, args: None)
+    timed = []
+    monkeypatch.setattr(choose, "time_both", lambda fused, unfused, args: timed.append(1) or (1.0, 0.5))
+
+    def attn(q, k, v):
+        return torch.softmax(q @ k.mT * 0.25, -1) @ v
+
+    q, k, v = rand(1, 2, 40, 16), rand(1, 2, 40, 16), rand(1, 2, 40, 16)
+    ref = attn(q.double(), k.double(), v.double())
+    for compile_no in range(2):
+        torch._dynamo.reset()
+        fn = flashlight.compile(attn)
+        first = fn(q, k, v)
+        before = flashlight.counters["fused_launches"]
+        again = fn(q, k, v)
+        assert flashlight.counters["fused_launches"] == before   # Inductor's code ran
+        assert rel_err(first, ref) < TOL and rel_err(again, ref) < TOL
+        assert timed == [1]                                      # timed once, on the first compile only
+        assert not backend.last_report.fused and "slower than Inductor" in backend.last_report.regions[0].reason
+    report = flashlight.explain(attn, q, k, v)
+    assert not report.fused and "fused 1.000 ms, Inductor's unfused code 0.500 ms" in report.regions[0].reason
+    assert "inductor" in (tmp_path / "choices.json").read_text()
+
+    # the fused kernel faster: it keeps running, and the report gives both times
+    monkeypatch.setattr(choose, "_CHOICES", {})
+    (tmp_path / "choices.json").unlink()
+    monkeypatch.setattr(choose, "time_both", lambda fused, unfused, args: (0.5, 1.0))
+    torch._dynamo.reset()
+    fn = flashlight.compile(attn)
+    fn(q, k, v)
+    before = flashlight.counters["fused_launches"]
+    fn(q, k, v)
+    assert flashlight.counters["fused_launches"] == before + 1
+    assert any("the fused kernel runs" in n for n in backend.last_report.notes)
+
+
+def test_graphs_that_cannot_be_timed_safely_are_not():
+    """Training graphs, graphs that write into an input or draw random numbers, and sizes whose unfused
+    scores would not fit the budget are never timed against Inductor (and CPU tensors have no GPU clock)."""
+    from flashlight.compiler import choose
+    from flashlight.compiler.capture import normalize
+
+    class Sized:   # what choose reads of a CompiledRegion: its sizes
+        def __init__(self, batch, M, N):
+            self.ks = type("KernelSizes", (), {"batch": batch, "M": M, "N": N})()
+
+    class OnGpu(torch.Tensor):   # a CPU tensor that says it is on a GPU: choose only reads .device first
+        device = property(lambda self: torch.device("cuda"))
+
+    def plain(q):
+        return q * 2
+
+    def writes(q):
+        q.add_(1)
+        return q * 2
+
+    def draws(q):
+        return torch.nn.functional.dropout(q, 0.5, training=True)
+
+    def why(fn, regions=(Sized(1, 4, 4),), grad=False, on_gpu=True):
+        x = torch.randn(4, 4)
+        arg = x.as_subclass(OnGpu).requires_grad_(grad) if on_gpu else x
+        return choose.why_not_timed(normalize(fn, [x]), list(regions), [arg])
+
+    assert why(plain) is None
+    assert why(plain, on_gpu=False) == "not on a GPU"
+    assert "training" in why(plain, grad=True)
+    assert "writes into an input" in why(writes)
+    assert "random" in why(draws)
+    assert "GiB of scores" in why(plain, regions=(Sized(32 * 4, 4096, 4096),))

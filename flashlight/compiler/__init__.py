@@ -11,6 +11,7 @@ Stages, in pipeline order:
                 differentiated by torch.autograd
     backward  - the backward's tile kernels: the score program recomputed and differentiated op by op
     runtime   - load, configure and launch the generated kernels through the custom ops (and their autograd)
+    choose    - on a graph's first call on a GPU, time it against Inductor's unfused version; run the faster
 
     backend   - the torch.compile backend (``backend="flashlight"``) that runs the stages over a graph
     explain   - the report of what was fused and why not, for users

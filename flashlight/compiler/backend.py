@@ -14,6 +14,7 @@ import warnings
 import torch
 import torch.fx as fx
 
+from flashlight.compiler import choose
 from flashlight.compiler.analysis import NotFusable, analyse, find_pv_candidates, may_change_after, shape_of
 from flashlight.compiler.capture import normalize
 from flashlight.compiler.backward import backward_for
@@ -171,8 +172,9 @@ def is_training(inputs) -> bool:
     return torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in inputs)
 
 
-def fuse(gm, example_inputs, dump=None, config=None, block_sparse=True, cuda_graphs=False):
-    """Normalise and fuse; returns (graph module to run, report, number of regions fused)."""
+def fuse(gm, example_inputs, dump=None, config=None, block_sparse=True, cuda_graphs=False, compiled=None):
+    """Normalise and fuse; returns (graph module to run, report, number of regions fused). `compiled`: a
+    list that receives the CompiledRegion of each fused region."""
     aten_gm = normalize(gm, example_inputs)
     planned = plan(aten_gm, training=is_training(example_inputs), dump=dump, config=config, block_sparse=block_sparse,
                    example_inputs=example_inputs, cuda_graphs=cuda_graphs)
@@ -180,6 +182,8 @@ def fuse(gm, example_inputs, dump=None, config=None, block_sparse=True, cuda_gra
     if not planned:
         report.notes.append("no attention region (matmul → row program → matmul) in this graph")
     n_fused = sum(c is not None for _, _, c in planned)
+    if compiled is not None:
+        compiled.extend(c for _, _, c in planned if c is not None)
     if n_fused:
         replace_regions(aten_gm, planned)
     return aten_gm, report, n_fused
@@ -245,8 +249,9 @@ class FallBackOnFailure:
     the reason in the report. An exception the unfused graph raises too is the user's and propagates.
     """
 
-    def __init__(self, fused, unfused, report: Report, inductor):
+    def __init__(self, fused, unfused, report: Report, inductor, timing=None):
         self.fused, self.unfused, self.report, self.inductor = fused, unfused, report, inductor
+        self.timing = timing   # (normalised graph, its CompiledRegions): time it against Inductor (choose.py)
         self.fn = None   # set after the first call: the fused graph if it ran, else the unfused one
 
     def __call__(self, *args):
@@ -258,7 +263,37 @@ class FallBackOnFailure:
             self.fall_back(e, args, "the fused kernel failed on its first call")
             return self.fn(*args)
         self.fn = self.fused
+        if self.timing is not None:
+            self.choose(args)
         return out
+
+    def choose(self, args):
+        """Run Inductor's unfused graph instead where it is faster (choose.py); say which in the report."""
+        aten_gm, regions = self.timing
+        why = choose.why_not_timed(aten_gm, regions, args)
+        if why is not None:
+            self.report.notes.append(f"not timed against Inductor's unfused code: {why}")
+            return
+        device = next(a.device for a in args if isinstance(a, torch.Tensor))
+        key = choose.choice_key([r.ks.source for r in regions], device)
+        choice = choose.known_choice(key)
+        try:
+            unfused = None
+            if choice is None or choice["runs"] == "inductor":
+                unfused = _compile_unfused(self.unfused, list(args), self.inductor)
+            if choice is None:
+                choice = choose.choose(key, *choose.time_both(self.fused, unfused, args))
+        except Exception as e:   # timing is an optimisation: the fused graph, which ran, stays
+            self.report.notes.append(f"timing against Inductor's unfused code failed ({type(e).__name__}: {e})")
+            return
+        note = choose.describe(choice)
+        if choice["runs"] == "inductor":
+            self.fn = unfused
+            for rep in self.report.regions:
+                if rep.fused:
+                    rep.fused, rep.reason = False, note
+        else:
+            self.report.notes.append(note)
 
     def fall_back(self, error, args, what):
         global last_report
@@ -300,18 +335,20 @@ def cuda_graphs(inductor) -> bool:
 
 
 def flashlight_backend(gm: fx.GraphModule, example_inputs, *, dump=None, config=None, inductor=True,
-                       block_sparse=True, mode=None, options=None):
+                       block_sparse=True, choose_faster=True, mode=None, options=None):
     """The torch.compile backend. `mode` and `options` are torch.compile's, applied to the Inductor
     compile of the rest of the graph (mode="reduce-overhead" runs it, fused kernels included, as CUDA
-    graphs)."""
+    graphs). `choose_faster`: on the first call on a GPU, time the graph against Inductor's unfused
+    version and run the faster (choose.py)."""
     global last_report
     if has_symbolic_sizes(example_inputs):
         return PerShape(gm, example_inputs, dump=dump, config=config, inductor=inductor,
-                        block_sparse=block_sparse, mode=mode, options=options)
+                        block_sparse=block_sparse, choose_faster=choose_faster, mode=mode, options=options)
     inductor = inductor_settings(inductor, mode, options)
     try:
+        regions = []
         aten_gm, report, n_fused = fuse(gm, example_inputs, dump=dump, config=config, block_sparse=block_sparse,
-                                        cuda_graphs=cuda_graphs(inductor))
+                                        cuda_graphs=cuda_graphs(inductor), compiled=regions)
     except Exception as e:   # tracing the graph to aten ops (or a bug of ours) must not fail the user's program
         why = f"capturing the graph failed ({type(e).__name__}: {' '.join(str(e).split())[:300]}); left to Inductor"
         warnings.warn(f"flashlight: {why}", stacklevel=2)
@@ -326,4 +363,6 @@ def flashlight_backend(gm: fx.GraphModule, example_inputs, *, dump=None, config=
         fallback = FallBackOnFailure(None, gm, report, inductor)
         fallback.fall_back(e, example_inputs, "compiling the graph around the fused kernel failed")
         return fallback.fn
-    return FallBackOnFailure(fused, gm, report, inductor)
+    # Inductor's version is the alternative; inside CUDA graphs host time, what it could win on, is gone
+    timing = (aten_gm, regions) if choose_faster and inductor and not cuda_graphs(inductor) else None
+    return FallBackOnFailure(fused, gm, report, inductor, timing)

@@ -1,0 +1,110 @@
+"""Never slower than the Inductor code a fused region replaces.
+
+Where attention is small (few heads, short rows, an odd head dim), a call is mostly host time, and
+Inductor's unfused kernels can beat the fused one. So the first call of a graph with fused regions on a
+GPU also times the same graph as Inductor compiles it without fusion, and the faster of the two runs
+from then on — the way max-autotune picks a kernel: once per (fused kernels, GPU), kept in memory and on
+disk (`choices.json` beside the kernel cache), so later processes neither time nor compile it again.
+The report (`flashlight.explain`, `backend.last_report`) says which runs and the two times.
+
+Timed only where it is safe and cheap: inference graphs (a training graph's backward would have to be
+timed too), graphs that write into no input and draw no random numbers (every timed call would repeat
+those effects), and sizes at which Inductor's unfused graph holds its scores in at most SCORE_BYTES. Above
+that, its materialised scores are what the fused kernel exists to avoid.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+
+import torch
+
+from flashlight.compiler.runtime import cache_dir
+
+aten = torch.ops.aten
+
+SCORE_BYTES = 2**30   # float32 queries × keys scores of Inductor's version, over every region
+MARGIN = 0.9          # Inductor runs only if it takes under 90% of the fused time (timing noise)
+
+_CHOICES: dict = {}   # key -> {"runs": "fused" | "inductor", "fused_ms": .., "inductor_ms": ..}
+
+
+def choice_key(kernel_sources, device: torch.device) -> str:
+    """The fused kernels (their code without comments or names: the same program traced from a function
+    or by dynamo names its nodes differently) and the GPU."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    code = sorted(re.sub(r"_[0-9a-f]{16}\b", "",
+                         "\n".join(re.sub(r"\s*#.*$", "", line) for line in src.splitlines()))
+                  for src in kernel_sources)
+    return hashlib.sha256("\n".join([*code, name]).encode()).hexdigest()[:20]
+
+
+def _path():
+    return cache_dir().parent / "choices.json"
+
+
+def known_choice(key: str) -> dict | None:
+    """The choice made for these fused kernels on this GPU, in this process or an earlier one."""
+    if key not in _CHOICES:
+        try:
+            _CHOICES.update(json.loads(_path().read_text()))
+        except (OSError, ValueError):
+            pass
+    return _CHOICES.get(key)
+
+
+def _remember(key: str, choice: dict) -> None:
+    _CHOICES[key] = choice
+    try:   # merged with what other processes wrote since; a lost race costs one more timing, no error
+        known = json.loads(_path().read_text()) if _path().exists() else {}
+        known[key] = choice
+        tmp = _path().with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(known, indent=1))
+        tmp.replace(_path())
+    except (OSError, ValueError):
+        pass
+
+
+def why_not_timed(aten_gm, regions, args) -> str | None:
+    """Why this graph is not timed against Inductor's version (None: it is)."""
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    if not tensors or any(t.device.type != "cuda" for t in tensors):
+        return "not on a GPU"
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return "a training graph (its backward would have to be timed too)"
+    for n in aten_gm.graph.nodes:
+        if n.op != "call_function":
+            continue
+        if n.target is aten.copy_.default or torch.Tag.nondeterministic_seeded in getattr(n.target, "tags", ()):
+            return "the graph writes into an input or draws random numbers (timing would repeat that)"
+    scores = sum(4 * r.ks.batch * r.ks.M * r.ks.N for r in regions)
+    if scores > SCORE_BYTES:
+        return f"Inductor's version would hold {scores / 2**30:.1f} GiB of scores"
+    return None
+
+
+def time_both(fused, unfused, args, rounds=3) -> tuple[float, float]:
+    """ms per call of each on the GPU's clock (host gaps between launches included): the lowest of a few
+    medians, taken in turns, as host-bound calls drift with the load of the machine."""
+    import triton.testing
+
+    def ms(fn):
+        return triton.testing.do_bench(lambda: fn(*args), warmup=5, rep=30, return_mode="median")
+    times = [(ms(fused), ms(unfused)) for _ in range(rounds)]
+    return min(f for f, _ in times), min(u for _, u in times)
+
+
+def choose(key: str, fused_ms: float, inductor_ms: float) -> dict:
+    runs = "inductor" if inductor_ms < MARGIN * fused_ms else "fused"
+    choice = {"runs": runs, "fused_ms": round(fused_ms, 4), "inductor_ms": round(inductor_ms, 4)}
+    _remember(key, choice)
+    return choice
+
+
+def describe(choice: dict) -> str:
+    times = f"fused {choice['fused_ms']:.3f} ms, Inductor's unfused code {choice['inductor_ms']:.3f} ms per call"
+    if choice["runs"] == "inductor":
+        return f"timed slower than Inductor's code at these sizes on this GPU ({times}): Inductor's runs"
+    return f"timed against Inductor's code at these sizes on this GPU ({times}): the fused kernel runs"
