@@ -145,6 +145,28 @@ class CrossAttention(nn.Module):
         return self.o(merge(s.softmax(-1) @ v))
 
 
+class Gemma2(nn.Module):
+    """transformers' Gemma-2 eager attention: GQA by repeat_kv (expand + reshape), query_pre_attn_scalar
+    scaling, tanh soft-capping, the sliding-window mask as an added [B, 1, S, S] tensor of 0 / finfo.min
+    (sliced to the keys), the softmax in float32."""
+
+    def __init__(self, kv_heads=2, window=8, cap=50.0):
+        super().__init__()
+        self.kvh, self.window, self.cap = kv_heads, window, cap
+        self.q, self.o = nn.Linear(C, C, bias=False), nn.Linear(C, C, bias=False)
+        self.kv = nn.Linear(C, 2 * kv_heads * D, bias=False)
+
+    def forward(self, x, mask):
+        q = heads(self.q(x))
+        k, v = (t.view(B, S, self.kvh, D).transpose(1, 2) for t in self.kv(x).split(self.kvh * D, -1))
+        k, v = (t[:, :, None].expand(B, self.kvh, H // self.kvh, S, D).reshape(B, H, S, D) for t in (k, v))
+        s = torch.matmul(q, k.transpose(2, 3)) * 16.0 ** -0.5
+        s = torch.tanh(s / self.cap) * self.cap
+        s = s + mask[:, :, :, : k.shape[-2]]
+        p = F.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype)
+        return self.o(merge(torch.matmul(p, v)))
+
+
 def _inputs(name):
     g = torch.Generator().manual_seed(int(torch.randint(0, 10**6, ())))
     x = torch.randn(B, S, C, generator=g)
@@ -155,10 +177,20 @@ def _inputs(name):
         "Bert": (x, pad), "GPT2": (x,), "Bloom": (x, causal), "Falcon": (x, pad),
         "Phi": (x, torch.zeros(1, 1, S, S).masked_fill(causal, NEG)), "EinsumInPlace": (x,), "T5": (x,),
         "CrossAttention": (x, torch.randn(B, 23, C, generator=g), torch.arange(23)[None, :] < torch.tensor([[23], [15]])),
+        "Gemma2": (x, _sliding_mask(window=8, left_pad=3)),
     }[name]
 
 
-@pytest.mark.parametrize("cls", [Bert, GPT2, Bloom, Falcon, Phi, EinsumInPlace, T5, CrossAttention],
+def _sliding_mask(window, left_pad):
+    """[B, 1, S, S] of 0 / finfo.min: causal within `window` keys, batch 1 left-padded (its first queries
+    see no key: eager averages them over every key)."""
+    i, j = torch.arange(S)[:, None], torch.arange(S)[None, :]
+    keep = ((j <= i) & (i - j < window)).expand(B, 1, S, S).clone()
+    keep[1, :, :, :left_pad] = False
+    return torch.zeros(B, 1, S, S).masked_fill(~keep, NEG)
+
+
+@pytest.mark.parametrize("cls", [Bert, GPT2, Bloom, Falcon, Phi, EinsumInPlace, T5, CrossAttention, Gemma2],
                          ids=lambda c: c.__name__)
 def test_model_file_attention_trains_fused(cls):
     model = cls()
@@ -170,5 +202,25 @@ def test_model_file_attention_trains_fused(cls):
     for c in ("fused_launches", "fused_backward_launches"):
         assert flashlight.counters[c] > before.get(c, 0), (c, str(flashlight.explain(model, *args)))
     reference(*(a.double() if a.is_floating_point() else a for a in args)).square().mean().backward()
+    for (name, p), p64 in zip(model.named_parameters(), reference.parameters()):
+        assert rel_err(p.grad, p64.grad) < TOL, (name, rel_err(p.grad, p64.grad))
+
+
+def test_added_window_mask_skips_tiles_in_training():
+    """Gemma-2's added sliding-window mask is classified per tile in the training forward and both
+    backward kernels (small tiles: most are outside the window), and training stays exact."""
+    from flashlight.compiler import runtime
+
+    model = Gemma2(window=6)
+    reference = copy.deepcopy(model).double()
+    x, mask = _inputs("Gemma2")[0], _sliding_mask(window=6, left_pad=3)
+    torch._dynamo.reset()
+    before = dict(flashlight.counters)
+    tiles = {"BLOCK_M": 16, "BLOCK_N": 16}
+    flashlight.compile(model, config={**tiles, "backward": tiles})(x, mask).square().mean().backward()
+    region = list(runtime._REGISTRY.values())[-1]
+    assert "def classify_tiles_" in region.ks.source and "tile_empty" in region.backward_source.source
+    assert flashlight.counters["classifications"] - before.get("classifications", 0) >= 3   # forward, dQ, dK/dV
+    reference(x.double(), mask.double()).square().mean().backward()
     for (name, p), p64 in zip(model.named_parameters(), reference.parameters()):
         assert rel_err(p.grad, p64.grad) < TOL, (name, rel_err(p.grad, p64.grad))
