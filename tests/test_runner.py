@@ -51,6 +51,18 @@ def test_compile_unsupported_and_params(tmp_path):
     assert "5.0" in r["eager"]["params"]
 
 
+def test_compile_mode_is_torch_compiles_and_labels_the_rows(tmp_path):
+    """compile_mode=reduce-overhead (CUDA graphs on a GPU) reaches the compiled backends; their rows are
+    labelled with it, so a sweep over both modes keeps both as cases, and resume tells them apart."""
+    run(tmp_path, "variant=causal", "backends=[eager,flashlight]", "compile_mode=reduce-overhead", *FAST)
+    run(tmp_path, "variant=causal", "backends=[eager,flashlight]", *FAST)
+    df = pd.read_csv(tmp_path / "results.csv")
+    assert sorted(df["backend"]) == ["eager", "flashlight", "flashlight (reduce-overhead)"], df["backend"]
+    assert (df["status"] == "ok").all(), df[["backend", "status", "reason"]]
+    p = run(tmp_path, "variant=causal", "compile_mode=turbo", *FAST, check=False)
+    assert p.returncode != 0 and "reduce-overhead" in p.stdout + p.stderr
+
+
 def test_fwdbwd(tmp_path):
     run(tmp_path, "variant=diff_attn", "mode=fwdbwd", "backends=[eager,sdpa]", *FAST)
     r = rows(tmp_path)

@@ -43,6 +43,7 @@ from flashlight.results_schema import COLUMNS, tolerance
 
 BACKENDS = ("eager", "compile", "sdpa", "flex", "flashlight")
 COMPILED = {"compile", "flex", "flashlight"}
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 MODES = ("fwd", "fwdbwd")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "float64": torch.float64}
@@ -70,6 +71,7 @@ class Plan:
     device: torch.device
     ref_dtype: torch.dtype
     tune: dict = dataclasses.field(default_factory=dict)  # cfg.tune (configs/tune/false.yaml)
+    compile_mode: str = "default"  # torch.compile's mode for the compiled backends (compile, flex, flashlight)
 
 
 # ------------------------------------------------------------------------------------------ config
@@ -129,7 +131,18 @@ def resolve(cfg: DictConfig) -> Plan:
     tune = OmegaConf.to_container(cfg.tune, resolve=True) if cfg.get("tune") else {}
     if tune.get("enabled") and tune.get("config"):
         raise ConfigError("tune=true searches for a tile config and tune.config sets one: drop one of them")
-    return Plan(variant, shape, backends, mode, DTYPES[dtype_s], device, ref_dtype, tune)
+    compile_mode = cfg.get("compile_mode") or "default"
+    if compile_mode not in COMPILE_MODES:
+        raise ConfigError(f"unknown compile_mode {compile_mode!r}; known: {', '.join(COMPILE_MODES)}")
+    return Plan(variant, shape, backends, mode, DTYPES[dtype_s], device, ref_dtype, tune, compile_mode)
+
+
+def backend_label(backend: str, plan: Plan) -> str:
+    """The row's backend: its name, and the compile mode where it is not the default (`flashlight
+    (reduce-overhead)`), so that rows of two modes are two cases in results, resume and reports."""
+    if backend in COMPILED and plan.compile_mode != "default":
+        return f"{backend} ({plan.compile_mode})"
+    return backend
 
 
 # ------------------------------------------------------------------------------------------ cases
@@ -203,8 +216,9 @@ def make_fn(backend: str, plan: Plan, inputs: dict, info: dict):
     bound = v.bind(shape)
     if backend == "eager":
         return (lambda x, prep: bound(**x)), None
+    mode = None if plan.compile_mode == "default" else plan.compile_mode
     if backend == "compile":
-        compiled = torch.compile(bound)
+        compiled = torch.compile(bound, mode=mode)
         return (lambda x, prep: compiled(**x)), None
     if backend == "sdpa":
         if v.sdpa_note:
@@ -216,7 +230,7 @@ def make_fn(backend: str, plan: Plan, inputs: dict, info: dict):
             raise Unsupported(f"{v.name}: no FlexAttention formulation")
         from torch.nn.attention.flex_attention import flex_attention
 
-        compiled = torch.compile(flex_attention)
+        compiled = torch.compile(flex_attention, mode=mode)
         prepare = (lambda x: v.flex_prepare(x, shape)) if v.has_flex_prepare else None
         return (lambda x, prep: v.flex(x, shape, attention=compiled, prep=prep)), prepare
     if backend == "flashlight":
@@ -238,7 +252,7 @@ def make_fn(backend: str, plan: Plan, inputs: dict, info: dict):
         if plan.tune.get("storage"):  # compile-time lookups of tuned configs read this storage
             tune.set_storage(plan.tune["storage"])
         # the fused kernels are what a row measures: not swapped for Inductor's code where that is faster
-        fused = flashlight.compile(bound, config=plan.tune.get("config") or None, choose_faster=False)
+        fused = flashlight.compile(bound, config=plan.tune.get("config") or None, choose_faster=False, mode=mode)
         return (lambda x, prep: fused(**x)), None  # its data-mask classification: see per_batch_ms
     raise ConfigError(backend)
 
@@ -486,7 +500,7 @@ def tune_case(plan: Plan, inputs: dict, out_dir: Path | None) -> str:
 
 def objective(df: pd.DataFrame) -> float:
     """What a Hydra Optuna sweep (tune=sweep) minimises: the flashlight row's ms; inf unless it is ok."""
-    rows = df[df["backend"] == "flashlight"]
+    rows = df[df["backend"].astype(str).str.match(r"flashlight( \(|$)")]   # "flashlight (reduce-overhead)" too
     if rows.empty or rows.iloc[0]["status"] != "ok":
         return math.inf
     return float(rows.iloc[0]["ms"])
@@ -566,14 +580,14 @@ def run(cfg: DictConfig, out_dir: Path) -> pd.DataFrame:
     with Progress(transient=True) as progress:
         task = progress.add_task(f"{plan.variant.name} {plan.mode}", total=len(plan.backends))
         for backend in plan.backends:
-            key = case_keys(pd.DataFrame([{**base, "backend": backend}]))[0]
+            key = case_keys(pd.DataFrame([{**base, "backend": backend_label(backend, plan)}]))[0]
             if key in done:  # measured by an earlier launch: keep that row, measure nothing
                 rows.append(done[key])
                 skipped.append(backend)
                 progress.advance(task)
                 continue
             progress.update(task, description=f"{plan.variant.name} {plan.mode}: {backend}")
-            row = {**base, "backend": backend, **run_case(backend, plan, cfg, out_dir)}
+            row = {**base, "backend": backend_label(backend, plan), **run_case(backend, plan, cfg, out_dir)}
             append_row(path, row)
             rows.append(row)
             progress.advance(task)
