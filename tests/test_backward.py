@@ -443,10 +443,13 @@ def test_what_only_the_row_step_reads_is_freed_before_the_gradients_are_allocate
 
     def watched_rows(self, inputs, saved, grad_out, needs):
         seen["wide"] = [weakref.ref(t) for t in saved if t.numel() > self.ks.batch * self.ks.M]
+        seen["row stats"] = [weakref.ref(t) for t in saved if t.numel() == self.ks.batch * self.ks.M]
         return rows(self, inputs, saved, grad_out, needs)
 
     def watched_backward(self, *args):
         seen["alive"] = [r() is not None for r in seen["wide"]]
+        # without finite mask fills the kernels need no forward row statistic: freed with the row step
+        seen["row stats alive"] = [r() is not None for r in seen["row stats"]]
         return generated(self, *args)
 
     monkeypatch.setattr(runtime.CompiledRegion, "rows", watched_rows)
@@ -457,3 +460,4 @@ def test_what_only_the_row_step_reads_is_freed_before_the_gradients_are_allocate
         # Inductor compiles the backward graph around the ops and frees each tensor after its last use
         check_grads(fn, {n: torch.randn(2, 3, 70, 24, requires_grad=True) for n in "qkv"}, inductor=True)
         assert len(seen["wide"]) == 1 and seen["alive"] == [False], seen
+        assert len(seen["row stats"]) == 2 and not any(seen["row stats alive"]), seen

@@ -31,7 +31,8 @@ counters: collections.Counter = collections.Counter()
 COMPILED_ROW_STEP = {"cuda"}
 
 _REGISTRY: dict = {}        # key -> CompiledRegion
-OPS_PROTOCOL = "2: the backward is fused_attention_rows then fused_attention_backward"
+OPS_PROTOCOL = ("3: the backward is fused_attention_rows then fused_attention_backward, which gets the "
+                "forward's row statistics only for finite-fill row checks")
 launch_configs: dict = {}   # kernel name -> the config of its latest launch (the runner reports it)
 _MODULES: dict = {}         # source hash -> loaded kernel function
 
@@ -605,7 +606,11 @@ def _backward(ctx, grads):
     g_out = grads[0] if grads[0] is not None else leaves[0].new_zeros(ks.out_shape, dtype=ks.out_dtype)
     # two ops: the output and accumulators the row step reads are freed before the gradients are allocated
     rows = torch.ops.flashlight.fused_attention_rows(leaves, state, g_out, needs, ctx.key)
-    row_saved = lookup(ctx.key).row_saved(state)
+    # the forward's row statistics reach the kernels only for finite mask fills' row checks (_redo_batches):
+    # elsewhere they are the row step's alone, and freed with it, as the output is
+    region = lookup(ctx.key)
+    checks = region.backward_source is not None and region.backward_source.row_checks
+    row_saved = region.row_saved(state) if checks else []
     res = torch.ops.flashlight.fused_attention_backward(leaves, row_saved, rows, g_out, needs, ctx.key)
     return [r if n else None for r, n in zip(res, needs)], None
 
