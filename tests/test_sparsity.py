@@ -198,6 +198,14 @@ def where_built(q, k, v):          # a causal mask built by where from positions
     return torch.softmax(q @ k.mT + torch.where(j > i, F32_MIN, 0.0), -1) @ v
 
 
+def cast_mask(q, k, v, keep):      # a boolean mask cast to numbers and scaled: (~keep).float() * finfo.min
+    return torch.softmax(q @ k.mT + (~keep).float() * F32_MIN, -1) @ v
+
+
+def sigmoid_added(q, k, v, mask):  # sigmoid attention: no row sum, a masked score is 0 on its own
+    return torch.sigmoid(q @ k.mT * q.shape[-1] ** -0.5 + mask) @ v
+
+
 class BufferSlice(torch.nn.Module):   # GPT-2's registered buffer, sliced to the sequence, as an additive mask
     def __init__(self, n=128):
         super().__init__()
@@ -235,12 +243,16 @@ def added_case(name, g):
         return where_built, (q, k, v)
     if name == "buffer slice":
         return BufferSlice(), (q, k, v)
+    if name == "cast boolean":
+        return cast_mask, (q, k, v, hf_mask(B, S, F32_MIN, pad_from=30) == 0)
+    if name == "sigmoid":
+        return sigmoid_added, (q, k, v, hf_mask(B, S, F32_MIN, pad_from=30))
     # fp16's finfo.min does not absorb a float32 score: computed, never skipped, still exact
     return added, (q, k, v, hf_mask(B, S, torch.finfo(torch.float16).min, pad_from=30))
 
 
 ADDED = ["hf causal, left padding", "hf sliding window", "bert padding", "where-built causal", "buffer slice",
-         "fp16 min"]
+         "cast boolean", "sigmoid", "fp16 min"]
 
 
 @pytest.mark.parametrize("name", ADDED)
@@ -262,7 +274,7 @@ def test_added_masks_skip_tiles_and_keep_the_eager_result(name):
     # float32's own distance from float64 there (within 3x)
     tol = max(TOL, 3 * rel_err(fn(*args), ref))
     assert rel_err(outs[True], ref) < tol and rel_err(outs[False], ref) < tol
-    if name in ("hf causal, left padding", "fp16 min"):
+    if name in ("hf causal, left padding", "sigmoid", "fp16 min"):
         # batch 1's keys 0..29 are masked for every query; its first 30 queries see no key at all, so
         # their query tiles (rows 0..31) are computed again without skipping
         q, k, v, mask = args

@@ -285,6 +285,8 @@ def _abstract_finite(region: Region, forced: set, fill: float):
         elif t in WHERE:
             a, b = args[1], args[2]
             val[n] = a if a == b else ("fill", max(a[1], b[1])) if _is_fill(a) and _is_fill(b) else TOP
+        elif t is aten.sigmoid.default:   # sigmoid attention: 1 / (1 + e^256) is 0 in float32, no row check
+            val[n] = ZERO if _is_fill(args[0]) and args[0][1] <= -ROW_MARGIN else TOP
         elif t in (aten.exp.default, aten.exp2.default):
             a = args[0]
             if isinstance(a, tuple) and a[0] == "shifted":
@@ -390,7 +392,13 @@ class IntervalEmitter:
     def _value(self, n):
         t = n.target
         if t in VIEW_OPS:
-            return self.value(n.args[0]) if n.args[0] in set(self.r.nodes) else self.operand(n, 0)
+            res = self.value(n.args[0]) if n.args[0] in set(self.r.nodes) else self.operand(n, 0)
+            if res is not None and res[0] == "bool" and n.meta["val"].dtype != torch.bool:
+                # a mask cast to numbers ((~keep).float() * -1e30): 1 where true, 0 where false
+                _, true_everywhere, false_everywhere = res
+                return self._emit("num", f"tl.where({true_everywhere}, 1.0, 0.0)",
+                                  f"tl.where({false_everywhere}, 0.0, 1.0)")
+            return res
         ops = [self.operand(n, i) if isinstance(n.args[i], fx.Node) or _literal(n.args[i]) is not None
                else None for i in range(len(n.args))]
         if any(o is None for o in ops):
