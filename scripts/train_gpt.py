@@ -205,9 +205,9 @@ def train(mode, model0, data, args, device, inductor):
     if mode == "eager":
         step_fn = model
     elif mode == "compile":
-        step_fn = torch.compile(model)
+        step_fn = torch.compile(model, mode=args.compile_mode)
     else:
-        step_fn = flashlight.compile(model, inductor=inductor)
+        step_fn = flashlight.compile(model, inductor=inductor, mode=args.compile_mode)
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -286,6 +286,8 @@ def parse_args(argv=None):
     for k in ("layers", "d_model", "heads", "seq", "batch", "steps", "warmup"):
         p.add_argument(f"--{k.replace('_', '-')}", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--compile-mode", default=None,
+                   help="torch.compile's mode for compile and flashlight, e.g. reduce-overhead (CUDA graphs)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto (cuda if available), cuda or cpu")
     p.add_argument("--inductor", action=argparse.BooleanOptionalAction, default=None,
