@@ -20,9 +20,8 @@ def compile(fn, *, dump=None, config=None, inductor=True, block_sparse=True, cho
     config: tile config for the fused kernels, e.g. {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8}.
     inductor: compile the rest of the graph with Inductor (False runs it eagerly: quicker to start).
     block_sparse: skip key tiles that a -inf mask provably removes (False computes every tile).
-    choose_faster: on the first call on a GPU, time the graph (and a training graph's backward) against
-        Inductor's unfused version where that is cheap (small sizes) and run the faster from then on
-        (False: always the fused).
+    choose_faster: on the first call on a GPU, time the graph against Inductor's unfused version where
+        that is cheap (inference, small sizes) and run the faster from then on (False: always the fused).
     mode, options (torch.compile's): apply to the Inductor compile around the fused regions;
         mode="reduce-overhead" runs the graph, fused kernels included, as CUDA graphs.
     """

@@ -7,10 +7,10 @@ from then on — the way max-autotune picks a kernel: once per (fused kernels, G
 disk (`choices.json` beside the kernel cache), so later processes neither time nor compile it again.
 The report (`flashlight.explain`, `backend.last_report`) says which runs and the two times.
 
-Timed only where it is safe and cheap: graphs that write into no input and draw no random numbers (every
-timed call would repeat those effects), and sizes at which Inductor's unfused graph holds its scores in at
-most SCORE_BYTES (above that, its materialised scores are what the fused kernel exists to avoid). A
-training graph is timed forward and backward (torch.autograd.grad, so no parameter's .grad is touched).
+Timed only where it is safe and cheap: inference graphs (a training graph's backward would have to be
+timed too), graphs that write into no input and draw no random numbers (every timed call would repeat
+those effects), and sizes at which Inductor's unfused graph holds its scores in at most SCORE_BYTES. Above
+that, its materialised scores are what the fused kernel exists to avoid.
 """
 from __future__ import annotations
 
@@ -72,6 +72,9 @@ def why_not_timed(aten_gm, regions, args) -> str | None:
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
     if not tensors or any(t.device.type != "cuda" for t in tensors):
         return "not on a GPU"
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return ("a training graph (its backward would have to be timed too, and extra forward passes would "
+                "upset activation checkpointing, which counts the tensors a forward saves)")
     for n in aten_gm.graph.nodes:
         if n.op != "call_function":
             continue
@@ -83,29 +86,13 @@ def why_not_timed(aten_gm, regions, args) -> str | None:
     return None
 
 
-def measured_call(fn, args):
-    """What a call costs the user: the graph, and for a training graph its backward too (gradients of
-    every output that requires grad, with respect to every input that does, returned rather than
-    accumulated into .grad)."""
-    wrt = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad] if torch.is_grad_enabled() else []
-
-    def call():
-        outs = fn(*args)
-        if not wrt:
-            return outs
-        outs = [o for o in (outs if isinstance(outs, (list, tuple)) else [outs])
-                if isinstance(o, torch.Tensor) and o.requires_grad]
-        return torch.autograd.grad(outs, wrt, [torch.ones_like(o) for o in outs], allow_unused=True) if outs else ()
-    return call
-
-
 def time_both(fused, unfused, args, rounds=3) -> tuple[float, float]:
     """ms per call of each on the GPU's clock (host gaps between launches included): the lowest of a few
     medians, taken in turns, as host-bound calls drift with the load of the machine."""
     import triton.testing
 
     def ms(fn):
-        return triton.testing.do_bench(measured_call(fn, args), warmup=5, rep=30, return_mode="median")
+        return triton.testing.do_bench(lambda: fn(*args), warmup=5, rep=30, return_mode="median")
     times = [(ms(fused), ms(unfused)) for _ in range(rounds)]
     return min(f for f, _ in times), min(u for _, u in times)
 
