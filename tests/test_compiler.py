@@ -841,6 +841,9 @@ def test_a_graph_slower_than_inductors_code_runs_inductors(monkeypatch, tmp_path
     report = flashlight.explain(attn, q, k, v)
     assert not report.fused and "fused 1.000 ms, Inductor's unfused code 0.500 ms" in report.regions[0].reason
     assert "inductor" in (tmp_path / "choices.json").read_text()
+    torch._dynamo.reset()
+    flashlight.compile(attn, config={"BLOCK_M": 16, "BLOCK_N": 16})(q, k, v)
+    assert timed == [1, 1]                       # other tiles: another choice, timed on its own
 
     # the fused kernel faster: it keeps running, and the report gives both times
     monkeypatch.setattr(choose, "_CHOICES", {})

@@ -275,7 +275,7 @@ class FallBackOnFailure:
             self.report.notes.append(f"not timed against Inductor's unfused code: {why}")
             return
         device = next(a.device for a in args if isinstance(a, torch.Tensor))
-        key = choose.choice_key([r.ks.source for r in regions], device)
+        key = choose.choice_key([r.ks.source for r in regions], device, [r.config for r in regions])
         choice = choose.known_choice(key)
         try:
             unfused = None

@@ -31,13 +31,15 @@ MARGIN = 0.9          # Inductor runs only if it takes under 90% of the fused ti
 _CHOICES: dict = {}   # key -> {"runs": "fused" | "inductor", "fused_ms": .., "inductor_ms": ..}
 
 
-def choice_key(kernel_sources, device: torch.device) -> str:
+def choice_key(kernel_sources, device: torch.device, configs=None) -> str:
     """The fused kernels (their code without comments or names: the same program traced from a function
-    or by dynamo names its nodes differently) and the GPU."""
+    or by dynamo names its nodes differently), the tiles given to compile() (`configs`, one dict per
+    kernel; none: the defaults) and the GPU."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    configs = configs or [{}] * len(kernel_sources)
     code = sorted(re.sub(r"_[0-9a-f]{16}\b", "",
                          "\n".join(re.sub(r"\s*#.*$", "", line) for line in src.splitlines()))
-                  for src in kernel_sources)
+                  + repr(sorted(cfg.items())) for src, cfg in zip(kernel_sources, configs))
     return hashlib.sha256("\n".join([*code, name]).encode()).hexdigest()[:20]
 
 
