@@ -265,6 +265,7 @@ class FallBackOnFailure:
         self.fn = self.fused
         if self.timing is not None:
             self.choose(args)
+            self.timing = None   # decided once: the graph and regions it held are not needed again
         return out
 
     def choose(self, args):
