@@ -326,8 +326,11 @@ class CompiledRegion:
         then visits every tile of that batch. Computed on the device, without a sync."""
         ks, bs = self.ks, self.backward_source
         names = [name for name, kind in ks.saved if kind == "row"]
-        flags = [(row_saved[names.index(m)].view(ks.batch, ks.M) <= t).any(1) for m, t in bs.row_checks.items()]
-        return torch.stack(flags).any(0).to(torch.int32)
+        low = None   # per batch: its lowest row max at or below the threshold (a few launches: host time)
+        for m, t in bs.row_checks.items():
+            flag = row_saved[names.index(m)].view(ks.batch, ks.M).amin(1) <= t
+            low = flag if low is None else low | flag
+        return low.to(torch.int32)
 
     def row_step(self, inputs, saved, grad_out, needs):
         """The backward's row step (late.row_backward) as a function of (inputs, saved, grad_out): on the
