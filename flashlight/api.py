@@ -67,11 +67,5 @@ def _known_choice(report: Report, inputs) -> None:
     if not fused or not tensors:
         return
     choice = choose.known_choice(choose.choice_key([r.kernel_source for r in fused], tensors[0].device))
-    if choice is None:
-        return
-    note = choose.describe(choice)
-    if choice["runs"] == "inductor":
-        for r in fused:
-            r.fused, r.reason = False, note
-    else:
-        report.notes.append(note)
+    if choice is not None:
+        choose.report_choice(report, choice)

@@ -287,14 +287,9 @@ class FallBackOnFailure:
         except Exception as e:   # timing is an optimisation: the fused graph, which ran, stays
             self.report.notes.append(f"timing against Inductor's unfused code failed ({type(e).__name__}: {e})")
             return
-        note = choose.describe(choice)
         if choice["runs"] == "inductor":
             self.fn = unfused
-            for rep in self.report.regions:
-                if rep.fused:
-                    rep.fused, rep.reason = False, note
-        else:
-            self.report.notes.append(note)
+        choose.report_choice(self.report, choice)
 
     def fall_back(self, error, args, what):
         global last_report

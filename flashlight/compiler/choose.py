@@ -111,3 +111,14 @@ def describe(choice: dict) -> str:
     if choice["runs"] == "inductor":
         return f"timed slower than Inductor's code at these sizes on this GPU ({times}): Inductor's runs"
     return f"timed against Inductor's code at these sizes on this GPU ({times}): the fused kernel runs"
+
+
+def report_choice(report, choice: dict) -> None:
+    """Say in a report which runs: regions not fused (with the times) where Inductor's does, else a note."""
+    note = describe(choice)
+    if choice["runs"] == "inductor":
+        for rep in report.regions:
+            if rep.fused:
+                rep.fused, rep.reason = False, note
+    else:
+        report.notes.append(note)

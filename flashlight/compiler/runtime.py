@@ -364,10 +364,10 @@ class CompiledRegion:
         back from autograd is a new object each step, on the storage the forward read)."""
         ks = self.ks
         m_tiles, n_tiles = math.ceil(ks.M / bm), math.ceil(ks.N / bn)
-        judged = self._no_classes.get((classifier, bm, bn), False)
-        if judged is not None and judged is not False:
+        judged = (classifier, bm, bn) in self._no_classes
+        if self._no_classes.get((classifier, bm, bn)) is not None:   # a bias, not a mask: every tile computed
             counters["classifications_skipped"] += 1
-            return judged
+            return self._no_classes[(classifier, bm, bn)]
         reads = [inputs[i] for i in read_ix]
         # inside CUDA graphs the classification kernel is part of the graph: replays classify the new data
         state = None if self.cuda_graphs else _classification_state(reads, args, bm, bn)
@@ -382,7 +382,7 @@ class CompiledRegion:
         getattr(module, classifier)[(range_rows * m_tiles * n_tiles,)](
             *inputs, table, *args, BLOCK_M=bm, BLOCK_N=bn, num_warps=4, num_stages=1)
         counters["classifications"] += 1
-        if judged is False and state is not None and ks.may_be_bias:
+        if not judged and state is not None and ks.may_be_bias:
             # A tensor added to the scores may be a bias (Evoformer's pair bias) rather than a mask: if its
             # first table has no tile to skip and none kept whole, classifying costs a launch and a read of
             # the tensors for nothing, so from now on every tile is computed with its mask math, as the
