@@ -167,6 +167,30 @@ class Gemma2(nn.Module):
         return self.o(merge(torch.matmul(p, v)))
 
 
+class RotaryComplex(nn.Module):
+    """Llama's original RoPE through complex numbers (view_as_complex · polar), GQA by repeat_interleave,
+    an added causal mask from torch.full(finfo.min).triu(1): the gradient reaches q and k through complex
+    values."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.kv, self.o = nn.Linear(C, C, bias=False), nn.Linear(C, C, bias=False), nn.Linear(C, C)
+
+    @staticmethod
+    def rope(x):
+        inv = 1.0 / 10000 ** (torch.arange(0, D, 2, dtype=torch.float32) / D)
+        ang = torch.arange(x.shape[-2]).float()[:, None] * inv[None]
+        xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], D // 2, 2))
+        return torch.view_as_real(xc * torch.polar(torch.ones_like(ang), ang)).flatten(-2).type_as(x)
+
+    def forward(self, x, mask):
+        q = self.rope(heads(self.q(x)))
+        k, v = (t.reshape(B, S, H // 2, D).transpose(1, 2) for t in self.kv(x).split(C // 2, -1))
+        k, v = self.rope(k).repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+        s = q @ k.transpose(-1, -2) / D ** 0.5 + mask
+        return self.o(merge(F.softmax(s, dim=-1) @ v))
+
+
 def _inputs(name):
     g = torch.Generator().manual_seed(int(torch.randint(0, 10**6, ())))
     x = torch.randn(B, S, C, generator=g)
@@ -178,6 +202,7 @@ def _inputs(name):
         "Phi": (x, torch.zeros(1, 1, S, S).masked_fill(causal, NEG)), "EinsumInPlace": (x,), "T5": (x,),
         "CrossAttention": (x, torch.randn(B, 23, C, generator=g), torch.arange(23)[None, :] < torch.tensor([[23], [15]])),
         "Gemma2": (x, _sliding_mask(window=8, left_pad=3)),
+        "RotaryComplex": (x, torch.full((S, S), NEG).triu(1)),
     }[name]
 
 
@@ -190,7 +215,8 @@ def _sliding_mask(window, left_pad):
     return torch.zeros(B, 1, S, S).masked_fill(~keep, NEG)
 
 
-@pytest.mark.parametrize("cls", [Bert, GPT2, Bloom, Falcon, Phi, EinsumInPlace, T5, CrossAttention, Gemma2],
+@pytest.mark.parametrize("cls", [Bert, GPT2, Bloom, Falcon, Phi, EinsumInPlace, T5, CrossAttention, Gemma2,
+                                 RotaryComplex],
                          ids=lambda c: c.__name__)
 def test_model_file_attention_trains_fused(cls):
     model = cls()

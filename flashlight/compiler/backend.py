@@ -76,7 +76,8 @@ def requires_grad_nodes(gm: fx.GraphModule, example_inputs) -> set:
     def floating(val):
         if isinstance(val, (list, tuple)):   # split, unbind…: read through getitem
             return any(floating(v) for v in val)
-        return isinstance(val, torch.Tensor) and val.dtype.is_floating_point
+        # complex too: RoPE written with view_as_complex carries the gradient through complex values
+        return isinstance(val, torch.Tensor) and (val.dtype.is_floating_point or val.dtype.is_complex)
 
     for n in gm.graph.nodes:
         if n.op == "call_function" and floating(n.meta.get("val")) and n.target is not aten.detach.default \
