@@ -147,14 +147,63 @@ def test_module_trains_like_eager(inductor):
         assert rel_err(a.detach(), b.detach()) < 1e-5, name
 
 
-def test_gqa_shares_key_gradients_across_heads():
-    def gqa(q, k, v):   # 4 query heads over 2 key/value heads
-        k = k.repeat_interleave(2, dim=1)
-        v = v.repeat_interleave(2, dim=1)
-        return torch.softmax(q @ k.transpose(-1, -2) * 0.25, -1) @ v
-    inputs = {"q": torch.randn(2, 4, 33, 16, requires_grad=True), "k": torch.randn(2, 2, 45, 16, requires_grad=True),
-              "v": torch.randn(2, 2, 45, 8, requires_grad=True)}
+def _grouped(spelling, x, G):
+    """x [B, Hkv, S, D] repeated for G query heads per K/V head, as model code spells it."""
+    B, Hkv, S, D = x.shape
+    if spelling == "repeat_interleave":
+        return x.repeat_interleave(G, dim=1)
+    if spelling == "repeat_kv":        # HF transformers: head h reads K/V head h // G
+        return x[:, :, None].expand(B, Hkv, G, S, D).reshape(B, Hkv * G, S, D)
+    if spelling == "group_outer":      # head h reads K/V head h % Hkv
+        return x[:, None].expand(B, G, Hkv, S, D).reshape(B, G * Hkv, S, D)
+    assert spelling == "mqa" and Hkv == 1
+    return x.expand(B, G, S, D)
+
+
+@pytest.mark.parametrize("spelling,mask", [("repeat_interleave", None), ("repeat_kv", "doc"),
+                                           ("group_outer", "finfo"), ("mqa", "causal")])
+def test_gqa_sums_key_and_value_gradients_over_the_group_in_the_kernel(spelling, mask):
+    """GQA/MQA: one dK/dV program per K/V head loops over the query heads sharing it, so K's and V's
+    gradients are stored whole in their dtype (no float32 sum buffer, no atomics), under every kind of
+    mask the kernel's tile ranges come from (index arithmetic, a classified document table, the batch
+    flags of a finite fill)."""
+    from flashlight.compiler import runtime
+    H, Hkv, S = 4, 1 if spelling == "mqa" else 2, 45
+    G = H // Hkv
+
+    def gqa(q, k, v, ids):
+        s = q @ _grouped(spelling, k, G).transpose(-1, -2) * 0.25
+        if mask == "doc":
+            s = s.masked_fill(ids[:, None, :, None] != ids[:, None, None, :], float("-inf"))
+        i, j = torch.arange(q.shape[-2])[:, None], torch.arange(S)[None, :]
+        if mask == "causal":
+            s = s.masked_fill(j > i, float("-inf"))
+        if mask == "finfo":   # a window: rows before it are masked everywhere (eager's uniform average)
+            s = torch.where((j <= i + 12) & (j > i - 8), s, torch.finfo(s.dtype).min)
+        return torch.softmax(s, -1) @ _grouped(spelling, v, G)
+    ids = torch.sort(torch.randint(0, 4, (2, S)), dim=1).values
+    inputs = {"q": torch.randn(2, H, 33 if mask != "doc" else S, 16, requires_grad=True),
+              "k": torch.randn(2, Hkv, S, 16, requires_grad=True),
+              "v": torch.randn(2, Hkv, S, 8, requires_grad=True), "ids": ids}
     check_grads(gqa, inputs)
+    bs = list(runtime._REGISTRY.values())[-1].backward_source
+    assert bs.dkv_group == G and set(bs.stored) >= {1, 2} and "for g in range(0, " in bs.source
+    assert "tl.atomic_add(grad" not in bs.source   # (the classifier's table is built with atomics)
+
+
+def test_grouped_keys_with_per_head_values_keep_float32_sums():
+    """K shared by a group, V per query head: the dK/dV kernel cannot own both, so it keeps one program per
+    query head and sums dK into a float32 buffer (exact either way)."""
+    from flashlight.compiler import runtime
+
+    def gqa(q, k, v):
+        s = q @ k.repeat_interleave(2, dim=1).transpose(-1, -2) * 0.25
+        return torch.softmax(s, -1) @ v
+    inputs = {"q": torch.randn(2, 4, 33, 16, requires_grad=True), "k": torch.randn(2, 2, 45, 16, requires_grad=True),
+              "v": torch.randn(2, 4, 45, 8, requires_grad=True)}
+    check_grads(gqa, inputs)
+    bs = list(runtime._REGISTRY.values())[-1].backward_source
+    assert bs.dkv_group == 1 and 1 not in bs.stored and "tl.atomic_add(grad1_ptr" in bs.source
 
 
 def doc_attention(q, k, v, doc_ids):

@@ -33,9 +33,9 @@ import torch
 import torch.fx as fx
 
 from flashlight.compiler.analysis import GATHERS, MATMULS, WHERE, NotFusable, Region, flat_axes
-from flashlight.compiler.codegen import (LOG2E, LoadSlot, _batch_decomposition, _classifier, _contig, _Emitter,
-                                         _forward_copies, _lit, _prune, access_layout, dot, source_header, tile_loops,
-                                         tile_range_lines)
+from flashlight.compiler.codegen import (LOG2E, LoadSlot, _batch_decomposition, _batch_row, _classifier, _contig,
+                                         _Emitter, _forward_copies, _lit, _prune, access_layout, dot, source_header,
+                                         tile_loops, tile_range_lines)
 from flashlight.compiler.indexing import VIEW_OPS, freeze_chain
 from flashlight.compiler.late import check_shift_invariance
 from flashlight.compiler.rewrite import OnlineProgram, build, lname, vname
@@ -69,6 +69,7 @@ class BackwardSource:
                                   # is linear in one accumulator (late.row_scaled_accumulator)
     sizes: dict = field(default_factory=dict)
     batch: int = 1
+    dkv_group: int = 1            # query heads per K/V head the dK/dV kernel loops over (its grid: batch / this)
     M: int = 0
     N: int = 0
     E: int = 0
@@ -88,6 +89,7 @@ class _TileEmitter(_Emitter):
         self.grad_params: list = []
         self.full_code: dict = {}    # code -> the code used instead on tiles the masks keep whole
         self.stored: set = set()     # inputs whose gradient this kernel stores whole (see _exclusive)
+        self.group = None            # (batch axis, G, inner): the K/V heads' query heads looped over (_kv_group)
 
     def expr(self, node):
         # x / row value: one reciprocal per row, a multiply per element (division is slow on the GPU)
@@ -287,6 +289,7 @@ def generate_backward(region: Region, needs: tuple, block_sparse: bool = True,
                           classifiers=tuple(classifiers), range_rows=range_rows,
                           classifier_reads=tuple(sorted(reads)), row_checks=row_checks, reads_dout=reads_dout,
                           batch=math.prod(region.batch_sizes) if region.batch_sizes else 1,
+                          dkv_group=dkv.em.group[1] if dkv and dkv.em.group else 1,
                           M=sizes["m"], N=sizes["n"], E=sizes["e"])
 
 
@@ -326,7 +329,12 @@ class _Kernel:
         lines = ["pid = tl.program_id(0)",
                  f"pid_{fixed} = pid % tl.cdiv({big[fixed]}, {block[fixed]})",
                  f"pid_b = pid // tl.cdiv({big[fixed]}, {block[fixed]})"]
-        lines += _batch_decomposition("pid_b", r.batch_axes, sizes)
+        group = em.group
+        if group:   # one program per K/V head: the query heads sharing it are looped over below
+            a, G, inner = group
+            lines += _batch_decomposition("pid_b", r.batch_axes, {**sizes, a: sizes[a] // G}, {a: f"{a}_kv"})
+        else:
+            lines += _batch_decomposition("pid_b", r.batch_axes, sizes)
         lines += [f"start_{fixed} = pid_{fixed} * {block[fixed]}",
                   f"offs_{fixed} = start_{fixed} + tl.arange(0, {block[fixed]})",
                   f"mask_{fixed} = offs_{fixed} < {big[fixed]}"]
@@ -346,10 +354,8 @@ class _Kernel:
         inner = _prune(head + self.loop, live)
         L, B = big[loop_axis], block[loop_axis]
         if em.tiles is None:
-            used = set(_names("\n".join(inner + self.post)))
-            lines += [""] + _prune(pre + self.init, used)
-            lines.append(f"for start_{loop_axis} in range(0, {L}, {B}):")
-            lines += ["    " + ln for ln in inner]
+            loops = [f"for start_{loop_axis} in range(0, {L}, {B}):"] + ["    " + ln for ln in inner]
+            ranges = []
         else:
             # tiles every mask keeps whole run a body without the mask math
             inner_full = _prune(head + self.full_loop, live)
@@ -361,8 +367,22 @@ class _Kernel:
                            "lo = tl.where(redo, 0, lo)",
                            f"hi = tl.where(redo, {L}, hi)"]
             loops = tile_loops(loop_axis, B, inner_full, inner)
-            used = set(_names("\n".join(ranges + loops + self.post)))
-            lines += [""] + _prune(pre + self.init, used) + ranges + loops
+        used = set(_names("\n".join(ranges + loops + self.post)))
+        per_head = _prune(pre, used) + ranges + loops
+        lines += [""] + _prune(self.init, used | set(self.carried))
+        if group:
+            a, G, inner_size = group
+
+            def head(g):   # the index along axis `a` of the group's query head g
+                return f"{a}_kv * {G} + {g}" if inner_size == 1 else \
+                    f"({a}_kv // {inner_size}) * {G * inner_size} + {g} * {inner_size} + {a}_kv % {inner_size}"
+            lines += [f"{a} = {head(0)}  # the group's first head: the gradients' addresses after the loop read it",
+                      f"for g in range(0, {G}):  # the {G} query heads sharing this K/V head: dK, dV summed here",
+                      f"    {a} = {head('g')}",
+                      f"    pid_b = {_batch_row(r.batch_axes, sizes)}"]
+            lines += ["    " + ln if ln else "" for ln in per_head]
+        else:
+            lines += per_head
         lines += [""] + self.post
         lines = _forward_copies(lines)
         return "\n".join("    " + ln if ln else "" for ln in lines)
@@ -397,17 +417,52 @@ def _names(text):
     return re.findall(r"[A-Za-z_]\w*", text)
 
 
-def _exclusive(acc, region) -> bool:
+def _broadcast_subdims(acc, region) -> list:
+    """[(batch or tile axis, size, inner size)] of each sub-dim (size > 1) along which an access does not
+    move: its tensor is broadcast there (GQA's K/V over the query heads of a group, stride 0)."""
+    shape = tuple(acc.source.meta["val"].shape)
+    layout, _ = access_layout(acc.chain, acc.axes, shape, _contig(shape), 0, region.sizes)
+    out = []
+    for (_, _, axis, subdims) in layout:
+        inner = math.prod(s for s, _ in subdims)
+        for s, st in subdims:
+            inner //= s
+            if s > 1 and st == 0:
+                out.append((axis, s, inner))
+    return out
+
+
+def _exclusive(acc, region, group=None) -> bool:
     """Does each program of a kernel own its tile of this input's gradient? True when the input is read
-    once in the region, along every batch axis and with no broadcast (stride-0) dimension: then the
-    gradient is stored in the input's dtype, with no zero fill, no atomics and no conversion after."""
+    once in the region, along every batch axis and with no broadcast (stride-0) dimension but the
+    kernel's `group` (a sub-dim its programs loop over, see _kv_group): then the gradient is stored in
+    the input's dtype, with no zero fill, no atomics and no conversion after."""
     if sum(a.source is acc.source for a in region.accesses.values()) != 1 or acc.gather:
         return False
     if not {a for a in region.batch_axes if region.sizes[a] > 1} <= set(flat_axes(acc.axes)):
         return False
-    shape = acc.source.meta["val"].shape
-    layout, _ = access_layout(acc.chain, acc.axes, tuple(shape), _contig(tuple(shape)), 0, region.sizes)
-    return all(st != 0 for (_, _, _, subdims) in layout for s, st in subdims if s > 1)
+    return _broadcast_subdims(acc, region) in ([], [group])
+
+
+def _kv_group(region, needs):
+    """GQA / MQA: (batch axis, G, inner size) of the one sub-dim of a batch axis along which every input
+    whose gradient the dK/dV kernel gives (K of each score, V) is broadcast, the G query heads that share
+    a K/V head. The kernel then gives one program per K/V head and loops over the G heads inside, summing
+    their dK and dV in registers: each program owns its gradient tile (stored in the input's dtype)
+    instead of G programs adding into a float32 buffer. None where that is not so."""
+    leaf = region.leaf_index
+    targets = [sm.k for sm in region.scores if needs[leaf(sm.k.source)]]
+    targets += [region.value] if needs[leaf(region.value.source)] else []
+    found = set()
+    for acc in targets:
+        sub = _broadcast_subdims(acc, region)
+        if len(sub) != 1 or sub[0][0] not in region.batch_axes:
+            return None
+        found.add(sub[0])
+    group = found.pop() if len(found) == 1 else None
+    if group is None or not all(_exclusive(acc, region, group) for acc in targets):
+        return None
+    return group
 
 
 def _write_gradient(em, acc, ctx, value, post):
@@ -417,7 +472,7 @@ def _write_gradient(em, acc, ctx, value, post):
             value = f"tl.sum({value}, {dim}, keep_dims=True)"
     ptr, mask = em.grad_address(acc, ctx)
     leaf = em.r.leaf_index(acc.source)
-    if _exclusive(acc, em.r):
+    if _exclusive(acc, em.r, em.group):
         em.stored.add(leaf)
         post.append(f"tl.store({ptr}, {value}.to(grad{leaf}_ptr.dtype.element_ty)" +
                     (f", mask={mask})" if mask else ")"))
@@ -480,6 +535,8 @@ class _TileProgram:
         self.r, self.loop_axis, self.needs, self.reads_dout = region, loop_axis, needs, reads_dout
         self.scaled = reads_dout and scaled   # dLoss/d(P·V) = dO · dpv_scale (a factor per row)
         em = self.em = _TileEmitter(region, loop_axis)
+        if loop_axis == "m":
+            em.group = _kv_group(region, needs)
         self.prog = em.prog = OnlineProgram(region)
         build(region, em.operand, self.prog)
         em.pre, em.loop = [], []           # what build() loaded for the forward's accumulators is not needed

@@ -560,15 +560,17 @@ def _forward_copies(lines):
     return out
 
 
-def _batch_decomposition(index, axes, sizes):
-    """Lines splitting a flat program index into batch indices (row-major over `axes`)."""
+def _batch_decomposition(index, axes, sizes, names=None):
+    """Lines splitting a flat program index into batch indices (row-major over `axes`; `names`: the
+    variable an axis's index goes to, where not the axis's own name)."""
     lines, rem = [], index
+    names = names or {}
     for i in reversed(range(len(axes))):
         a = axes[i]
         if i == 0:
-            lines.append(f"{a} = {rem}")
+            lines.append(f"{names.get(a, a)} = {rem}")
         else:
-            lines.append(f"{a} = {rem} % {sizes[a]}")
+            lines.append(f"{names.get(a, a)} = {rem} % {sizes[a]}")
             lines.append(f"rem_{a} = {rem} // {sizes[a]}")
             rem = f"rem_{a}"
     return lines

@@ -282,13 +282,15 @@ class CompiledRegion:
             self._backward_args[layout] = [
                 (slot_args(in_slots, inputs, bs.sizes), slot_args(grad_slots, grads, bs.sizes))
                 for in_slots, grad_slots in (bs.dq_slots, bs.dkv_slots)]
-        launches = [(bs.dq_name, cfg["dq"], bs.M, "BLOCK_M"), (bs.dkv_name, cfg["dkv"], bs.N, "BLOCK_N")]
+        # (kernel, tiles, tiled size, its block, programs per tile: batch rows, over K/V heads for dK/dV)
+        launches = [(bs.dq_name, cfg["dq"], bs.M, "BLOCK_M", bs.batch),
+                    (bs.dkv_name, cfg["dkv"], bs.N, "BLOCK_N", bs.batch // bs.dkv_group)]
         redo = self._redo_batches(row_saved) if bs.row_checks else None
-        for (name, c, size, fixed), (in_args, grad_args), classifier in zip(
+        for (name, c, size, fixed, programs), (in_args, grad_args), classifier in zip(
                 launches, self._backward_args[layout], bs.classifiers):
             if name is None:
                 continue
-            def launch(c, name=name, size=size, fixed=fixed, in_args=in_args, grad_args=grad_args,
+            def launch(c, name=name, size=size, fixed=fixed, programs=programs, in_args=in_args, grad_args=grad_args,
                        classifier=classifier):
                 bm, bn = c["BLOCK_M"], c["BLOCK_N"]
                 ranges = []
@@ -297,7 +299,7 @@ class CompiledRegion:
                                                   inputs, in_args, bm, bn, fixed)]
                 if redo is not None:
                     ranges.append(redo)
-                getattr(module, name)[(math.ceil(size / c[fixed]) * bs.batch,)](
+                getattr(module, name)[(math.ceil(size / c[fixed]) * programs,)](
                     *inputs, *gbufs, dpv, table, *ranges, *in_args, *grad_args, *dout_args, BLOCK_M=bm, BLOCK_N=bn,
                     num_warps=c.get("num_warps", 4), num_stages=c.get("num_stages", 1))
             launch_fitting(launch, c, self._fitted, (name, device.index))

@@ -1,0 +1,147 @@
+"""Every generated kernel compiles for a Hopper GPU (sm_90), with the tiles a GPU would launch it with.
+
+The interpreter runs kernels as Python: it accepts code that Triton's compiler rejects (a name assigned
+only inside a loop and read after it is fine in Python, an error in Triton). Triton compiles for a GPU
+target on a machine without one, down to the cubin, so each kernel a program launches here is also
+compiled the way the GPU would: same source, same argument types, the GPU's default tiles, warps and
+pipeline stages. Its shared memory must fit an H100 (228 KiB a block), or the launch would first have
+to shrink its tiles.
+"""
+import json
+import os
+import re
+import subprocess
+import sys
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import flashlight
+from flashlight.compiler import runtime
+from flashlight.harness import variant_registry as vr
+
+H100_SHARED = 232448   # bytes of shared memory a block may use on sm_90
+_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
+          torch.int32: "i32", torch.int64: "i64", torch.int16: "i16", torch.int8: "i8", torch.uint8: "u8",
+          torch.bool: "i1"}
+
+
+class _Recorder:
+    """A kernel module whose kernels record each launch (the source, the kernel, its arguments), then run."""
+
+    def __init__(self, module, source, launches):
+        self._module, self._source, self._launches = module, source, launches
+
+    def __getattr__(self, name):
+        kernel = getattr(self._module, name)
+        if not hasattr(kernel, "__getitem__"):
+            return kernel
+
+        class Launcher:
+            def __getitem__(_, grid):
+                def launch(*args, **kwargs):
+                    self._launches.append((self._source, name, args, kwargs))
+                    return kernel[grid](*args, **kwargs)
+                return launch
+        return Launcher()
+
+
+@pytest.fixture
+def gpu_launches(monkeypatch):
+    """Launches of the generated kernels, made with the tiles a GPU would use (run by the interpreter)."""
+    launches = []
+    forward_config, backward_config, load_source = runtime.default_config, runtime.backward_config, runtime.load_source
+    monkeypatch.setattr(runtime, "default_config", lambda ks, device_type: forward_config(ks, "cuda"))
+    monkeypatch.setattr(runtime, "backward_config",
+                        lambda bs, device_type, given=None: backward_config(bs, "cuda", given))
+    monkeypatch.setattr(runtime, "load_source",
+                        lambda source, name, dump_dir=None: _Recorder(load_source(source, name, dump_dir), source,
+                                                                      launches))
+    return launches
+
+
+def _signature(source, name, args, kwargs):
+    """The kernel's argument types and constexprs for a launch, from its parameters in the source."""
+    header = re.search(rf"def {name}\((.*?)\):", source, re.S).group(1)
+    params = [p.strip() for p in header.split(",") if p.strip()]
+    values = dict(zip([p.split(":")[0] for p in params], args)) | kwargs
+    signature, constexprs = {}, {}
+    for p in params:
+        pname, v = p.split(":")[0].strip(), values[p.split(":")[0].strip()]
+        if "constexpr" in p:
+            signature[pname], constexprs[pname] = "constexpr", v
+        elif isinstance(v, torch.Tensor):
+            signature[pname] = "*" + _TYPES[v.dtype]
+        elif isinstance(v, bool):
+            signature[pname] = "i1"
+        elif isinstance(v, int):
+            signature[pname] = "i32" if -2**31 <= v < 2**31 else "i64"
+        else:
+            signature[pname] = "fp32"
+    return signature, constexprs
+
+
+def check_compiles(tmp_path, launches):
+    """Compile each distinct launch for sm_90 in a fresh process (the interpreter has patched triton.language
+    in this one); {kernel: shared memory in bytes}. A compile error fails the test with Triton's message."""
+    jobs, seen = [], set()
+    for source, name, args, kwargs in launches:
+        signature, constexprs = _signature(source, name, args, kwargs)
+        options = {"num_warps": kwargs.get("num_warps", 4), "num_stages": kwargs.get("num_stages", 3)}
+        key = (source, name, json.dumps([signature, constexprs, options], sort_keys=True))
+        if key in seen:
+            continue
+        seen.add(key)
+        path = tmp_path / f"{name}.py"
+        path.write_text(source)
+        jobs.append({"path": str(path), "name": name, "signature": signature, "constexprs": constexprs,
+                     "options": options})
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    done = subprocess.run([sys.executable, str(Path(__file__).with_name("hopper_worker.py"))], input=json.dumps(jobs), capture_output=True, text=True,
+                          env=env, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    shared = json.loads(done.stdout.strip().splitlines()[-1])
+    for (name, used), job in zip(shared, jobs):
+        assert used <= H100_SHARED, (name, job["constexprs"], job["options"], used)
+    return shared
+
+
+@pytest.mark.parametrize("name", vr.names())
+def test_every_variants_kernels_compile_for_hopper(name, gpu_launches, tmp_path):
+    """The inference forward, the training forward and both backward kernels (and their classification
+    kernels) of every variant, in half precision."""
+    v = vr.get(name)
+    shape = v.shape(B=1, H=4, Sq=80, Sk=80, D=32, **({"N": 2} if name == "evoformer" else {}))
+    # float16 (the interpreter lacks some bfloat16 constants), float32 for alibi: its float32 slopes promote
+    # the scores, and CPU matmuls take no mixed dtypes
+    dtype = torch.float32 if name == "alibi" else torch.float16
+    inputs = v.make_inputs(shape, dtype, "cpu", requires_grad=True, seed=0)
+    torch._dynamo.reset()
+    fn = flashlight.compile(v.bind(shape), inductor=False)
+    with torch.no_grad():
+        fn(**inputs)
+    out = fn(**inputs)
+    out.backward(torch.randn_like(out))
+    compiled = check_compiles(tmp_path, gpu_launches)
+    kernels = {n for _, n, _, _ in gpu_launches}
+    assert any(n.startswith("flashlight_bwd_dkv") for n in kernels) and \
+        sum(n.startswith("flashlight_attention") for n in kernels) == 2, kernels
+    assert len(compiled) >= 4
+
+
+def test_grouped_key_value_kernel_compiles_for_hopper(gpu_launches, tmp_path):
+    """GQA's dK/dV kernel loops over the query heads of a group and stores after the loop (a name set
+    only in the loop would compile in the interpreter and fail here)."""
+    def gqa(q, k, v):
+        k, v = k.repeat_interleave(4, dim=1), v.repeat_interleave(4, dim=1)
+        s = (q @ k.transpose(-1, -2) * 0.125).masked_fill(torch.ones(80, 80, dtype=torch.bool).triu(1), float("-inf"))
+        return torch.softmax(s, -1) @ v
+    q = torch.randn(1, 8, 80, 64, dtype=torch.float16, requires_grad=True)
+    k, v = (torch.randn(1, 2, 80, 64, dtype=torch.float16, requires_grad=True) for _ in range(2))
+    torch._dynamo.reset()
+    out = flashlight.compile(gqa, inductor=False)(q, k, v)
+    out.backward(torch.randn_like(out))
+    assert any("for g in range(0, 4)" in src for src, n, _, _ in gpu_launches if n.startswith("flashlight_bwd_dkv"))
+    check_compiles(tmp_path, gpu_launches)
