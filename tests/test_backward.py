@@ -510,3 +510,19 @@ def test_what_only_the_row_step_reads_is_freed_before_the_gradients_are_allocate
         check_grads(fn, {n: torch.randn(2, 3, 70, 24, requires_grad=True) for n in "qkv"}, inductor=True)
         assert len(seen["wide"]) == 1 and seen["alive"] == [False], seen
         assert len(seen["row stats"]) == 2 and not any(seen["row stats alive"]), seen
+
+
+def test_region_key_follows_the_backward_source():
+    """Graphs Inductor caches on disk call the ops by the region's key, with the row table's shape the
+    fake kernel gave then: a different generated backward (a new flashlight, the same forward) is a new
+    key, never a cached graph calling it with the old shapes."""
+    import dataclasses
+
+    from flashlight.compiler import runtime
+    torch._dynamo.reset()
+    q, k, v = (torch.randn(1, 2, 24, 16, requires_grad=True) for _ in range(3))
+    flashlight.compile(sm_causal, inductor=False)(q, k, v).sum().backward()
+    region = list(runtime._REGISTRY.values())[-1]
+    changed = dataclasses.replace(region.backward_source, source=region.backward_source.source + "\n# changed")
+    assert dataclasses.replace(region, backward_source=changed).key != region.key
+    assert dataclasses.replace(region, backward_source=region.backward_source).key == region.key

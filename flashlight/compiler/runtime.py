@@ -142,10 +142,12 @@ class CompiledRegion:
 
     @property
     def key(self):
-        # the ops' protocol is in the key: graphs Inductor and AOTAutograd cached on disk call the ops by
-        # key, and one cached by an older flashlight would call them the old way
+        # the ops' protocol and the backward's source are in the key: graphs Inductor and AOTAutograd
+        # cached on disk call the ops by key, with the shapes their fake kernels gave (the row table's
+        # rows); one cached by an older flashlight would call them the old way
         graphs = "cuda graphs\n" if self.cuda_graphs else ""
-        return hashlib.sha256((OPS_PROTOCOL + graphs + self.ks.source).encode()).hexdigest()[:20]
+        backward = self.backward_source.source if self.backward_source is not None else ""
+        return hashlib.sha256((OPS_PROTOCOL + graphs + self.ks.source + backward).encode()).hexdigest()[:20]
 
     def launch_args(self, inputs):
         """Stride/offset arguments, replayed from the view chains once per input layout."""
