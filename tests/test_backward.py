@@ -526,3 +526,33 @@ def test_region_key_follows_the_backward_source():
     changed = dataclasses.replace(region.backward_source, source=region.backward_source.source + "\n# changed")
     assert dataclasses.replace(region, backward_source=changed).key != region.key
     assert dataclasses.replace(region, backward_source=region.backward_source).key == region.key
+
+
+@pytest.mark.parametrize("name,inductor", [("sinks", False), ("causal", True), ("diff_attn", True)])
+def test_row_step_traced_into_the_backward_graph(monkeypatch, name, inductor):
+    """Where the row step is traced into the backward graph (on GPUs; forced here on CPU), it runs as
+    that graph's own ops, the rows op is never called, and every gradient (sinks: the sink logit's
+    comes from the row step itself) is exact."""
+    from flashlight.compiler import runtime
+
+    def no_op(*args):
+        raise AssertionError("the rows op ran: the row step was not traced into the graph")
+    monkeypatch.setattr(runtime, "INLINE_ROW_STEP", {"cpu", "cuda"})
+    monkeypatch.setattr(runtime.CompiledRegion, "rows", no_op)
+    v = vr.get(name)
+    shape = v.shape(B=2, H=4, Sq=40, Sk=40, D=16)
+    torch._dynamo.reset()
+    check_grads(v.bind(shape), v.make_inputs(shape, torch.float32, "cpu", requires_grad=True, seed=3),
+                inductor=inductor)
+
+
+def test_a_row_step_that_cannot_be_traced_runs_as_its_op(monkeypatch):
+    from flashlight.compiler import runtime
+
+    def fails(*args):
+        raise RuntimeError("not traceable")
+    monkeypatch.setattr(runtime, "INLINE_ROW_STEP", {"cpu", "cuda"})
+    monkeypatch.setattr(runtime.CompiledRegion, "rows_traced", fails)
+    torch._dynamo.reset()
+    with pytest.warns(UserWarning, match="tracing the backward's row step into the graph failed"):
+        check_grads(sm_causal, {n: torch.randn(2, 3, 40, 16, requires_grad=True) for n in "qkv"})

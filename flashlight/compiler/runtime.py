@@ -29,6 +29,9 @@ counters: collections.Counter = collections.Counter()
 # devices whose backward row step is compiled by Inductor (on the CPU it runs op by op: there the kernels
 # run in Triton's interpreter, and compiling would only add minutes of C++ builds to the tests)
 COMPILED_ROW_STEP = {"cuda"}
+# devices where the row step's torch ops are traced into the backward graph itself (Inductor compiles them
+# with the rest of it) rather than run by an op of their own (see _backward)
+INLINE_ROW_STEP = {"cuda"}
 
 _REGISTRY: dict = {}        # key -> CompiledRegion
 OPS_PROTOCOL = ("3: the backward is fused_attention_rows then fused_attention_backward, which gets the "
@@ -232,6 +235,19 @@ class CompiledRegion:
             except Exception as e:
                 self._give_up_backward(e)
         return [t.zero_() for t in self.rows_like(inputs, needs)]
+
+    def rows_traced(self, inputs, saved, grad_out, needs):
+        """rows()'s values as plain torch ops, for AOTAutograd to trace into the backward graph: Inductor
+        then compiles the row step with the rest of that graph and launches its kernels from the graph's
+        own code, with no op of ours and no compiled step of its own on the host path between the
+        forward's kernel and the backward's (that path was a GPU idle gap every training step)."""
+        needs = tuple(bool(n) for n in needs)
+        bs = self.backward_source
+        dpv, table, grads = row_backward(self.ks.row_program, inputs, needs, self.launch_args(inputs), saved,
+                                         grad_out, bs.row_names, inputs[bs.value_leaf].dtype)
+        (dpv_shape, dpv_dtype), table_shape = self._rows_layout(inputs)
+        return [dpv.reshape(dpv_shape).to(dpv_dtype).contiguous(), table.reshape(table_shape).float().contiguous()] + [
+            grads[i] if i in grads else torch.zeros_like(inputs[i]) for i in self.row_grad_leaves(inputs, needs)]
 
     def _give_up_backward(self, e):
         if self.reference is None:
@@ -611,11 +627,20 @@ def _backward(ctx, grads):
     needs = [bool(n) for n in ctx.needs_input_grad[0]]
     ks = lookup(ctx.key).ks
     g_out = grads[0] if grads[0] is not None else leaves[0].new_zeros(ks.out_shape, dtype=ks.out_dtype)
-    # two ops: the output and accumulators the row step reads are freed before the gradients are allocated
-    rows = torch.ops.flashlight.fused_attention_rows(leaves, state, g_out, needs, ctx.key)
+    # the row step, then the kernels: the output and accumulators the row step reads are freed before the
+    # gradients are allocated
+    region = lookup(ctx.key)
+    rows = None
+    if leaves[0].device.type in INLINE_ROW_STEP and region.backward_failed is None:
+        try:   # its torch ops join the backward graph being traced
+            rows = region.rows_traced(leaves, state, g_out, needs)
+        except Exception as e:
+            warnings.warn(f"flashlight: tracing the backward's row step into the graph failed ({type(e).__name__}: "
+                          f"{' '.join(str(e).split())[:300]}); it runs as an op of its own", stacklevel=2)
+    if rows is None:
+        rows = torch.ops.flashlight.fused_attention_rows(leaves, state, g_out, needs, ctx.key)
     # the forward's row statistics reach the kernels only for finite mask fills' row checks (_redo_batches):
     # elsewhere they are the row step's alone, and freed with it, as the output is
-    region = lookup(ctx.key)
     checks = region.backward_source is not None and region.backward_source.row_checks
     row_saved = region.row_saved(state) if checks else []
     res = torch.ops.flashlight.fused_attention_backward(leaves, row_saved, rows, g_out, needs, ctx.key)
