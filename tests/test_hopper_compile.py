@@ -145,3 +145,22 @@ def test_grouped_key_value_kernel_compiles_for_hopper(gpu_launches, tmp_path):
     out.backward(torch.randn_like(out))
     assert any("for g in range(0, 4)" in src for src, n, _, _ in gpu_launches if n.startswith("flashlight_bwd_dkv"))
     check_compiles(tmp_path, gpu_launches)
+
+
+def _model_files():
+    import test_model_files as mf
+    return [mf.Bert, mf.GPT2, mf.Bloom, mf.Falcon, mf.Phi, mf.EinsumInPlace, mf.T5, mf.CrossAttention, mf.Gemma2,
+            mf.RotaryComplex]
+
+
+@pytest.mark.parametrize("cls", _model_files(), ids=lambda c: c.__name__)
+def test_model_file_kernels_compile_for_hopper(cls, gpu_launches, tmp_path):
+    """The attention modules as model files write them (test_model_files.py), trained one step in half
+    precision: every kernel of their forward and backward compiles for sm_90."""
+    import test_model_files as mf
+    model = cls().half()
+    args = tuple(a.half() if a.is_floating_point() else a for a in mf._inputs(cls.__name__))
+    torch._dynamo.reset()
+    flashlight.compile(model, inductor=False)(*args).float().square().mean().backward()
+    assert any(n.startswith("flashlight_bwd_dq") for _, n, _, _ in gpu_launches)
+    check_compiles(tmp_path, gpu_launches)
