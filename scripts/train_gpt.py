@@ -336,6 +336,14 @@ def main(argv=None) -> dict:
     inductor = (device.type == "cuda") if args.inductor is None else args.inductor
     tol = args.tol if args.tol is not None else (1e-3 if device.type == "cpu" else 2e-2)
     variant, params = variant_for(args.attention, args.params)
+    if "groups" in params and args.heads % params["groups"]:   # gqa: query heads per K/V head
+        if "groups" in args.params:
+            raise ValueError(f"--param groups={params['groups']} does not divide --heads {args.heads}: "
+                             "choose groups among the divisors of the head count, or another --heads")
+        groups = max(g for g in range(1, params["groups"] + 1) if args.heads % g == 0)
+        print(f"note: {args.heads} heads: gqa's default of {params['groups']} query heads per K/V head does not "
+              f"divide them; using groups={groups} (--param groups=G to choose)")
+        params = {**params, "groups": groups}
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
 
     torch.manual_seed(args.seed)

@@ -46,3 +46,16 @@ def test_unknown_and_unsupported_variants_list_the_supported_ones():
     for name in ("no_such_variant", "evoformer"):
         with pytest.raises(ValueError, match="supported: causal, alibi, softcap, sliding_window, diff_attn, sinks"):
             train_gpt.main(["--tiny", "--steps", "1", "--modes", "eager", "--attention", name])
+
+
+def test_gqa_groups_follow_the_head_count(tmp_path, capsys):
+    """gqa's default of 4 query heads per K/V head does not divide the GPU preset's 6 heads: the script picks
+    the largest group size that does and says so; a group size given that does not divide is an error
+    naming the fix."""
+    summary = train_gpt.main(["--tiny", "--heads", "6", "--d-model", "48", "--steps", "1", "--modes", "flashlight",
+                              "--attention", "gqa", "--out", str(tmp_path)])
+    assert "using groups=3" in capsys.readouterr().out
+    assert summary["results"][0]["fused_backward_launches"] > 0
+    with pytest.raises(ValueError, match="does not divide --heads 6"):
+        train_gpt.main(["--tiny", "--heads", "6", "--steps", "1", "--modes", "eager", "--attention", "gqa",
+                        "--param", "groups=4"])
