@@ -547,6 +547,18 @@ def test_sinks_take_all_weight_of_fully_masked_rows():
     assert rel_err(out, ref) < TOL and (out[1] == 0).all()
 
 
+def test_a_cat_with_an_empty_1d_piece_is_left_as_it_is():
+    """torch.cat skips empty 1-D pieces whatever the others' rank (a key cache not filled yet): the capture
+    does not push ops through such a cat (it read the piece's missing dims before), and the attention
+    over the concatenated keys fuses."""
+    def cached(q, k, v, past):
+        k = torch.cat([past, k], dim=-2)
+        return torch.softmax(q @ k.mT * 0.25, -1) @ torch.cat([past, v], dim=-2)
+    q, k, v = rand(2, 2, 24, 16), rand(2, 2, 24, 16), rand(2, 2, 24, 16)
+    out, ref, _ = run_fused(cached, q, k, v, torch.empty(0))
+    assert rel_err(out, ref) < TOL
+
+
 # ---- bias tables gathered by a computed index (T5 relative positions, per-token biases) ----------
 def t5_clamped(q, k, v, table):
     M, N, nb = q.shape[-2], k.shape[-2], table.shape[0]

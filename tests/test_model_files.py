@@ -250,3 +250,67 @@ def test_added_window_mask_skips_tiles_in_training():
     reference(x.double(), mask.double()).square().mean().backward()
     for (name, p), p64 in zip(model.named_parameters(), reference.parameters()):
         assert rel_err(p.grad, p64.grad) < TOL, (name, rel_err(p.grad, p64.grad))
+
+
+class VmapMaskTwoLayers(nn.Module):
+    """transformers' way since its masking_utils: the 4-D mask is built by vmapping a mask function over
+    (batch, query, key) indices, once per forward, and added in every layer; GQA by repeat_kv."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.ModuleList(nn.Linear(C, C + 2 * C // 2) for _ in range(2))
+        self.o = nn.ModuleList(nn.Linear(C, C) for _ in range(2))
+
+    def forward(self, x, pad):
+        def keep(b, i, j):
+            return (j <= i) & (pad[b, j] > 0)
+        idx = torch.arange(S)
+        rows = torch.vmap(torch.vmap(torch.vmap(keep, (None, None, 0)), (None, 0, None)), (0, None, None))
+        mask = torch.where(rows(torch.arange(B), idx, idx)[:, None], 0.0, NEG)       # [B, 1, S, S]
+        for qkv, o in zip(self.qkv, self.o):
+            q, k, v = qkv(x).split([C, C // 2, C // 2], -1)
+            q = heads(q)
+            k, v = (t.view(B, S, H // 2, D).transpose(1, 2) for t in (k, v))
+            k, v = (t[:, :, None].expand(B, H // 2, 2, S, D).reshape(B, H, S, D) for t in (k, v))
+            p = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(D) + mask, -1)
+            x = x + o(merge(p @ v))
+        return x
+
+
+def test_vmap_built_mask_shared_by_two_layers_trains_fused():
+    """A graph that runs vmap cannot be traced under functorch's functionalize transform: the capture
+    functionalizes it the way AOTAutograd does instead (before, the failed trace left a functorch level
+    behind and the fallback compile crashed). The mask both layers add is read as a tensor by each fused
+    region, not computed in one of them."""
+    model = VmapMaskTwoLayers()
+    reference = copy.deepcopy(model).double()
+    x = torch.randn(B, S, C)
+    pad = torch.ones(B, S, dtype=torch.long)
+    pad[1, :5] = 0                      # left padding: the first rows of sequence 1 see no key
+    torch._dynamo.reset()
+    before = dict(flashlight.counters)
+    flashlight.compile(model)(x, pad).square().mean().backward()
+    assert flashlight.counters["fused_launches"] - before.get("fused_launches", 0) == 2
+    assert flashlight.counters["fused_backward_launches"] - before.get("fused_backward_launches", 0) == 2
+    reference(x.double(), pad).square().mean().backward()
+    for (name, p), p64 in zip(model.named_parameters(), reference.parameters()):
+        assert rel_err(p.grad, p64.grad) < TOL, (name, rel_err(p.grad, p64.grad))
+
+
+def test_a_vmap_graph_that_cannot_be_captured_runs_on_inductor(monkeypatch):
+    """If neither functionalization traces the graph, it runs unfused with a warning: the functorch levels
+    the failed traces left behind are popped first (they made Inductor's own compile fail)."""
+    from flashlight.compiler import capture
+
+    def fails(fn):
+        def inner(*args):
+            raise RuntimeError("cannot trace this graph")
+        return inner
+    monkeypatch.setattr(capture, "_dispatch_functionalize", fails)
+    model = VmapMaskTwoLayers()
+    x, pad = torch.randn(B, S, C), torch.ones(B, S, dtype=torch.long)
+    torch._dynamo.reset()
+    with pytest.warns(UserWarning, match="capturing the graph failed"):
+        out = flashlight.compile(model)(x, pad)
+    assert rel_err(out, model(x, pad)) < TOL
+    assert not torch._C._functorch.get_interpreter_stack()

@@ -367,7 +367,33 @@ class _RegionBuilder:
             epilogue.pop()
 
     def collect_internal(self):
-        """The internal nodes: reachable from P through computable ops and views of them."""
+        """The internal nodes: reachable from P through computable ops and views of them. A value that does
+        not depend on the scores (a mask or bias built from positions or data) but is also used outside
+        the attention (the same mask added in every layer of a model) is read as a tensor instead of
+        being computed in the kernel, and so is what only it needed."""
+        stops: set = set()
+        while True:
+            self.internal.clear()
+            self._collect_internal(stops)
+            shared = {n for n in self.internal if not self._depends_on_scores(n) and any(
+                u not in self.internal and u is not self.pv and u not in self.epilogue for u in n.users)}
+            if not shared:
+                return
+            stops |= shared
+
+    def _depends_on_scores(self, node) -> bool:
+        stack, seen = [node], set()
+        while stack:
+            n = stack.pop()
+            if n in seen:
+                continue
+            seen.add(n)
+            if n.target in MATMULS:
+                return True
+            stack.extend(a for a in n.all_input_nodes if a in self.internal)
+        return False
+
+    def _collect_internal(self, stops):
         pv, internal = self.pv, self.internal
         work = [pv.args[0]]
         for u in self.epilogue:
@@ -377,7 +403,7 @@ class _RegionBuilder:
                      _is_computable(_source_of(a)[0]) and _reaches_matmul(a)]
         while work:
             n = work.pop()
-            if n in internal or not isinstance(n, fx.Node):
+            if n in internal or not isinstance(n, fx.Node) or n in stops:
                 continue
             src, _ = _source_of(n)
             if n.target in VIEW_OPS and not (_is_computable(src) or

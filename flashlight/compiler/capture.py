@@ -151,6 +151,8 @@ def _split_one_use(g, cat, use):
     pieces, dim = cat.args[0], cat.args[1] if len(cat.args) > 1 else 0
     rank = len(cat.meta["val"].shape)
     neg = _dim_of(cat, dim) - rank                      # the cat dim, counted from the right
+    if any(len(p.meta["val"].shape) != rank for p in pieces):
+        return False   # cat skips empty 1-D pieces of any rank (a cache not filled yet): left as it is
     widths = [p.meta["val"].shape[neg] for p in pieces]
     starts = [sum(widths[:i]) for i in range(len(widths))]
     total = sum(widths)
@@ -213,17 +215,70 @@ def _split_concats(gm: fx.GraphModule) -> None:
     gm.recompile()
 
 
+def _functorch_depth() -> int:
+    return len(torch._C._functorch.get_interpreter_stack() or [])
+
+
+def _pop_functorch_levels(depth: int) -> None:
+    """Pop the functorch transforms a failed trace left on functorch's stack above `depth`: tracing a graph
+    that runs vmap (transformers builds its masks with vmap) under functionalize can raise inside both,
+    and the levels left behind made the Inductor compile that follows fail too (an internal assert)."""
+    from torch._functorch.pyfunctorch import TransformType
+    ft = torch._C._functorch
+    pop = {TransformType.Vmap: ft._vmap_decrement_nesting, TransformType.Grad: ft._grad_decrement_nesting,
+           TransformType.Jvp: ft._jvp_decrement_nesting, TransformType.Functionalize: ft._func_decrement_nesting}
+    while _functorch_depth() > depth:
+        pop[ft.peek_interpreter_stack().key()]()
+
+
+def _dispatch_functionalize(fn):
+    """`fn` functionalized by FunctionalTensorMode (Python functionalization, as AOTAutograd does): unlike
+    functorch's functionalize transform it traces graphs that run vmap (transformers builds its masks with
+    vmap). Writes into the inputs are copied back at the end, as functorch's remove="mutations" does."""
+    from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTensorMode
+
+    def unwrap(t):
+        torch._sync(t)
+        return torch._from_functional_tensor(t.elem)
+
+    def inner(*args):
+        skip = torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(torch._C.DispatchKey.Functionalize))
+        with skip, FunctionalTensorMode():
+            wrapped = [FunctionalTensor.to_functional(a) if isinstance(a, torch.Tensor) else a for a in args]
+            out = torch.utils._pytree.tree_map_only(FunctionalTensor, unwrap, fn(*wrapped))
+            written = [(a, unwrap(w)) for a, w in zip(args, wrapped)
+                       if isinstance(w, FunctionalTensor) and torch._functionalize_has_data_mutation(w.elem)]
+        for a, value in written:
+            a.copy_(value)
+        return out
+    return inner
+
+
 def normalize(fn, example_inputs) -> fx.GraphModule:
-    """Trace `fn` (a GraphModule from dynamo or any callable) on `example_inputs` into aten ops."""
+    """Trace `fn` (a GraphModule from dynamo or any callable) on `example_inputs` into aten ops: in-place
+    ops become out-of-place ones (`s.masked_fill_(m, -inf)` on the scores is `masked_fill`), so the matcher
+    sees one spelling; writes into the function's inputs stay, as copies at the end. Functionalized by
+    functorch's transform, or where that fails (a graph that runs vmap) by FunctionalTensorMode."""
+    depth = _functorch_depth()
+    try:
+        return _normalize(fn, example_inputs, lambda f: torch.func.functionalize(f, remove="mutations"))
+    except Exception:
+        _pop_functorch_levels(depth)
+    try:
+        return _normalize(fn, example_inputs, _dispatch_functionalize)
+    except Exception:
+        _pop_functorch_levels(depth)
+        raise
+
+
+def _normalize(fn, example_inputs, functionalize) -> fx.GraphModule:
     if isinstance(fn, fx.GraphModule):
         gm = fn
 
         def fn(*args):
             return fx.Interpreter(gm).run(*args)
 
-    # in-place ops become out-of-place ones (`s.masked_fill_(m, -inf)` on the scores is `masked_fill`), so
-    # the matcher sees one spelling; writes into the function's inputs stay, as copies at the end
-    fn = torch.func.functionalize(fn, remove="mutations")
+    fn = functionalize(fn)
     fake_mode = detect_fake_mode(example_inputs)
     with fx.traceback.preserve_node_meta():
         if fake_mode is not None:
@@ -237,7 +292,18 @@ def normalize(fn, example_inputs) -> fx.GraphModule:
             # they become constants of the graph, as in torch.compile
             gm = make_fx(fn, decomposition_table=decompositions(), tracing_mode="fake",
                          record_stack_traces=True, _allow_non_fake_inputs=True)(*example_inputs)
+    _drop_aliases(gm)
     _values_only_max(gm)
     _natural_exponentials(gm)
     _split_concats(gm)
     return gm
+
+
+def _drop_aliases(gm: fx.GraphModule) -> None:
+    """`aten.alias(x)` is x (a view of all of it: FunctionalTensorMode leaves them where a value is returned
+    as a view): its users read x, so the matcher sees x's own users."""
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target is aten.alias.default:
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+    gm.recompile()
