@@ -314,3 +314,37 @@ def test_a_vmap_graph_that_cannot_be_captured_runs_on_inductor(monkeypatch):
         out = flashlight.compile(model)(x, pad)
     assert rel_err(out, model(x, pad)) < TOL
     assert not torch._C._functorch.get_interpreter_stack()
+
+
+class SharedCausalMask(nn.Module):
+    """One causal mask, built from positions once per forward and added in both layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.ModuleList(nn.Linear(C, 3 * C) for _ in range(2))
+
+    def forward(self, x):
+        i, j = torch.arange(S)[:, None], torch.arange(S)[None, :]
+        mask = torch.where(j <= i, 0.0, NEG)
+        for qkv in self.qkv:
+            q, k, v = (heads(t) for t in qkv(x).chunk(3, -1))
+            x = x + merge(torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(D) + mask, -1) @ v)
+        return x
+
+
+def test_a_mask_shared_by_layers_is_computed_in_each_kernel():
+    """The shared mask is index arithmetic: each layer's kernel computes it (and skips the tiles it removes)
+    rather than reading an S×S tensor, though the graph also uses it outside either region."""
+    model = SharedCausalMask()
+    reference = copy.deepcopy(model).double()
+    x = torch.randn(B, S, C)
+    report = flashlight.explain(model, x)
+    assert report.fused and len([r for r in report.regions if r.fused]) == 2, str(report)
+    for r in report.regions:
+        assert not any(name.startswith("where") for name in r.matched["inputs"]), str(report)
+        assert "index arithmetic" in r.matched["tile skipping"], str(report)
+    torch._dynamo.reset()
+    flashlight.compile(model)(x).square().mean().backward()
+    reference(x.double()).square().mean().backward()
+    for (name, p), p64 in zip(model.named_parameters(), reference.parameters()):
+        assert rel_err(p.grad, p64.grad) < TOL, (name, rel_err(p.grad, p64.grad))

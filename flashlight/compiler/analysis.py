@@ -287,12 +287,16 @@ def _random_ops_before(node):
 
 
 def _analyse(gm: fx.GraphModule, pv: fx.Node) -> Region:
-    b = _RegionBuilder(gm, pv)
-    b.find_epilogue()
-    b.collect_internal()
-    b.check_nothing_escapes()
-    b.propagate_axes()
-    return b.finish()
+    # a mask or bias that does not depend on the scores but is used outside the attention too (the same
+    # mask added in every layer) is computed again in the kernel, as if it were the region's alone (the
+    # graph keeps it for its other users); where the kernel cannot compute it, it is read as a tensor
+    try:
+        return _RegionBuilder(gm, pv).build(shared="recomputed")
+    except NotFusable as recomputed:
+        try:
+            return _RegionBuilder(gm, pv).build(shared="read")
+        except NotFusable:
+            raise recomputed from None
 
 
 class _RegionBuilder:
@@ -327,6 +331,7 @@ class _RegionBuilder:
         self.axes: dict = {}
         self.accesses: dict = {}
         self.internal: set = set()
+        self.recomputed: set = set()   # internal values the graph also keeps for users outside the region
         self.scores: list = []
         self.epilogue: list = []
 
@@ -366,20 +371,32 @@ class _RegionBuilder:
         while epilogue and epilogue[-1].target in VIEW_OPS:  # a trailing view is not worth fusing
             epilogue.pop()
 
-    def collect_internal(self):
+    def build(self, shared: str) -> Region:
+        self.find_epilogue()
+        self.collect_internal(shared)
+        self.check_nothing_escapes()
+        self.propagate_axes()
+        return self.finish()
+
+    def escapes(self, n) -> bool:
+        return any(u not in self.internal and u is not self.pv and u not in self.epilogue for u in n.users)
+
+    def collect_internal(self, shared="recomputed"):
         """The internal nodes: reachable from P through computable ops and views of them. A value that does
         not depend on the scores (a mask or bias built from positions or data) but is also used outside
-        the attention (the same mask added in every layer of a model) is read as a tensor instead of
-        being computed in the kernel, and so is what only it needed."""
+        the attention: `shared="recomputed"` computes it in the kernel all the same, "read" reads it as a
+        tensor (and what only it needed is not computed)."""
         stops: set = set()
         while True:
             self.internal.clear()
             self._collect_internal(stops)
-            shared = {n for n in self.internal if not self._depends_on_scores(n) and any(
-                u not in self.internal and u is not self.pv and u not in self.epilogue for u in n.users)}
-            if not shared:
+            if shared == "recomputed":
+                self.recomputed = {n for n in self.internal if self.escapes(n) and not self._depends_on_scores(n)}
                 return
-            stops |= shared
+            found = {n for n in self.internal if self.escapes(n) and not self._depends_on_scores(n)}
+            if not found:
+                return
+            stops |= found
 
     def _depends_on_scores(self, node) -> bool:
         stack, seen = [node], set()
@@ -421,7 +438,7 @@ class _RegionBuilder:
 
     def check_nothing_escapes(self):
         """Internal values must not escape: the full score matrix is never materialised."""
-        for n in self.internal:
+        for n in self.internal - self.recomputed:
             for u in n.users:
                 if u not in self.internal and u is not self.pv and u not in self.epilogue:
                     raise NotFusable(
