@@ -216,7 +216,10 @@ def _split_concats(gm: fx.GraphModule) -> None:
 
 
 def _functorch_depth() -> int:
-    return len(torch._C._functorch.get_interpreter_stack() or [])
+    try:
+        return len(torch._C._functorch.get_interpreter_stack() or [])
+    except Exception:   # a torch without it: nothing to restore
+        return 0
 
 
 def _pop_functorch_levels(depth: int) -> None:
@@ -303,7 +306,8 @@ def _drop_aliases(gm: fx.GraphModule) -> None:
     """`aten.alias(x)` is x (a view of all of it: FunctionalTensorMode leaves them where a value is returned
     as a view): its users read x, so the matcher sees x's own users."""
     for node in list(gm.graph.nodes):
-        if node.op == "call_function" and node.target is aten.alias.default:
+        if node.op == "call_function" and node.target is aten.alias.default and \
+                all(u.op != "output" for u in node.users):   # a returned view stays one
             node.replace_all_uses_with(node.args[0])
             gm.graph.erase_node(node)
     gm.recompile()
