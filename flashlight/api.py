@@ -46,8 +46,11 @@ def explain(fn, *args, **kwargs) -> Report:
     def flat(*xs):
         call_args, call_kwargs = xs[:len(args)], dict(zip(names, xs[len(args):n_call]))
         if not keys:
-            return fn(*call_args, **call_kwargs)
-        return torch.func.functional_call(fn, dict(zip(keys, xs[n_call:])), call_args, call_kwargs)
+            out = fn(*call_args, **call_kwargs)
+        else:
+            out = torch.func.functional_call(fn, dict(zip(keys, xs[n_call:])), call_args, call_kwargs)
+        # the output's tensors only: a model may return objects a trace cannot (transformers' caches)
+        return [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
 
     inputs = [*args, *kwargs.values(), *state.values()]
     gm = normalize(flat, inputs)

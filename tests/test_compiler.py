@@ -754,6 +754,19 @@ def test_explain_takes_modules_kwargs_and_closures(kwargs):
     assert rel_err(out, ref) < TOL
 
 
+def test_explain_takes_a_model_that_returns_objects_besides_tensors():
+    """A model may return what a trace cannot hold (transformers returns its key/value cache object):
+    explain reports on the tensors' computation."""
+    class Cache:
+        def __init__(self, k, v):
+            self.k, self.v = k, v
+
+    def with_cache(q, k, v):
+        return {"out": (q @ k.mT * 0.25).softmax(-1) @ v, "cache": Cache(k, v), "step": 3}
+    q, k, v = rand(1, 2, 24, 16), rand(1, 2, 24, 16), rand(1, 2, 24, 16)
+    assert flashlight.explain(with_cache, q, k, v).fused
+
+
 def test_dropout_in_training_falls_back_with_reason():
     def f(q, k, v):
         return F.dropout((q @ k.mT * 0.3).softmax(-1), p=0.1, training=True) @ v
