@@ -536,6 +536,15 @@ def test_attention_sinks_in_half_precision():
     assert rel_err(out, ref) < 2e-2
 
 
+def test_log_softmax_exp_in_half_precision_fuses():
+    """A 16-bit log_softmax runs in float32 and casts its result back; its exp() is still the softmax."""
+    def f(q, k, v):
+        return torch.log_softmax(q @ k.mT * 0.3, -1).exp() @ v
+    q, k, v = (rand(2, 3, 40, 16).half() for _ in range(3))
+    out, ref, _ = run_fused(f, q, k, v)
+    assert rel_err(out, ref) < 2e-2
+
+
 def test_sinks_take_all_weight_of_fully_masked_rows():
     # a row whose keys are all padding: eager gives 0 (the sink gets all the weight), not NaN
     B, H, S, D = 2, 2, 24, 16

@@ -64,7 +64,8 @@ def _natural_exponentials(gm: fx.GraphModule) -> None:
 
     - ``base ** x`` (pow.Scalar, a positive constant base; exp2) is ``exp(x * ln(base))``;
     - ``exp(a - log(b))`` is ``exp(a) / b``: ``log_softmax(x).exp()`` becomes the ordinary softmax, and
-      the exp(a) the log-sum-exp already computed is reused."""
+      the exp(a) the log-sum-exp already computed is reused (through the cast a 16-bit log_softmax ends
+      with: the exp of the rounded log-probability becomes the rounded probability)."""
     import math
 
     g = gm.graph
@@ -93,10 +94,14 @@ def _natural_exponentials(gm: fx.GraphModule) -> None:
         new.meta = {**node.meta, **{"val": new.meta["val"]}}
         node.replace_all_uses_with(new)
         g.erase_node(node)
+    casts = (aten._to_copy.default, torch.ops.prims.convert_element_type.default)
     for node in list(g.nodes):
         if node.op != "call_function" or node.target is not aten.exp.default:
             continue
-        sub = node.args[0]
+        sub, cast = node.args[0], None
+        if isinstance(sub, fx.Node) and sub.target in casts and isinstance(sub.args[0], fx.Node):
+            # 16-bit log_softmax runs in float32 and casts its result back: exp(cast(a - log b))
+            cast, sub = sub, sub.args[0]
         if not (isinstance(sub, fx.Node) and sub.target is aten.sub.Tensor and len(sub.args) == 2 and
                 not sub.kwargs and isinstance(sub.args[1], fx.Node) and sub.args[1].target is aten.log.default):
             continue
@@ -107,6 +112,8 @@ def _natural_exponentials(gm: fx.GraphModule) -> None:
         if exp_a is None or exp_a not in _ancestors_upto(node):
             exp_a = _emit(g, node, aten.exp.default, [a])
         new = _emit(g, node, aten.div.Tensor, [exp_a, b])
+        if cast is not None:   # the probabilities in the dtype the exp had (computed before the cast)
+            new = _emit(g, node, cast.target, [new, *cast.args[1:]], dict(cast.kwargs))
         node.replace_all_uses_with(new)
         g.erase_node(node)
     g.eliminate_dead_code()
