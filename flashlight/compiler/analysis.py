@@ -290,9 +290,12 @@ def _analyse(gm: fx.GraphModule, pv: fx.Node) -> Region:
     # a mask or bias that does not depend on the scores but is used outside the attention too (the same
     # mask added in every layer) is computed again in the kernel, as if it were the region's alone (the
     # graph keeps it for its other users); where the kernel cannot compute it, it is read as a tensor
+    first = _RegionBuilder(gm, pv)
     try:
-        return _RegionBuilder(gm, pv).build(shared="recomputed")
+        return first.build(shared="recomputed")
     except NotFusable as recomputed:
+        if not first.recomputed:   # nothing was shared: reading it instead changes nothing
+            raise
         try:
             return _RegionBuilder(gm, pv).build(shared="read")
         except NotFusable:
@@ -390,10 +393,10 @@ class _RegionBuilder:
         while True:
             self.internal.clear()
             self._collect_internal(stops)
-            if shared == "recomputed":
-                self.recomputed = {n for n in self.internal if self.escapes(n) and not self._depends_on_scores(n)}
-                return
             found = {n for n in self.internal if self.escapes(n) and not self._depends_on_scores(n)}
+            if shared == "recomputed":
+                self.recomputed = found
+                return
             if not found:
                 return
             stops |= found
