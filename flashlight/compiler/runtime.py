@@ -24,6 +24,7 @@ import torch
 
 from flashlight.compiler.codegen import KernelSource, access_layout
 from flashlight.compiler.late import compile_row_backward, row_backward
+from flashlight.compiler.launch import Launcher
 
 counters: collections.Counter = collections.Counter()
 # devices whose backward row step is compiled by Inductor (on the CPU it runs op by op: there the kernels
@@ -140,6 +141,7 @@ class CompiledRegion:
     row_step_failed: str | None = None                    # why the row step runs op by op
     _row_grad_leaves: dict = field(default_factory=dict, repr=False)  # needs pattern -> row_grad_leaves
     _backward_configs: dict = field(default_factory=dict, repr=False)  # device type -> backward tiles
+    _launcher: Launcher = field(default_factory=Launcher, repr=False)   # launches its kernels (launch.py)
     cuda_graphs: bool = False   # run inside CUDA graphs (mode="reduce-overhead"): keep no device tensor
                                 # between calls (a graph's memory pool must own every tensor it made)
 
@@ -188,9 +190,9 @@ class CompiledRegion:
         def launch(c):   # a config asking more shared memory than this GPU has shrinks (launch_fitting)
             bm, bn = c["BLOCK_M"], c["BLOCK_N"]
             ranges = [self.tile_ranges(inputs, args, bm, bn)] if ks.classifier else []
-            getattr(module, ks.name)[(math.ceil(ks.M / bm) * ks.batch,)](
-                *inputs, out, *saved, *ranges, *args, BLOCK_M=bm, BLOCK_N=bn,
-                num_warps=c.get("num_warps", 4), num_stages=c.get("num_stages", 2))
+            self._launcher(getattr(module, ks.name), (math.ceil(ks.M / bm) * ks.batch,),
+                           [*inputs, out, *saved, *ranges], args, {"BLOCK_M": bm, "BLOCK_N": bn},
+                           {"num_warps": c.get("num_warps", 4), "num_stages": c.get("num_stages", 2)})
         launch_configs[ks.name] = launch_fitting(launch, cfg, self._fitted, (ks.name, device.index))
         counters["fused_launches"] += 1
         return (out, saved) if ks.row_program is not None else out
@@ -317,9 +319,10 @@ class CompiledRegion:
                                                   inputs, in_args, bm, bn, fixed)]
                 if redo is not None:
                     ranges.append(redo)
-                getattr(module, name)[(math.ceil(size / c[fixed]) * programs,)](
-                    *inputs, *gbufs, dpv, table, *ranges, *in_args, *grad_args, *dout_args, BLOCK_M=bm, BLOCK_N=bn,
-                    num_warps=c.get("num_warps", 4), num_stages=c.get("num_stages", 1))
+                self._launcher(getattr(module, name), (math.ceil(size / c[fixed]) * programs,),
+                               [*inputs, *gbufs, dpv, table, *ranges], [*in_args, *grad_args, *dout_args],
+                               {"BLOCK_M": bm, "BLOCK_N": bn},
+                               {"num_warps": c.get("num_warps", 4), "num_stages": c.get("num_stages", 1)})
             launch_fitting(launch, c, self._fitted, (name, device.index))
         counters["fused_backward_launches"] += 1
         del gbufs
@@ -399,8 +402,8 @@ class CompiledRegion:
                 return table
         rows = m_tiles if fixed == "BLOCK_M" else n_tiles
         table = torch.zeros(range_rows * rows * 5, dtype=torch.int32, device=inputs[0].device)
-        getattr(module, classifier)[(range_rows * m_tiles * n_tiles,)](
-            *inputs, table, *args, BLOCK_M=bm, BLOCK_N=bn, num_warps=4, num_stages=1)
+        self._launcher(getattr(module, classifier), (range_rows * m_tiles * n_tiles,), [*inputs, table], args,
+                       {"BLOCK_M": bm, "BLOCK_N": bn}, {"num_warps": 4, "num_stages": 1})
         counters["classifications"] += 1
         if not judged and state is not None and ks.may_be_bias:
             # A tensor added to the scores may be a bias (Evoformer's pair bias) rather than a mask: if its
