@@ -142,6 +142,9 @@ class CompiledRegion:
     _row_grad_leaves: dict = field(default_factory=dict, repr=False)  # needs pattern -> row_grad_leaves
     _backward_configs: dict = field(default_factory=dict, repr=False)  # device type -> backward tiles
     _launcher: Launcher = field(default_factory=Launcher, repr=False)   # launches its kernels (launch.py)
+    _forward_fit: dict = field(default_factory=dict, repr=False)   # device -> (tuned_generation, config launched)
+    _backward_fit: dict = field(default_factory=dict, repr=False)  # (kernel name, device) -> config launched
+    _saved_layout: list | None = field(default=None, repr=False)   # (shape, dtype) of each stored row value
     cuda_graphs: bool = False   # run inside CUDA graphs (mode="reduce-overhead"): keep no device tensor
                                 # between calls (a graph's memory pool must own every tensor it made)
 
@@ -180,12 +183,13 @@ class CompiledRegion:
         if self._kernel is None:
             self._kernel = load_kernel(self.ks, self.dump_dir)
         ks, module = self.ks, self._kernel
-        cfg = self.launch_config(device)
         args = self.launch_args(inputs)
         out = torch.empty(ks.out_shape, dtype=ks.out_dtype, device=device)
-        rows = ks.batch * ks.M
-        saved = [torch.empty((rows,) if kind == "row" else (rows, ks.sizes["e"]), dtype=saved_dtype(ks, kind),
-                             device=device) for _, kind in ks.saved]
+        if self._saved_layout is None:
+            rows = ks.batch * ks.M
+            self._saved_layout = [((rows,) if kind == "row" else (rows, ks.sizes["e"]), saved_dtype(ks, kind))
+                                  for _, kind in ks.saved]
+        saved = [torch.empty(shape, dtype=dtype, device=device) for shape, dtype in self._saved_layout]
 
         def launch(c):   # a config asking more shared memory than this GPU has shrinks (launch_fitting)
             bm, bn = c["BLOCK_M"], c["BLOCK_N"]
@@ -193,7 +197,13 @@ class CompiledRegion:
             self._launcher(getattr(module, ks.name), (math.ceil(ks.M / bm) * ks.batch,),
                            [*inputs, out, *saved, *ranges], args, {"BLOCK_M": bm, "BLOCK_N": bn},
                            {"num_warps": c.get("num_warps", 4), "num_stages": c.get("num_stages", 2)})
-        launch_configs[ks.name] = launch_fitting(launch, cfg, self._fitted, (ks.name, device.index))
+        fit = self._forward_fit.get(device)
+        if fit is not None and fit[0] == tuned_generation:   # the config found on this device's first call
+            launch(fit[1])
+        else:
+            fit = self._forward_fit[device] = (tuned_generation, launch_fitting(
+                launch, self.launch_config(device), self._fitted, (ks.name, device.index)))
+        launch_configs[ks.name] = fit[1]
         counters["fused_launches"] += 1
         return (out, saved) if ks.row_program is not None else out
 
@@ -323,7 +333,11 @@ class CompiledRegion:
                                [*inputs, *gbufs, dpv, table, *ranges], [*in_args, *grad_args, *dout_args],
                                {"BLOCK_M": bm, "BLOCK_N": bn},
                                {"num_warps": c.get("num_warps", 4), "num_stages": c.get("num_stages", 1)})
-            launch_fitting(launch, c, self._fitted, (name, device.index))
+            fit = self._backward_fit.get((name, device))
+            if fit is not None:   # the config found on this device's first call
+                launch(fit)
+            else:
+                self._backward_fit[(name, device)] = launch_fitting(launch, c, self._fitted, (name, device.index))
         counters["fused_backward_launches"] += 1
         del gbufs
         out = []
