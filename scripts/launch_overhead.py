@@ -1,13 +1,18 @@
 """Host time per call at a tiny shape (GPU benchmark): where a fused launch spends its microseconds.
 
     python scripts/launch_overhead.py [--train]
+    python scripts/launch_overhead.py --direct-ab causal:1024 document_mask:4096 evoformer gqa:1024
 
 At B1 H1 S128 D64 the kernels take a few microseconds, so back-to-back calls measure the host side:
 the torch.compile'd function (dynamo guards, Inductor's wrapper), the flashlight op's dispatch, the
 compiled region (config, stride arguments, output allocation) and Triton's launcher alone, beside
 compiled FlexAttention and SDPA. With --train, a training step (forward and backward) and each of its
-pieces: the training forward op, the backward's row step (op, region method, the compiled step alone)
-and its kernels (op, region method). Prints microseconds per call.
+pieces: the training forward op and the backward's kernels (op, region method). Prints microseconds per call.
+
+--direct-ab: training steps of variants at B4 H32 (Evoformer: B1, 16 MSA rows, H4 S256 D32) in one
+process, with the compiled regions' direct launches (flashlight/compiler/launch.py) on and off for
+alternate blocks of 100 back-to-back steps; prints the median ms per step of each. Host time moves from
+run to run; alternating within one process keeps both sides under the same conditions.
 """
 import argparse
 import time
@@ -49,6 +54,9 @@ def forward_rows(q, k, v):
         "flashlight op call": lambda: torch.ops.flashlight.fused_attention([q, k, v], region.key),
         "CompiledRegion call": lambda: region([q, k, v]),
         "Triton launch alone": lambda: kernel[(1,)](q, k, v, out, *args, **cfg),
+        "launched directly (launch.py)": lambda: region._launcher(
+            kernel, (1,), [q, k, v, out], args, {n: cfg[n] for n in ("BLOCK_M", "BLOCK_N")},
+            {n: cfg[n] for n in cfg if n not in ("BLOCK_M", "BLOCK_N")}),
         "flex, torch.compile'd": lambda: flex(q, k, v),
         "sdpa": lambda: F.scaled_dot_product_attention(q, k, v),
     }
@@ -64,29 +72,22 @@ def training_rows(q, k, v):
         return torch.autograd.grad(fused(q, k, v), (q, k, v), g)
     fused(q, k, v)   # compiles: the region is registered
     region = next(r for r in runtime._REGISTRY.values() if r.backward_source is not None)
-    for name in ("rows", "backward"):   # record one call's arguments of each backward method
-        method = getattr(region, name)
+    method = region.backward
 
-        def recording(*a, _m=method, _n=name):
-            calls[_n] = a
-            return _m(*a)
-        setattr(region, name, recording)
+    def recording(*a):   # one call's arguments
+        calls["backward"] = a
+        return method(*a)
+    region.backward = recording
     step()
-    del region.rows, region.backward   # the class's methods again
-    inputs, saved, grad_out, needs = calls["rows"]
-    _, row_saved, rows, _, _ = calls["backward"]
+    del region.backward   # the class's method again
+    inputs, row_saved, rows, grad_out, needs = calls["backward"]
     key = region.key
-    compiled_step = region.row_step(inputs, saved, grad_out, tuple(bool(n) for n in needs))
     flex = torch.compile(flex_attention)
     return {
         "flashlight training step": step,
         "flashlight forward (compiled fn)": lambda: fused(q, k, v),
         "fused_attention_train op": lambda: torch.ops.flashlight.fused_attention_train(inputs, key),
         "CompiledRegion forward": lambda: region.__class__.__call__(region, inputs),
-        "fused_attention_rows op": lambda: torch.ops.flashlight.fused_attention_rows(inputs, saved, grad_out,
-                                                                                    needs, key),
-        "CompiledRegion.rows": lambda: region.rows(inputs, saved, grad_out, needs),
-        "compiled row step alone": lambda: compiled_step(inputs, saved, grad_out),
         "fused_attention_backward op": lambda: torch.ops.flashlight.fused_attention_backward(
             inputs, row_saved, rows, grad_out, needs, key),
         "CompiledRegion.backward": lambda: region.backward(inputs, row_saved, rows, grad_out, needs),
@@ -95,10 +96,45 @@ def training_rows(q, k, v):
     }
 
 
+def direct_ab(cases, blocks=6, steps=100):
+    from flashlight.harness import variant_registry as vr
+
+    print(torch.cuda.get_device_name(), torch.__version__)
+    for case in cases:
+        name, _, S = case.partition(":")
+        v = vr.get(name)
+        shape = (v.shape(B=1, H=4, Sq=256, Sk=256, D=32) if name == "evoformer" else
+                 v.shape(B=4, H=32, Sq=int(S or 1024), Sk=int(S or 1024), D=64))
+        x = v.make_inputs(shape, torch.bfloat16, "cuda", requires_grad=True)
+        wrt = [x[n] for n in v.learnable]
+        torch._dynamo.reset()
+        runtime._REGISTRY.clear()
+        fn = flashlight.compile(v.bind(shape), choose_faster=False)
+        g = torch.randn_like(fn(**x))
+
+        def step():
+            return torch.autograd.grad(fn(**x), wrt, g)
+        for _ in range(20):
+            step()
+        regions = list(runtime._REGISTRY.values())
+        ms = {True: [], False: []}
+        for _ in range(blocks):
+            for direct in (True, False):
+                for r in regions:
+                    r._launcher.direct = direct
+                ms[direct].append(per_call_us(step, steps) / 1e3)
+        med = {k: sorted(t)[len(t) // 2] for k, t in ms.items()}
+        print(f"{name:14s} {shape.Sq:5d}: ms/step direct {med[True]:.3f}, Triton's usual launch {med[False]:.3f} "
+              f"({sum(r._launcher.direct_launches for r in regions)} direct launches)", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--train", action="store_true")
+    ap.add_argument("--direct-ab", nargs="+", metavar="VARIANT[:S]")
     a = ap.parse_args()
+    if a.direct_ab:
+        return direct_ab(a.direct_ab)
     q, k, v = (torch.randn(1, 1, 128, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     rows = training_rows(q, k, v) if a.train else forward_rows(q, k, v)
     print(torch.cuda.get_device_name(), torch.__version__)
