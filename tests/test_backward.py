@@ -546,6 +546,32 @@ def test_row_step_traced_into_the_backward_graph(monkeypatch, name, inductor):
                 inductor=inductor)
 
 
+@pytest.mark.parametrize("inductor", [False, True])
+def test_stored_row_values_reach_the_backward_kernels_in_place(monkeypatch, inductor):
+    """Row values the forward stored (a row's max, its sum) are passed to the backward kernels as they are,
+    each through a pointer of its own: the traced row step makes no table of copies of them (on a GPU
+    that copy was two more kernel launches on every training step's host path)."""
+    from flashlight.compiler import runtime
+
+    monkeypatch.setattr(runtime, "INLINE_ROW_STEP", {"cpu", "cuda"})
+    stored, passed = [], []
+    forward, backward = runtime.CompiledRegion.__call__, runtime.CompiledRegion._generated_backward
+
+    def recording_forward(self, inputs):
+        res = forward(self, inputs)
+        stored.extend(t.untyped_storage().data_ptr() for t in res[1])
+        return res
+
+    def recording_backward(self, inputs, row_saved, rows, grad_out, needs):
+        passed.extend(t.untyped_storage().data_ptr() for t in rows[1:1 + len(self.backward_source.row_names)])
+        return backward(self, inputs, row_saved, rows, grad_out, needs)
+    monkeypatch.setattr(runtime.CompiledRegion, "__call__", recording_forward)
+    monkeypatch.setattr(runtime.CompiledRegion, "_generated_backward", recording_backward)
+    torch._dynamo.reset()
+    check_grads(sm_causal, {n: torch.randn(2, 3, 40, 16, requires_grad=True) for n in "qkv"}, inductor=inductor)
+    assert len(passed) >= 2 and set(stored) & set(passed), (stored, passed)
+
+
 def test_a_row_step_that_cannot_be_traced_runs_as_its_op(monkeypatch):
     from flashlight.compiler import runtime
 

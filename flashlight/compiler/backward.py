@@ -277,7 +277,7 @@ def generate_backward(region: Region, needs: tuple, block_sparse: bool = True,
             reads |= {int(i) for i in re.findall(r"\bin(\d+)_ptr\b", csrc.split("\n", 2)[2])}
         classifiers.append(cname)
         body = kern.body(row_names, grad_leaves)
-        source += f"\n\n@triton.jit\ndef {name}({kern.signature(grad_leaves)}):\n" + body + "\n"
+        source += f"\n\n@triton.jit\ndef {name}({kern.signature(grad_leaves, len(row_names))}):\n" + body + "\n"
     tiles = dq.em.tiles
     range_rows = math.prod(sizes[a] for a in tiles.batch_axes) if tiles is not None and reads else 1
     # finite fills: the saved running max of each group, and the value at or below which a row was
@@ -309,13 +309,14 @@ class _Kernel:
         ptrs = [f"in{i}_ptr" for i in range(len(self.em.r.leaves))]
         return _classifier(self.em, ptrs, ["BLOCK_M: tl.constexpr", "BLOCK_N: tl.constexpr"], fixed).format(name=name)
 
-    def signature(self, grad_leaves):
+    def signature(self, grad_leaves, n_rows):
         r = self.em.r
         ptrs = [f"in{i}_ptr" for i in range(len(r.leaves))] + [f"grad{i}_ptr" for i in grad_leaves]
         ranges = (["ranges_ptr"] if self.classified else []) + \
             (["redo_ptr"] if self.em.tiles is not None and self.em.tiles.row_checks else [])
         dout = [f"dout_s{i}" for i in range(len(r.batch_axes) + 2)] if self.reads_dout else []
-        return ", ".join(ptrs + ["dout_ptr" if self.reads_dout else "dpv_ptr", "rows_ptr"] + ranges + self.em.params +
+        rows = [f"row{k}_ptr" for k in range(n_rows)]   # one per row value: the forward's are read where they lie
+        return ", ".join(ptrs + ["dout_ptr" if self.reads_dout else "dpv_ptr"] + rows + ranges + self.em.params +
                          self.em.grad_params + dout + ["BLOCK_M: tl.constexpr", "BLOCK_N: tl.constexpr"])
 
     def body(self, row_names, grad_leaves):
@@ -415,7 +416,7 @@ class _Kernel:
         for k, name in enumerate(row_names):
             if name not in self.rows:
                 continue
-            out.append(f"{name} = tl.load(rows_ptr + {k * R} + row, mask=mask_m, other=0.0)" +
+            out.append(f"{name} = tl.load(row{k}_ptr + row, mask=mask_m, other=0.0)" +
                        ("[:, None]" if em.loop_axis == "n" else "[None, :]"))
             if name.startswith("mu_"):
                 R_ = name[3:]

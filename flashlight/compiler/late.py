@@ -217,7 +217,7 @@ def stored_to_saved(program: dict, inputs, params, stored):
 
 
 def row_backward(program: dict, inputs, needs, params, saved, grad_out, row_names, dpv_dtype=None):
-    """The row step of the backward: (dPV [rows, Dv], the table of `row_names` [len(row_names), rows],
+    """The row step of the backward: (dPV [rows, Dv], the values of `row_names`, each [rows] float32,
     {input index: gradient} for the inputs that row values read). Row names: g_<sum> the gradient of a
     row sum, mu_<max> the value a row was normalised by, r_<node> a row value. dPV is given in
     `dpv_dtype` (the kernels multiply it in the value's dtype), float32 by default."""
@@ -257,10 +257,11 @@ def row_backward(program: dict, inputs, needs, params, saved, grad_out, row_name
             val = ns[program["mu_of"][name[3:]]]
         else:
             val = ns[name]
-        rows.append(val.detach().float().reshape(-1).expand(R))
-    table = torch.stack(rows) if rows else torch.zeros(1, device=out.device)
+        # as they are where they already have that layout (a value the forward stored): the kernels read
+        # each through a pointer of its own, so no copy of the forward's values into a table is made
+        rows.append(val.detach().float().reshape(-1).expand(R).contiguous())
     leaf_grads = {i: g for i, g in zip(leaf_ix, grads[1 + len(sums):]) if g is not None}
-    return dpv, table, leaf_grads
+    return dpv, rows, leaf_grads
 
 
 def compile_row_backward(program: dict, needs, params, row_names, dpv_dtype, inputs, saved, grad_out):
@@ -273,10 +274,10 @@ def compile_row_backward(program: dict, needs, params, row_names, dpv_dtype, inp
     grad_ix: list = []
 
     def flat(*tensors):
-        dpv, table, grads = row_backward(program, tensors[:n_in], needs, params,
-                                         tensors[n_in:n_in + n_saved], tensors[-1], row_names, dpv_dtype)
+        dpv, rows, grads = row_backward(program, tensors[:n_in], needs, params,
+                                        tensors[n_in:n_in + n_saved], tensors[-1], row_names, dpv_dtype)
         grad_ix[:] = sorted(grads)
-        return [dpv, table] + [grads[i] for i in grad_ix]
+        return [dpv, *rows] + [grads[i] for i in grad_ix]
 
     # detached: the step differentiates inside itself; inputs that require grad would make Inductor
     # compile a training graph around it
@@ -285,8 +286,9 @@ def compile_row_backward(program: dict, needs, params, row_names, dpv_dtype, inp
     compiled = torch._inductor.compile(gm, example)
 
     def step(inputs, saved, grad_out):
-        dpv, table, *grads = compiled(*(t.detach() for t in (*inputs, *saved, grad_out)))
-        return dpv, table, dict(zip(grad_ix, grads))
+        dpv, *rest = compiled(*(t.detach() for t in (*inputs, *saved, grad_out)))
+        rows, grads = rest[:len(row_names)], rest[len(row_names):]
+        return dpv, rows, dict(zip(grad_ix, grads))
     return step
 
 

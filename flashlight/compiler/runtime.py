@@ -35,8 +35,8 @@ COMPILED_ROW_STEP = {"cuda"}
 INLINE_ROW_STEP = {"cuda"}
 
 _REGISTRY: dict = {}        # key -> CompiledRegion
-OPS_PROTOCOL = ("3: the backward is fused_attention_rows then fused_attention_backward, which gets the "
-                "forward's row statistics only for finite-fill row checks")
+OPS_PROTOCOL = ("4: the backward is fused_attention_rows then fused_attention_backward, which gets the "
+                "forward's row statistics only for finite-fill row checks; row values are tensors of their own")
 launch_configs: dict = {}   # kernel name -> the config of its latest launch (the runner reports it)
 _MODULES: dict = {}         # source hash -> loaded kernel function
 
@@ -151,8 +151,8 @@ class CompiledRegion:
     @property
     def key(self):
         # the ops' protocol and the backward's source are in the key: graphs Inductor and AOTAutograd
-        # cached on disk call the ops by key, with the shapes their fake kernels gave (the row table's
-        # rows); one cached by an older flashlight would call them the old way
+        # cached on disk call the ops by key, with the shapes their fake kernels gave (the row values'
+        # count and layout); one cached by an older flashlight would call them the old way
         graphs = "cuda graphs\n" if self.cuda_graphs else ""
         backward = self.backward_source.source if self.backward_source is not None else ""
         return hashlib.sha256((OPS_PROTOCOL + graphs + self.ks.source + backward).encode()).hexdigest()[:20]
@@ -222,16 +222,17 @@ class CompiledRegion:
         return self._row_grad_leaves[key]
 
     def rows_like(self, inputs, needs):
-        """rows()'s outputs as empty tensors: [dPV, row table, a gradient per row_grad_leaves]."""
-        (dpv_shape, dpv_dtype), table_shape = self._rows_layout(inputs)
+        """rows()'s outputs as empty tensors: [dPV, each row value, a gradient per row_grad_leaves]."""
+        (dpv_shape, dpv_dtype), row_shape = self._rows_layout(inputs)
         x = inputs[0]
-        return [x.new_empty(dpv_shape, dtype=dpv_dtype), x.new_empty(table_shape, dtype=torch.float32)] + [
+        return [x.new_empty(dpv_shape, dtype=dpv_dtype)] + [
+            x.new_empty(row_shape, dtype=torch.float32) for _ in self.backward_source.row_names] + [
             torch.empty_like(inputs[i]) for i in self.row_grad_leaves(inputs, needs)]
 
     def _rows_layout(self, inputs):
         bs, rows = self.backward_source, self.ks.batch * self.ks.M
         dpv_shape = (0,) if self.ks.row_program.get("row_linear") else (rows, self.ks.sizes["e"])
-        return (dpv_shape, inputs[bs.value_leaf].dtype), (len(bs.row_names), rows) if bs.row_names else (1,)
+        return (dpv_shape, inputs[bs.value_leaf].dtype), (rows,)
 
     def rows(self, inputs, saved, grad_out, needs):
         """The backward's row step (late.row_backward) in the layout rows_like() promises. If it fails,
@@ -239,9 +240,14 @@ class CompiledRegion:
         needs = tuple(bool(n) for n in needs)
         if self.backward_failed is None:
             try:
-                dpv, table, grads = self.row_step(inputs, saved, grad_out, needs)(inputs, saved, grad_out)
-                (dpv_shape, dpv_dtype), table_shape = self._rows_layout(inputs)
-                return [_in_layout(dpv, dpv_shape, dpv_dtype), _in_layout(table, table_shape, torch.float32)] + [
+                dpv, row_values, grads = self.row_step(inputs, saved, grad_out, needs)(inputs, saved, grad_out)
+                (dpv_shape, dpv_dtype), row_shape = self._rows_layout(inputs)
+                # an op's outputs may not alias its inputs: a row value the forward stored is copied here
+                # (rows_traced, which AOTAutograd traces into the graph instead, passes it as it is)
+                stored = {t.untyped_storage().data_ptr() for t in (*inputs, *saved, grad_out)}
+                row_values = [_in_layout(v, row_shape, torch.float32) for v in row_values]
+                return [_in_layout(dpv, dpv_shape, dpv_dtype)] + [
+                    v.clone() if v.untyped_storage().data_ptr() in stored else v for v in row_values] + [
                     _like(grads[i], inputs[i]) if i in grads else torch.zeros_like(inputs[i])
                     for i in self.row_grad_leaves(inputs, needs)]
             except Exception as e:
@@ -255,10 +261,11 @@ class CompiledRegion:
         forward's kernel and the backward's (that path was a GPU idle gap every training step)."""
         needs = tuple(bool(n) for n in needs)
         bs = self.backward_source
-        dpv, table, grads = row_backward(self.ks.row_program, inputs, needs, self.launch_args(inputs), saved,
-                                         grad_out, bs.row_names, inputs[bs.value_leaf].dtype)
-        (dpv_shape, dpv_dtype), table_shape = self._rows_layout(inputs)
-        return [dpv.reshape(dpv_shape).to(dpv_dtype).contiguous(), table.reshape(table_shape).float().contiguous()] + [
+        dpv, row_values, grads = row_backward(self.ks.row_program, inputs, needs, self.launch_args(inputs), saved,
+                                              grad_out, bs.row_names, inputs[bs.value_leaf].dtype)
+        (dpv_shape, dpv_dtype), row_shape = self._rows_layout(inputs)
+        return [dpv.reshape(dpv_shape).to(dpv_dtype).contiguous()] + [
+            v.reshape(row_shape).float().contiguous() for v in row_values] + [
             grads[i] if i in grads else torch.zeros_like(inputs[i]) for i in self.row_grad_leaves(inputs, needs)]
 
     def _give_up_backward(self, e):
@@ -295,10 +302,11 @@ class CompiledRegion:
         if self._backward_module is None:
             self._backward_module = load_source(bs.source, bs.dq_name, self.dump_dir)
         module = self._backward_module
-        dpv, table = rows[:2]
-        row_grads = dict(zip(self.row_grad_leaves(inputs, needs), rows[2:]))
+        n_rows = len(bs.row_names)
+        dpv, row_values = rows[0], rows[1:1 + n_rows]
+        row_grads = dict(zip(self.row_grad_leaves(inputs, needs), rows[1 + n_rows:]))
         dout_args = []
-        if bs.reads_dout:   # the kernels read dO with its strides (a factor per row is in the table)
+        if bs.reads_dout:   # the kernels read dO with its strides (a factor per row is a row value)
             dpv, dout_args = grad_out, list(grad_out.stride())
         device = inputs[0].device
         if device.type not in self._backward_configs:
@@ -330,7 +338,7 @@ class CompiledRegion:
                 if redo is not None:
                     ranges.append(redo)
                 self._launcher(getattr(module, name), (math.ceil(size / c[fixed]) * programs,),
-                               [*inputs, *gbufs, dpv, table, *ranges], [*in_args, *grad_args, *dout_args],
+                               [*inputs, *gbufs, dpv, *row_values, *ranges], [*in_args, *grad_args, *dout_args],
                                {"BLOCK_M": bm, "BLOCK_N": bn},
                                {"num_warps": c.get("num_warps", 4), "num_stages": c.get("num_stages", 1)})
             fit = self._backward_fit.get((name, device))
