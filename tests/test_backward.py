@@ -3,6 +3,8 @@
 Every input that requires grad (q, k, v and the score-side tensors: slopes, λ, sinks, gates, tables)
 gets its gradient from the fused backward and is compared with autograd through the float64 program.
 """
+import copy
+
 import pytest
 import torch
 
@@ -570,6 +572,48 @@ def test_stored_row_values_reach_the_backward_kernels_in_place(monkeypatch, indu
     torch._dynamo.reset()
     check_grads(sm_causal, {n: torch.randn(2, 3, 40, 16, requires_grad=True) for n in "qkv"}, inductor=inductor)
     assert len(passed) >= 2 and set(stored) & set(passed), (stored, passed)
+
+
+class SlicedQueries(torch.nn.Module):
+    """Falcon's layout: one fused projection, of which the queries are a slice; K and V (one head, as in
+    multi-query attention) are gathered from it, so the fused output is read once, in part."""
+
+    def __init__(self, C=32, H=4):
+        super().__init__()
+        self.H, self.D = H, C // H
+        self.qkv = torch.nn.Linear(C, C + 2 * self.D)
+
+    def forward(self, x):
+        B, S, _ = x.shape
+        fused = self.qkv(x).view(B, S, self.H + 2, self.D)
+        q = fused[:, :, :-2].transpose(1, 2)         # a slice of the fused output
+        k = fused[:, :, [-2]].transpose(1, 2)        # copies (indexed by a list, as Falcon's _split_heads)
+        v = fused[:, :, [-1]].transpose(1, 2)
+        return torch.softmax(q @ k.mT * self.D ** -0.5, -1) @ v
+
+
+def test_a_gradient_of_a_sliced_input_zeroes_the_rest(monkeypatch):
+    """Only the queries' part of the fused projection is read by the region: its gradient elsewhere is
+    zero, not whatever the buffer held (a gradient stored tile by tile covered only the slice). New
+    buffers are filled with NaN here, as reused memory may hold anything."""
+    empty = torch.empty
+
+    def dirty(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+    monkeypatch.setattr(torch, "empty", dirty)
+    torch.manual_seed(0)
+    model = SlicedQueries()
+    ref = copy.deepcopy(model).double()
+    x = torch.randn(2, 24, 32)
+    torch._dynamo.reset()
+    report = flashlight.explain(model, x)
+    assert report.fused and all(r.backward_fused for r in report.regions if r.fused), str(report)
+    flashlight.compile(model, inductor=False)(x).square().sum().backward()
+    ref(x.double()).square().sum().backward()
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        assert torch.isfinite(p.grad).all(), name
+        assert rel_err(p.grad, q.grad) < TOL, name
 
 
 def test_a_row_step_that_cannot_be_traced_runs_as_its_op(monkeypatch):

@@ -446,14 +446,28 @@ def _broadcast_subdims(acc, region) -> list:
 
 def _exclusive(acc, region, group=None) -> bool:
     """Does each program of a kernel own its tile of this input's gradient? True when the input is read
-    once in the region, along every batch axis and with no broadcast (stride-0) dimension but the
+    once in the region, whole, along every batch axis and with no broadcast (stride-0) dimension but the
     kernel's `group` (a sub-dim its programs loop over, see _kv_group): then the gradient is stored in
     the input's dtype, with no zero fill, no atomics and no conversion after."""
     if sum(a.source is acc.source for a in region.accesses.values()) != 1 or acc.gather:
         return False
     if not {a for a in region.batch_axes if region.sizes[a] > 1} <= set(flat_axes(acc.axes)):
         return False
-    return _broadcast_subdims(acc, region) in ([], [group])
+    return _broadcast_subdims(acc, region) in ([], [group]) and _covers_whole(acc, region)
+
+
+def _covers_whole(acc, region) -> bool:
+    """Does the access reach every element of its tensor (a view of it permuted or reshaped, not a slice:
+    Falcon's queries are a slice of one fused projection)? Stored by tiles, the gradient of a slice would
+    leave the rest of the buffer unwritten."""
+    shape = tuple(acc.source.meta["val"].shape)
+    layout, offset = access_layout(acc.chain, acc.axes, shape, _contig(shape), 0, region.sizes)
+    expected = 1   # the sub-dims, by stride, must tile the tensor from its first element
+    for stride, size in sorted((st, s) for *_, parts in layout for s, st in parts if s > 1 and st != 0):
+        if stride != expected:
+            return False
+        expected *= size
+    return offset == 0 and expected == math.prod(shape)
 
 
 def _kv_group(region, needs):
