@@ -53,11 +53,45 @@ def explain(fn, *args, **kwargs) -> Report:
         return [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
 
     inputs = [*args, *kwargs.values(), *state.values()]
-    gm = normalize(flat, inputs)
+    try:
+        gm = normalize(flat, inputs)
+    except Exception as e:   # not traceable whole: Python control flow on tensor values
+        return _explain_graph_by_graph(fn, args, kwargs, e)
     planned = plan(gm, training=is_training(inputs), example_inputs=inputs)
     report = Report([rep for rep, _, _ in planned])
     if not planned:
         report.notes.append("no attention region (matmul → row program → matmul) found")
+    _known_choice(report, inputs)
+    return report
+
+
+def _explain_graph_by_graph(fn, args, kwargs, error) -> Report:
+    """A program that cannot be traced whole (Python control flow on tensor values: transformers' OPT
+    decides by a random number whether a layer runs) is split into graphs by dynamo, as torch.compile does;
+    each graph is explained as flashlight.compile's backend sees it. This runs `fn` once, graph by graph,
+    eagerly."""
+    regions, notes, graphs = [], [], []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        try:
+            planned = plan(normalize(gm, list(example_inputs)), training=is_training(example_inputs),
+                           example_inputs=list(example_inputs))
+            regions.extend(rep for rep, _, _ in planned)
+        except Exception as e:   # as the backend: such a graph is left to Inductor
+            notes.append(f"graph {len(graphs)}: capturing it failed ({type(e).__name__}: "
+                         f"{' '.join(str(e).split())[:200]}); left to Inductor")
+        return gm.forward
+
+    torch.compile(fn, backend=record)(*args, **kwargs)
+    why = " ".join(str(error).split())[:200]
+    report = Report(regions, notes=[f"traced by torch.compile in {len(graphs)} graph(s): the program cannot be "
+                                    f"traced whole ({type(error).__name__}: {why})", *notes])
+    if not regions:
+        report.notes.append("no attention region (matmul → row program → matmul) found")
+    inputs = [*args, *kwargs.values()]
+    if isinstance(fn, torch.nn.Module):
+        inputs += list(fn.parameters())
     _known_choice(report, inputs)
     return report
 

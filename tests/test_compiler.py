@@ -776,6 +776,29 @@ def test_explain_takes_a_model_that_returns_objects_besides_tensors():
     assert flashlight.explain(with_cache, q, k, v).fused
 
 
+class LayerDrop(torch.nn.Module):
+    """Two attention layers, the second skipped at random (LayerDrop, as transformers' OPT in training):
+    Python control flow on a tensor's value, so the program cannot be traced whole."""
+
+    def forward(self, q, k, v):
+        out = (q @ k.mT * 0.25).softmax(-1) @ v
+        if torch.rand([]) < 0.5:
+            out = out + 0.0
+        return (out @ k.mT * 0.25).softmax(-1) @ v
+
+
+def test_explain_takes_a_program_with_control_flow_on_tensor_values():
+    """It is explained graph by graph, as torch.compile splits it; the report says so."""
+    q, k, v = rand(1, 2, 24, 16), rand(1, 2, 24, 16), rand(1, 2, 24, 16)
+    torch._dynamo.reset()
+    report = flashlight.explain(LayerDrop(), q, k, v)
+    assert len(report.regions) == 2 and all(r.fused for r in report.regions), str(report)
+    assert any("graph(s): the program cannot be traced whole" in n for n in report.notes), str(report)
+    torch._dynamo.reset()
+    out = flashlight.compile(LayerDrop(), inductor=False)(q, k, v)
+    assert rel_err(out, LayerDrop()(q.double(), k.double(), v.double())) < TOL
+
+
 def test_dropout_in_training_falls_back_with_reason():
     def f(q, k, v):
         return F.dropout((q @ k.mT * 0.3).softmax(-1), p=0.1, training=True) @ v
