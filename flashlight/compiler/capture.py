@@ -27,15 +27,20 @@ _DECOMPOSE = [
     aten._softmax, aten._safe_softmax, aten.softmax, aten._log_softmax, aten.masked_fill,
     aten.tril, aten.triu, aten.repeat_interleave.self_int, aten.rsub, aten.baddbmm, aten.addcmul,
     aten.hardtanh, aten.softplus, aten.where.ScalarOther, aten.where.ScalarSelf, aten.where.Scalar,
-    aten.embedding,   # weight[indices]
 ]
 
 
+def _embedding(weight, indices, padding_idx=-1, scale_grad_by_freq=False, sparse=False):
+    """weight[indices] (a table gathered by the scores: T5's bias), where its gradient is that of the
+    gather too. With a padding index (BERT's word embeddings: that row gets no gradient) or gradients
+    scaled by frequency the op stays as it is, and autograd keeps what it means."""
+    if padding_idx != -1 or scale_grad_by_freq or sparse:
+        return NotImplemented
+    return weight[indices]
+
+
 def decompositions():
-    ops = []
-    for op in _DECOMPOSE:
-        ops.append(op)
-    return get_decompositions(ops)
+    return {**get_decompositions(_DECOMPOSE), aten.embedding.default: _embedding}
 
 
 def _values_only_max(gm: fx.GraphModule) -> None:

@@ -540,6 +540,7 @@ def _classification_state(tensors, args, bm, bn):
 
 def register(region: CompiledRegion) -> str:
     key = region.key
+    _REGISTRY.pop(key, None)   # the registry's order is that of the latest registrations
     _REGISTRY[key] = region
     return key
 
