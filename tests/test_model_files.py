@@ -264,6 +264,28 @@ def test_an_embedding_with_a_padding_index_keeps_its_gradient_rule():
         assert rel_err(p.grad, p64.grad) < TOL, (name, rel_err(p.grad, p64.grad))
 
 
+def padded_causal(q, k, v, pad):
+    """The padding looked up per (batch, key) by two index tensors, as transformers' vmapped mask functions
+    do, in a mask this one attention uses: the kernel cannot index that way, so it reads the mask."""
+    Bq, Sq = pad.shape
+    keep = pad[torch.arange(Bq)[:, None, None], torch.arange(Sq)[None, None, :]][:, None] & \
+        (torch.arange(Sq)[None, :] <= torch.arange(Sq)[:, None])
+    s = (q @ k.mT * q.shape[-1] ** -0.5).masked_fill(~keep, torch.finfo(q.dtype).min)
+    return torch.softmax(s, -1) @ v
+
+
+def test_a_mask_the_kernel_cannot_compute_is_read_as_a_tensor():
+    from test_backward import check_grads
+
+    pad = torch.ones(B, S, dtype=torch.bool)
+    pad[1, :7] = False   # left padding: batch 1's first queries see no key
+    inputs = {n: torch.randn(B, 3, S, 16, requires_grad=True) for n in "qkv"}
+    report = flashlight.explain(padded_causal, **inputs, pad=pad)
+    assert report.fused and "bitwise_not" in report.regions[0].matched["inputs"], str(report)
+    torch._dynamo.reset()
+    check_grads(padded_causal, {**inputs, "pad": pad})
+
+
 def test_added_window_mask_skips_tiles_in_training():
     """Gemma-2's added sliding-window mask is classified per tile in the training forward and both
     backward kernels (small tiles: most are outside the window), and training stays exact."""

@@ -290,16 +290,18 @@ def _analyse(gm: fx.GraphModule, pv: fx.Node) -> Region:
     # a mask or bias that does not depend on the scores but is used outside the attention too (the same
     # mask added in every layer) is computed again in the kernel, as if it were the region's alone (the
     # graph keeps it for its other users); where the kernel cannot compute it, it is read as a tensor
+    # (shared="read"); failing that, every mask or bias the kernel cannot compute is read as a tensor, as
+    # it reaches the scores (shared="frontier": transformers' masks indexing the padding mask per batch and key)
     first = _RegionBuilder(gm, pv)
     try:
         return first.build(shared="recomputed")
     except NotFusable as recomputed:
-        if not first.recomputed:   # nothing was shared: reading it instead changes nothing
-            raise
-        try:
-            return _RegionBuilder(gm, pv).build(shared="read")
-        except NotFusable:
-            raise recomputed from None
+        for shared in (["read"] if first.recomputed else []) + ["frontier"]:
+            try:
+                return _RegionBuilder(gm, pv).build(shared=shared)
+            except NotFusable:
+                pass
+        raise recomputed from None
 
 
 class _RegionBuilder:
@@ -393,7 +395,12 @@ class _RegionBuilder:
         while True:
             self.internal.clear()
             self._collect_internal(stops)
-            found = {n for n in self.internal if self.escapes(n) and not self._depends_on_scores(n)}
+            if shared == "frontier":   # score-independent values where they meet the scores
+                found = {n for n in self.internal if not self._depends_on_scores(n) and n.op == "call_function"
+                         and n.target not in IOTAS and n.target not in CONSTANTS and
+                         any(u in self.internal and self._depends_on_scores(u) for u in n.users)}
+            else:
+                found = {n for n in self.internal if self.escapes(n) and not self._depends_on_scores(n)}
             if shared == "recomputed":
                 self.recomputed = found
                 return
