@@ -799,6 +799,19 @@ def test_explain_takes_a_program_with_control_flow_on_tensor_values():
     assert rel_err(out, LayerDrop()(q.double(), k.double(), v.double())) < TOL
 
 
+def test_bfloat16_on_the_cpu_is_left_to_inductor_with_reason():
+    """Triton's interpreter multiplies bfloat16 tiles wrongly (errors of 1e9 on unit-scale inputs): on the
+    CPU such a region is not fused, and the result is eager's."""
+    def f(q, k, v):
+        return torch.softmax(q @ k.mT * 0.25, -1) @ v
+    q, k, v = (torch.randn(2, 2, 32, 16, dtype=torch.bfloat16) for _ in range(3))
+    report = flashlight.explain(f, q, k, v)
+    assert not report.fused and "bfloat16 matmuls on the CPU" in report.regions[0].reason, str(report)
+    torch._dynamo.reset()
+    out = flashlight.compile(f, inductor=False)(q, k, v)
+    assert rel_err(out, f(q.double(), k.double(), v.double())) < 2e-2
+
+
 def test_dropout_in_training_falls_back_with_reason():
     def f(q, k, v):
         return F.dropout((q @ k.mT * 0.3).softmax(-1), p=0.1, training=True) @ v

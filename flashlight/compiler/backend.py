@@ -40,6 +40,11 @@ def _check_device(region):
             if val.device.type != "cuda" and not interpreting():
                 raise NotFusable(f"inputs are on {val.device.type}: Triton kernels need a CUDA device "
                                  "(set TRITON_INTERPRET=1 to run them on CPU, slowly, for tests)")
+    # Triton's interpreter multiplies bfloat16 tiles wrongly (tl.dot of two bfloat16 tiles, triton 3.6)
+    operands = [acc for sm in region.scores for acc in (sm.q, sm.k)] + [region.value]
+    if any(acc.dtype == torch.bfloat16 and acc.source.meta["val"].device.type != "cuda" for acc in operands):
+        raise NotFusable("bfloat16 matmuls on the CPU: Triton's interpreter computes them wrongly; run on a GPU, "
+                         "or in float16 or float32 on the CPU")
 
 
 def region_subgraph(gm: fx.GraphModule, leaves, output) -> fx.GraphModule:
