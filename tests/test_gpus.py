@@ -396,3 +396,21 @@ def test_two_tuning_workers_share_one_sqlite_study(tmp_path):
     trials = optuna.load_study(study_name=summary.study_name, storage=f"sqlite:///{db}").get_trials()
     assert sorted(t.number for t in trials) == list(range(2 * n))  # both workers' trials, each once
     assert all(t.state.is_finished() for t in trials)
+
+
+def test_gpu_scaling_script_times_the_same_sweep_on_1_and_n_gpus(tmp_path):
+    """scripts/gpu_scaling.py (the issue's 2-GPU vs 1-GPU measurement) on 2 simulated GPUs: both sweeps run
+    from empty caches, measure the same cases, and their walls and launcher spans are written."""
+    base = {k: v for k, v in os.environ.items() if k not in gpus.CPU_SHARE_VARS}
+    env = {**base, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": "0,1"}
+    script = os.path.join(os.path.dirname(__file__), "..", "scripts", "gpu_scaling.py")
+    p = subprocess.run([sys.executable, script, "--gpus", "2", "--variants", "vanilla,causal", "--shape", "tiny",
+                        "--backends", "eager", "--out", str(tmp_path / "out"), "timing.warmup=1", "timing.repeat=1",
+                        f"hydra.launcher.lock_dir={tmp_path / 'locks'}"],
+                       capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    out = p.stdout + p.stderr
+    assert p.returncode == 0 and "same cases and statuses: True" in out, out[-3000:]
+    walls = pd.read_csv(tmp_path / "out" / "walls.csv")
+    assert list(walls["gpus"]) == [1, 2] and (walls["rc"] == 0).all() and (walls["jobs"] == 2).all()
+    assert (walls["launcher_span_s"] <= walls["wall_s"]).all()
+    assert set(pd.read_csv(tmp_path / "out" / "gpu_jobs_2gpu.csv", dtype={"gpu": str})["gpu"]) == {"0", "1"}
