@@ -6,7 +6,7 @@ import functools
 import torch
 
 from flashlight.compiler import choose
-from flashlight.compiler.backend import flashlight_backend, is_training, plan
+from flashlight.compiler.backend import flashlight_backend, fuse, is_training, plan
 from flashlight.compiler.capture import normalize
 from flashlight.compiler.explain import Report
 from flashlight.compiler.runtime import counters  # noqa: F401  (re-exported)
@@ -74,10 +74,8 @@ def _explain_graph_by_graph(fn, args, kwargs, error) -> Report:
 
     def record(gm, example_inputs):
         graphs.append(gm)
-        try:
-            planned = plan(normalize(gm, list(example_inputs)), training=is_training(example_inputs),
-                           example_inputs=list(example_inputs))
-            regions.extend(rep for rep, _, _ in planned)
+        try:   # as flashlight.compile's backend analyses it
+            regions.extend(fuse(gm, list(example_inputs))[1].regions)
         except Exception as e:   # as the backend: such a graph is left to Inductor
             notes.append(f"graph {len(graphs)}: capturing it failed ({type(e).__name__}: "
                          f"{' '.join(str(e).split())[:200]}); left to Inductor")

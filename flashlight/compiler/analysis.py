@@ -390,7 +390,8 @@ class _RegionBuilder:
         """The internal nodes: reachable from P through computable ops and views of them. A value that does
         not depend on the scores (a mask or bias built from positions or data) but is also used outside
         the attention: `shared="recomputed"` computes it in the kernel all the same, "read" reads it as a
-        tensor (and what only it needed is not computed)."""
+        tensor (and what only it needed is not computed). `shared="frontier"` reads as tensors all such values
+        where they meet the scores, shared or not (for masks the kernel cannot compute)."""
         stops: set = set()
         while True:
             self.internal.clear()

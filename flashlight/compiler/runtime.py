@@ -142,8 +142,7 @@ class CompiledRegion:
     _row_grad_leaves: dict = field(default_factory=dict, repr=False)  # needs pattern -> row_grad_leaves
     _backward_configs: dict = field(default_factory=dict, repr=False)  # device type -> backward tiles
     _launcher: Launcher = field(default_factory=Launcher, repr=False)   # launches its kernels (launch.py)
-    _forward_fit: dict = field(default_factory=dict, repr=False)   # device -> (tuned_generation, config launched)
-    _backward_fit: dict = field(default_factory=dict, repr=False)  # (kernel name, device) -> config launched
+    _fit: dict = field(default_factory=dict, repr=False)   # (kernel, device, tuned_generation) -> config launched
     _saved_layout: list | None = field(default=None, repr=False)   # (shape, dtype) of each stored row value
     cuda_graphs: bool = False   # run inside CUDA graphs (mode="reduce-overhead"): keep no device tensor
                                 # between calls (a graph's memory pool must own every tensor it made)
@@ -197,15 +196,20 @@ class CompiledRegion:
             self._launcher(getattr(module, ks.name), (math.ceil(ks.M / bm) * ks.batch,),
                            [*inputs, out, *saved, *ranges], args, {"BLOCK_M": bm, "BLOCK_N": bn},
                            {"num_warps": c.get("num_warps", 4), "num_stages": c.get("num_stages", 2)})
-        fit = self._forward_fit.get(device)
-        if fit is not None and fit[0] == tuned_generation:   # the config found on this device's first call
-            launch(fit[1])
-        else:
-            fit = self._forward_fit[device] = (tuned_generation, launch_fitting(
-                launch, self.launch_config(device), self._fitted, (ks.name, device.index)))
-        launch_configs[ks.name] = fit[1]
+        launch_configs[ks.name] = self._launch_fitted(launch, ks.name, device, lambda: self.launch_config(device))
         counters["fused_launches"] += 1
         return (out, saved) if ks.row_program is not None else out
+
+    def _launch_fitted(self, launch, name, device, config):
+        """launch(c) with the config of kernel `name` that fits this GPU: found on the first call from
+        config() (launch_fitting), then reused (again found after tuning stores a new best)."""
+        key = (name, device, tuned_generation)
+        c = self._fit.get(key)
+        if c is None:
+            c = self._fit[key] = launch_fitting(launch, config(), self._fitted, (name, device.index))
+        else:
+            launch(c)
+        return c
 
     # The backward is two ops, so that what only its row step reads (the output, a stored ·V accumulator)
     # is freed before the kernels' gradients are allocated, as Inductor does for FlexAttention's backward:
@@ -341,11 +345,7 @@ class CompiledRegion:
                                [*inputs, *gbufs, dpv, *row_values, *ranges], [*in_args, *grad_args, *dout_args],
                                {"BLOCK_M": bm, "BLOCK_N": bn},
                                {"num_warps": c.get("num_warps", 4), "num_stages": c.get("num_stages", 1)})
-            fit = self._backward_fit.get((name, device))
-            if fit is not None:   # the config found on this device's first call
-                launch(fit)
-            else:
-                self._backward_fit[(name, device)] = launch_fitting(launch, c, self._fitted, (name, device.index))
+            self._launch_fitted(launch, name, device, lambda c=c: c)
         counters["fused_backward_launches"] += 1
         del gbufs
         out = []
