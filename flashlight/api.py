@@ -1,6 +1,7 @@
 """Public API: compile, explain, counters."""
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -45,10 +46,8 @@ def explain(fn, *args, **kwargs) -> Report:
 
     def flat(*xs):
         call_args, call_kwargs = xs[:len(args)], dict(zip(names, xs[len(args):n_call]))
-        if not keys:
+        with _module_state_swapped(fn, dict(zip(keys, xs[n_call:]))):
             out = fn(*call_args, **call_kwargs)
-        else:
-            out = torch.func.functional_call(fn, dict(zip(keys, xs[n_call:])), call_args, call_kwargs)
         # the output's tensors only: a model may return objects a trace cannot (transformers' caches)
         return [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
 
@@ -63,6 +62,34 @@ def explain(fn, *args, **kwargs) -> Report:
         report.notes.append("no attention region (matmul → row program → matmul) found")
     _known_choice(report, inputs)
     return report
+
+
+@contextlib.contextmanager
+def _module_state_swapped(module, new_state: dict):
+    """The module's parameters and buffers (named as in `new_state`) replaced by `new_state`'s tensors while
+    inside, every module holding one (tied weights: the same tensor held by several modules, or one module
+    reached by several names) included; put back on exit. torch.func.functional_call does not put back a
+    parameter of a module reached by two names (T5's shared embedding), which left a traced tensor in the
+    user's model."""
+    if not new_state:
+        yield
+        return
+    old_state = dict(module.named_parameters())
+    old_state.update(module.named_buffers())
+    replacement = {id(old_state[name]): t for name, t in new_state.items()}
+    swapped = []   # (holder dict, key, original)
+    for sub in module.modules():   # each module object once
+        for holder in (sub._parameters, sub._buffers):
+            for key, t in holder.items():
+                if t is not None and id(t) in replacement:
+                    swapped.append((holder, key, t))
+    try:
+        for holder, key, t in swapped:
+            holder[key] = replacement[id(t)]
+        yield
+    finally:
+        for holder, key, t in swapped:
+            holder[key] = t
 
 
 def _explain_graph_by_graph(fn, args, kwargs, error) -> Report:

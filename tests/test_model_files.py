@@ -264,6 +264,47 @@ def test_an_embedding_with_a_padding_index_keeps_its_gradient_rule():
         assert rel_err(p.grad, p64.grad) < TOL, (name, rel_err(p.grad, p64.grad))
 
 
+
+class SharedEmbeddingEncoder(nn.Module):
+    """T5's layout: one embedding module reached by two names (`shared` and `encoder.embed`), and an output
+    head tied to its weight."""
+
+    def __init__(self, vocab=40, C=32, H=4):
+        super().__init__()
+        self.H = H
+        self.shared = nn.Embedding(vocab, C)
+        self.encoder = nn.Module()
+        self.encoder.embed = self.shared
+        self.qkv = nn.Linear(C, 3 * C)
+        self.head = nn.Linear(C, vocab, bias=False)
+        self.head.weight = self.shared.weight
+
+    def forward(self, ids):
+        B, S = ids.shape
+        q, k, v = self.qkv(self.encoder.embed(ids)).view(B, S, 3, self.H, -1).permute(2, 0, 3, 1, 4)
+        o = torch.softmax(q @ k.mT * q.shape[-1] ** -0.5, -1) @ v
+        return self.head(o.transpose(1, 2).reshape(B, S, -1))
+
+
+def test_explain_leaves_a_module_with_shared_weights_as_it_was():
+    """explain traces the module with its weights swapped for traced tensors and puts every one back, in
+    each module holding it (torch.func.functional_call left a traced tensor in a module reached by two
+    names, and the compiled call that followed crashed on it); the model then trains fused."""
+    model = SharedEmbeddingEncoder()
+    reference = copy.deepcopy(model).double()
+    weight = model.shared.weight
+    ids = torch.randint(0, 40, (B, S))
+    assert flashlight.explain(model, ids).fused
+    assert model.shared.weight is weight and model.encoder.embed.weight is weight and model.head.weight is weight
+    assert all(type(p) is nn.Parameter for p in model.parameters())
+    torch._dynamo.reset()
+    before = flashlight.counters["fused_backward_launches"]
+    flashlight.compile(model)(ids).square().mean().backward()
+    assert flashlight.counters["fused_backward_launches"] > before
+    reference(ids).square().mean().backward()
+    for (name, p), p64 in zip(model.named_parameters(), reference.parameters()):
+        assert rel_err(p.grad, p64.grad) < TOL, (name, rel_err(p.grad, p64.grad))
+
 def padded_causal(q, k, v, pad):
     """The padding looked up per (batch, key) by two index tensors, as transformers' vmapped mask functions
     do, in a mask this one attention uses: the kernel cannot index that way, so it reads the mask."""
