@@ -386,6 +386,32 @@ def test_explain_reads_well():
     assert flashlight.explain(lambda x: x @ x.mT, rand(3, 4)).regions == []
 
 
+
+class Block(torch.nn.Module):
+    """A transformer block as Whisper writes it (queries scaled after a projection with a bias), with a
+    feed-forward layer after it (Linear, GELU, Linear, with or without biases)."""
+
+    def __init__(self, C=32, H=4, bias=True):
+        super().__init__()
+        self.H, self.scale = H, (C // H) ** -0.5
+        self.q, self.k, self.v = (torch.nn.Linear(C, C) for _ in range(3))
+        self.up, self.down = torch.nn.Linear(C, 2 * C, bias=bias), torch.nn.Linear(2 * C, C, bias=bias)
+
+    def forward(self, x):
+        B, S, C = x.shape
+        q, k, v = (t.view(B, S, self.H, -1).transpose(1, 2) for t in (self.q(x) * self.scale, self.k(x), self.v(x)))
+        x = x + (torch.softmax(q @ k.mT, -1) @ v).transpose(1, 2).reshape(B, S, C)
+        return x + self.down(torch.nn.functional.gelu(self.up(x)))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_explain_lists_attention_only(bias):
+    """Feed-forward layers (a matmul of a row program of a matmul, too) and a projection in front of the
+    next layer's scores are not listed as attention regions that failed to fuse."""
+    model = torch.nn.Sequential(Block(bias=bias), Block(bias=bias))
+    report = flashlight.explain(model, rand(2, 24, 32))
+    assert len(report.regions) == 2 and all(r.fused for r in report.regions), str(report)
+
 def test_dump_and_disk_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("FLASHLIGHT_CACHE_DIR", str(tmp_path / "cache"))
     q, k, v = rand(1, 2, 24, 16), rand(1, 2, 24, 16), rand(1, 2, 24, 16)

@@ -159,6 +159,15 @@ def _is_computable(node):
         node.target in ELEMENTWISE or node.target in REDUCTIONS or node.target in GATHERS)
 
 
+def _per_row_linear_map(node, src) -> bool:
+    """A 2-D matmul of a batched tensor flattened to rows ([B, S, F] viewed as [B·S, F]) maps each row on its
+    own, as a feed-forward layer's second matmul does: it cannot be the ·V product of attention, which sums
+    over the keys of one batch entry, so it is no candidate (explain would list every MLP as a region)."""
+    val = src.meta.get("val")
+    return node.target is aten.mm.default and val is not None and val.dim() > 2 and \
+        all(isinstance(s, int) for s in val.shape[:-2]) and math.prod(val.shape[:-2]) > 1
+
+
 def find_pv_candidates(gm: fx.GraphModule):
     """Matmuls whose left operand is computed (elementwise or by reductions) from another matmul.
 
@@ -170,7 +179,7 @@ def find_pv_candidates(gm: fx.GraphModule):
         if node.op != "call_function" or node.target not in MATMULS:
             continue
         src, _ = _source_of(node.args[0])
-        if not _is_computable(src):
+        if not _is_computable(src) or _per_row_linear_map(node, src):
             continue
         stack, seen = [src], set()
         while stack:
@@ -181,6 +190,8 @@ def find_pv_candidates(gm: fx.GraphModule):
             if n.target in MATMULS and n is not node:
                 out.append(node)
                 break
+            if n.target is aten.addmm.default:
+                continue   # a projection with a bias (Linear): what lies behind it is another layer's
             stack.extend(n.all_input_nodes)
     return out
 
