@@ -256,6 +256,8 @@ class _Loads:
 class _Emitter(_Loads):
     """The kernel's code for the region's ops: operands (names, literals, loads) and each op's spelling."""
 
+    ctx = ("m", "n")   # the score tile's (rows, columns); the backward's per-key-tile kernel has (n, m)
+
     def operand(self, node, i, prog=None):
         a = node.args[i]
         if not isinstance(a, fx.Node):
@@ -267,7 +269,7 @@ class _Emitter(_Loads):
         if node in self.r.epilogue:
             return self.access(acc, ("m", "e"), self.post)
         where = self.loop if self.varies_with_keys(acc) else self.pre
-        return self.access(acc, ("m", "n"), where)
+        return self.access(acc, self.ctx, where)
 
     def varies_with_keys(self, acc: Access):
         """Is the access a different tile for every key tile (so it is loaded inside the loop)?"""
@@ -365,8 +367,8 @@ def o_index(em, node, ix):
     """Code of the index value of a table[index] node: an internal value, or a loaded tensor."""
     if ix in em.internal:
         return vname(ix)
-    acc = em.r.accesses[(node, 2)]
-    return em.access(acc, ("m", "n"), em.loop if em.varies_with_keys(acc) else em.pre)
+    acc = em.r.accesses[(node, 2)]   # in the tile's orientation, as the table load it addresses
+    return em.access(acc, em.ctx, em.loop if em.varies_with_keys(acc) else em.pre)
 
 
 def _as_float(node, i, code):
