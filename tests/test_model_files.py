@@ -1,7 +1,8 @@
 """Attention as model files write it, trained: each module is compiled with flashlight, takes one
 backward step, and must fuse forward and backward with every parameter's gradient matching a float64 copy
 (CPU, Triton interpreter). The spellings are those of popular model code: masks as tensors filled with
-finfo.min, in-place writes on the scores, upcasts, baddbmm, embeddings as bias tables, cross attention."""
+finfo.min, in-place writes on the scores, upcasts, baddbmm, embeddings as bias tables, cross attention,
+Swin's windows."""
 import copy
 import math
 
@@ -191,6 +192,30 @@ class RotaryComplex(nn.Module):
         return self.o(merge(F.softmax(s, dim=-1) @ v))
 
 
+
+class Swin(nn.Module):
+    """Shifted-window attention: a relative position bias table read at a registered index buffer, and a
+    0 / -100 mask per window added through a view that splits the batch of windows ([B·nW, H, N, N] as
+    [B, nW, H, N, N])."""
+
+    def __init__(self, ws=4):
+        super().__init__()
+        self.qkv, self.o = nn.Linear(C, 3 * C), nn.Linear(C, C)
+        self.table = nn.Parameter(torch.randn((2 * ws - 1) ** 2, H) * 0.02)
+        c = torch.stack(torch.meshgrid(torch.arange(ws), torch.arange(ws), indexing="ij")).flatten(1)
+        rel = (c[:, :, None] - c[:, None, :]).permute(1, 2, 0) + (ws - 1)
+        self.register_buffer("index", rel[..., 0] * (2 * ws - 1) + rel[..., 1], persistent=False)
+
+    def forward(self, x, mask):
+        Bw, N, _ = x.shape
+        q, k, v = self.qkv(x).reshape(Bw, N, 3, H, D).permute(2, 0, 3, 1, 4)
+        s = (q * D ** -0.5) @ k.transpose(-2, -1)
+        s = s + self.table[self.index.view(-1)].view(N, N, -1).permute(2, 0, 1).contiguous().unsqueeze(0)
+        nW = mask.shape[0]
+        s = s.view(Bw // nW, nW, H, N, N) + mask.unsqueeze(1).unsqueeze(0)
+        s = s.view(-1, H, N, N)
+        return self.o((F.softmax(s, dim=-1) @ v).transpose(1, 2).reshape(Bw, N, C))
+
 def _inputs(name):
     g = torch.Generator().manual_seed(int(torch.randint(0, 10**6, ())))
     x = torch.randn(B, S, C, generator=g)
@@ -203,7 +228,17 @@ def _inputs(name):
         "CrossAttention": (x, torch.randn(B, 23, C, generator=g), torch.arange(23)[None, :] < torch.tensor([[23], [15]])),
         "Gemma2": (x, _sliding_mask(window=8, left_pad=3)),
         "RotaryComplex": (x, torch.full((S, S), NEG).triu(1)),
+        "Swin": (torch.randn(B * 4, 16, C, generator=g), _window_masks()),
     }[name]
+
+
+def _window_masks(nW=4, N=16):
+    """Per window [nW, N, N] of 0 / -100, as Swin's shifted windows: tokens of different image regions
+    do not attend to each other."""
+    region = torch.zeros(nW, N, dtype=torch.long)
+    region[1:, N // 2:] = 1
+    region[3, ::3] = 2
+    return torch.zeros(nW, N, N).masked_fill(region[:, :, None] != region[:, None, :], -100.0)
 
 
 def _sliding_mask(window, left_pad):
@@ -216,7 +251,7 @@ def _sliding_mask(window, left_pad):
 
 
 @pytest.mark.parametrize("cls", [Bert, GPT2, Bloom, Falcon, Phi, EinsumInPlace, T5, CrossAttention, Gemma2,
-                                 RotaryComplex],
+                                 RotaryComplex, Swin],
                          ids=lambda c: c.__name__)
 def test_model_file_attention_trains_fused(cls):
     model = cls()

@@ -13,6 +13,7 @@ codegen.py (Triton). Anything this module cannot place raises ``NotFusable`` wit
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -26,6 +27,16 @@ prims = torch.ops.prims
 
 class NotFusable(Exception):
     """The region cannot be fused; the message says why (shown by ``flashlight.explain``)."""
+
+
+class SplitsAxis(NotFusable):
+    """A reshape splits kernel axis `axis` (of size `size`) into an outer part of `outer` and the rest.
+    For a batch axis the analysis starts again with that axis split in two (Swin's windows: [B·nW, H, N, N]
+    viewed as [B, nW, H, N, N] to add a mask per window)."""
+
+    def __init__(self, message, axis, size, outer):
+        super().__init__(message)
+        self.axis, self.size, self.outer = axis, size, outer
 
 
 # Elementwise ops the kernel can compute, by arity class. The spelling in Triton lives in codegen.
@@ -207,7 +218,10 @@ def _regroup(axes, from_shape, to_shape, sizes):
                 raise NotFusable(f"reshape {from_shape} -> {to_shape} splits a kernel axis")
             a, s = flat.pop(0)
             if need % s:
-                raise NotFusable(f"reshape {from_shape} -> {to_shape} splits a kernel axis")
+                message = f"reshape {from_shape} -> {to_shape} splits a kernel axis"
+                if s % need == 0:
+                    raise SplitsAxis(message, a, s, need)
+                raise NotFusable(message)
             group.append(a)
             need //= s
         out.append(tuple(group))
@@ -298,18 +312,36 @@ def _random_ops_before(node):
 
 
 def _analyse(gm: fx.GraphModule, pv: fx.Node) -> Region:
+    batch_sizes = None   # the probabilities' batch dims, until a reshape splits one of them
+    for _ in range(8):
+        try:
+            return _analyse_with_batch(gm, pv, batch_sizes)
+        except SplitsAxis as e:
+            current = list(batch_sizes or shape_of(_source_of(pv.args[0])[0])[:-2])
+            if not re.fullmatch(r"b\d+", e.axis):
+                raise NotFusable(str(e)) from None
+            i = int(e.axis[1:])
+            batch_sizes = tuple(current[:i] + [e.outer, e.size // e.outer] + current[i + 1:])
+    raise NotFusable("reshapes split the batch dims more than 8 times")
+
+
+def _analyse_with_batch(gm: fx.GraphModule, pv: fx.Node, batch_sizes) -> Region:
     # a mask or bias that does not depend on the scores but is used outside the attention too (the same
     # mask added in every layer) is computed again in the kernel, as if it were the region's alone (the
     # graph keeps it for its other users); where the kernel cannot compute it, it is read as a tensor
     # (shared="read"); failing that, every mask or bias the kernel cannot compute is read as a tensor, as
     # it reaches the scores (shared="frontier": transformers' masks indexing the padding mask per batch and key)
-    first = _RegionBuilder(gm, pv)
+    first = _RegionBuilder(gm, pv, batch_sizes)
     try:
         return first.build(shared="recomputed")
+    except SplitsAxis:
+        raise
     except NotFusable as recomputed:
         for shared in (["read"] if first.recomputed else []) + ["frontier"]:
             try:
-                return _RegionBuilder(gm, pv).build(shared=shared)
+                return _RegionBuilder(gm, pv, batch_sizes).build(shared=shared)
+            except SplitsAxis:
+                raise
             except NotFusable:
                 pass
         raise recomputed from None
@@ -318,13 +350,13 @@ def _analyse(gm: fx.GraphModule, pv: fx.Node) -> Region:
 class _RegionBuilder:
     """The steps of analyse(), in order, over the state they share (sizes, axes, accesses…)."""
 
-    def __init__(self, gm: fx.GraphModule, pv: fx.Node):
+    def __init__(self, gm: fx.GraphModule, pv: fx.Node, batch_sizes=None):
         self.gm, self.pv = gm, pv
         self.p, _ = _source_of(pv.args[0])
         p_shape = shape_of(self.p)
         if len(p_shape) < 2:
             raise NotFusable("probabilities of rank < 2")
-        self.batch_sizes = batch_sizes = p_shape[:-2]
+        self.batch_sizes = batch_sizes = tuple(batch_sizes or p_shape[:-2])   # finer, where a reshape splits one
         self.M, self.N = p_shape[-2:]
         batch_axes = tuple(f"b{i}" for i in range(len(batch_sizes)))
         pv_shape = shape_of(pv)
