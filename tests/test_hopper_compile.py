@@ -150,7 +150,7 @@ def test_grouped_key_value_kernel_compiles_for_hopper(gpu_launches, tmp_path):
 def _model_files():
     import test_model_files as mf
     return [mf.Bert, mf.GPT2, mf.Bloom, mf.Falcon, mf.Phi, mf.EinsumInPlace, mf.T5, mf.CrossAttention, mf.Gemma2,
-            mf.RotaryComplex]
+            mf.RotaryComplex, mf.Swin]
 
 
 @pytest.mark.parametrize("cls", _model_files(), ids=lambda c: c.__name__)
