@@ -176,7 +176,27 @@ def _per_row_linear_map(node, src) -> bool:
     over the keys of one batch entry, so it is no candidate (explain would list every MLP as a region)."""
     val = src.meta.get("val")
     return node.target is aten.mm.default and val is not None and val.dim() > 2 and \
-        all(isinstance(s, int) for s in val.shape[:-2]) and math.prod(val.shape[:-2]) > 1
+        not all(isinstance(s, int) and s == 1 for s in val.shape[:-2])   # symbolic sizes: rows of a batch too
+
+
+def _gated_feed_forward(node, src) -> bool:
+    """A 2-D matmul of a 2-D row program of 2-D matmuls with no reduction between them, as `w2(silu(w1 x) *
+    w3 x)` on the tokens a mixture of experts routes to one expert: a feed-forward layer, which cuBLAS runs
+    well, not attention (whose rows are normalised over the keys)."""
+    val = src.meta.get("val")
+    if node.target is not aten.mm.default or val is None or val.dim() != 2:
+        return False
+    stack, seen = [src], set()
+    while stack:
+        n = stack.pop()
+        if n in seen or not isinstance(n, fx.Node):
+            continue
+        seen.add(n)
+        if n.target in REDUCTIONS:
+            return False
+        if n.target not in MATMULS and n.target is not aten.addmm.default:
+            stack.extend(n.all_input_nodes)
+    return True
 
 
 def find_pv_candidates(gm: fx.GraphModule):
@@ -190,7 +210,7 @@ def find_pv_candidates(gm: fx.GraphModule):
         if node.op != "call_function" or node.target not in MATMULS:
             continue
         src, _ = _source_of(node.args[0])
-        if not _is_computable(src) or _per_row_linear_map(node, src):
+        if not _is_computable(src) or _per_row_linear_map(node, src) or _gated_feed_forward(node, src):
             continue
         stack, seen = [src], set()
         while stack:
