@@ -8,7 +8,9 @@ import flashlight
 
 from test_compiler import TOL, rel_err
 
-SCORE_OPS = ["scale", "head_bias", "softcap", "alibi", "table"]
+SCORE_OPS = ["scale", "head_bias", "softcap", "alibi", "table", "index_table"]
+# a relative-position index buffer, as Swin and BEiT register one: a table read at it is a load at a loaded index
+_INDEX = torch.randint(0, 6, (40, 40), generator=torch.Generator().manual_seed(0))
 MASKS = ["none", "causal", "window", "padding", "finfo_causal", "ones_tril", "triu_finfo", "int_band",
          "finfo_padding"]
 NORMS = ["softmax", "handwritten", "no_max", "sigmoid", "relu_sum", "sinks", "exp2", "pow2", "log_softmax"]
@@ -30,6 +32,8 @@ def build(score_op, mask, norm, epilogue, dropout="none"):
             s = torch.tanh(s / 5.0) * 5.0
         elif score_op == "table":   # a per-head bias table gathered by clamped relative distance
             s = s + torch.outer(torch.arange(9.0) - 4, hb)[(j - i).clamp(-4, 4) + 4].permute(2, 0, 1)
+        elif score_op == "index_table":   # a learned table (here hb) read at an index tensor
+            s = s + hb[_INDEX[:s.shape[-2], :s.shape[-1]] % hb.shape[0]]
         else:
             s = s - hb[:, None, None].abs() * (i - j).abs()
         if mask == "causal":
