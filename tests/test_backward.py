@@ -66,21 +66,25 @@ def test_every_variant_gradients(name):
 
 
 
-@pytest.mark.parametrize("index", ["relative_positions", "tokens"])
+@pytest.mark.parametrize("index", ["relative_positions", "tokens", "one_entry"])
 def test_a_table_gathered_by_an_index_tensor(index):
     """A learned bias table read at an index tensor (Swin's and BEiT's relative position index, a
-    registered buffer; a per-token bias table): the dK/dV kernel, whose tiles are [keys, queries], reads
-    the index in that orientation too (it read it as [queries, keys]: dK and dV were wrong)."""
+    registered buffer; a per-token bias table; a table of one entry): the dK/dV kernel, whose tiles are
+    [keys, queries], reads the index in that orientation too (it read it as [queries, keys]: dK and dV
+    were wrong), and a one-entry table is read and summed into at one address."""
     B, H, M, N, D = 2, 3, 24, 40, 16
-    ix = torch.randint(0, 49, (M, N)) if index == "relative_positions" else torch.randint(0, 49, (B, 1, 1, N))
+    ix = {"relative_positions": torch.randint(0, 49, (M, N)), "tokens": torch.randint(0, 49, (B, 1, 1, N)),
+          "one_entry": torch.zeros(M, N, dtype=torch.long)}[index]
 
     def f(q, k, v, table):
         bias = table[ix.view(-1)].view(M, N, H).permute(2, 0, 1)[None] if index == "relative_positions" else \
-            table[ix][..., 0]
+            table[ix] if index == "one_entry" else table[ix][..., 0]
         return torch.softmax(q @ k.mT * D ** -0.5 + bias, -1) @ v
     inputs = {"q": torch.randn(B, H, M, D, requires_grad=True), "k": torch.randn(B, H, N, D, requires_grad=True),
               "v": torch.randn(B, H, N, D, requires_grad=True),
-              "table": torch.randn(49, H if index == "relative_positions" else 1, requires_grad=True)}
+              "table": torch.randn({"relative_positions": 49, "tokens": 49, "one_entry": 1}[index],
+                                   *{"relative_positions": (H,), "tokens": (1,), "one_entry": ()}[index],
+                                   requires_grad=True)}
     check_grads(f, inputs)
 
 def sm_causal(q, k, v):

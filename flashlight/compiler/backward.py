@@ -542,7 +542,10 @@ def _table_gradient(em, acc, codes, body, init, post, carried, valid):
     em.gather_code[g], saved = f"tl.arange(0, {GB})", em.gather_code[g]
     ptr, _ = em.grad_address(acc, em.ctx)
     em.gather_code[g] = saved
-    post.append(f"tl.atomic_add({ptr}, {name}, mask=tl.arange(0, {GB}) < {G}{RELAXED})")
+    if G == 1:   # a table of one entry: its address does not move with the entry
+        post.append(f"tl.atomic_add({ptr}, tl.sum({name}, 0){RELAXED})")
+    else:
+        post.append(f"tl.atomic_add({ptr}, {name}, mask=tl.arange(0, {GB}) < {G}{RELAXED})")
 
 
 def _tile_kernel(region: Region, loop_axis: str, needs, block_sparse, reads_dout=False, scaled=False) -> _Kernel:

@@ -190,9 +190,11 @@ class _Loads:
             params.append((f"{name}_s{len(params)}", i, j, q))
             return params[-1][0]
         terms, used_axes = self._terms(layout, ctx, stride)
-        for _, _, ix_axes in acc.gather:
-            # table[index]: positions past the end of a tile may index outside the table
-            used_axes += [a for a in ix_axes if a not in used_axes]
+        for g, _, ix_axes in acc.gather:
+            # table[index]: positions past the end of a tile may index outside the table (a table of
+            # one entry is read at one address, a scalar that a tile's mask cannot mask)
+            if g in used_axes:
+                used_axes += [a for a in ix_axes if a not in used_axes]
         if off != 0:
             params.append((f"{name}_off", "offset"))
             terms.insert(0, f"{name}_off")
