@@ -87,6 +87,18 @@ def test_a_table_gathered_by_an_index_tensor(index):
                                    requires_grad=True)}
     check_grads(f, inputs)
 
+
+def test_a_softmax_without_max_subtraction_keeps_finite_gradients_on_rows_far_below_zero():
+    """`e = s.exp(); e / e.sum(-1)` on rows whose scores all lie near -60: their sums are about 1e-26, and the
+    row step's derivative of 1 / sum overflowed float32 (inf, then NaN in dQ and dK) where eager's, of
+    e / sum, does not."""
+    def no_max(q, k, v, shift):
+        e = (q @ k.mT - shift[:, None]).clamp_max(30.0).exp()
+        return (e / e.sum(-1, keepdim=True)) @ v
+    shift = torch.zeros(40)
+    shift[[3, 17]] = 60.0
+    check_grads(no_max, {**{n: (torch.randn(2, 2, 40, 16) * 0.3).requires_grad_() for n in "qkv"}, "shift": shift})
+
 def sm_causal(q, k, v):
     s = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5
     i = torch.arange(q.shape[-2])[:, None]

@@ -221,7 +221,7 @@ def factor_reductions(region: Region, prog: OnlineProgram, operand) -> None:
                 acc = Accumulator(f"{'l' if kind_ == 'sum' else 'acc'}{len(prog.accumulators)}",
                                   kind_, tm.elem, tm.degree)
                 prog.accumulators.append(acc)
-            out.append(_mul(tm.coef, acc.name) if tm.coef else acc.name)
+            out.append(_scaled(tm.coef, acc.name) if tm.coef else acc.name)
         return " + ".join(out) if out else "0.0"
 
     for node in region.epilogue:
@@ -334,6 +334,25 @@ def _mul(a, b):
     if b is None:
         return a
     return f"({a}) * ({b})"
+
+
+def _scaled(coef, acc):
+    """coef · acc, written acc / x where coef is 1 / x: the backward's row step differentiates these lines
+    with torch, and the derivative of 1 / x, -(1 / x)², overflows float32 once x < 1e-19 (a row of a
+    softmax without max subtraction whose scores are all below -44), where that of acc / x does not."""
+    prefix = "(1.0) / ("
+    if coef.startswith(prefix) and _balanced(coef[len(prefix):-1]):
+        return f"({acc}) / ({coef[len(prefix):-1]})"
+    return _mul(coef, acc)
+
+
+def _balanced(code: str) -> bool:
+    depth = 0
+    for ch in code:
+        depth += {"(": 1, ")": -1}.get(ch, 0)
+        if depth < 0:
+            return False
+    return depth == 0
 
 
 def _div(a, b):
