@@ -121,8 +121,10 @@ def rel_err_where_finite(out, ref):
     out, ref = out.double()[ok], ref.double()[ok]
     assert torch.isfinite(out).all(), "a non-finite gradient where eager's is finite"
     # a gradient that is exactly zero in exact arithmetic (a per-row bias under softmax) is float noise
-    # in both: measured against a floor of 0.1 (these gradients are O(1) when not zero), not against zero
-    return ((out - ref).norm() / ref.norm().clamp_min(0.1)).item()
+    # in both, and one summed from hundreds of O(1) terms that nearly cancel (a per-head bias's: 0.04 from
+    # terms of 0.1 to 1) is off by a few 1e-6 in float32 whoever sums it: measured against a floor of 1
+    # (these gradients are O(1) to O(10) when their terms do not cancel), not against their tiny norm
+    return ((out - ref).norm() / ref.norm().clamp_min(1.0)).item()
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
