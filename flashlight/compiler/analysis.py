@@ -186,17 +186,25 @@ def _gated_feed_forward(node, src) -> bool:
     val = src.meta.get("val")
     if node.target is not aten.mm.default or val is None or val.dim() != 2:
         return False
-    stack, seen = [src], set()
+    return not any(n.target in REDUCTIONS for n in _behind(src, stop=_is_projection))
+
+
+def _is_projection(n) -> bool:
+    return n.target in MATMULS or n.target is aten.addmm.default
+
+
+def _behind(start, stop=lambda n: False):
+    """The nodes `start` is computed from (itself included), each once; the search goes on behind a node
+    unless stop(node)."""
+    stack, seen = [start], set()
     while stack:
         n = stack.pop()
         if n in seen or not isinstance(n, fx.Node):
             continue
         seen.add(n)
-        if n.target in REDUCTIONS:
-            return False
-        if n.target not in MATMULS and n.target is not aten.addmm.default:
+        yield n
+        if not stop(n):
             stack.extend(n.all_input_nodes)
-    return True
 
 
 def find_pv_candidates(gm: fx.GraphModule):
@@ -212,18 +220,9 @@ def find_pv_candidates(gm: fx.GraphModule):
         src, _ = _source_of(node.args[0])
         if not _is_computable(src) or _per_row_linear_map(node, src) or _gated_feed_forward(node, src):
             continue
-        stack, seen = [src], set()
-        while stack:
-            n = stack.pop()
-            if n in seen or not isinstance(n, fx.Node):
-                continue
-            seen.add(n)
-            if n.target in MATMULS and n is not node:
-                out.append(node)
-                break
-            if n.target is aten.addmm.default:
-                continue   # a projection with a bias (Linear): what lies behind it is another layer's
-            stack.extend(n.all_input_nodes)
+        # behind a projection with a bias (Linear) lies another layer's matmul, not this one's scores
+        if any(n.target in MATMULS for n in _behind(src, stop=_is_projection)):
+            out.append(node)
     return out
 
 
@@ -319,16 +318,8 @@ def analyse(gm: fx.GraphModule, pv: fx.Node) -> Region:
 
 
 def _random_ops_before(node):
-    seen, stack, found = set(), [node], []
-    while stack:
-        n = stack.pop()
-        if n in seen or not isinstance(n, fx.Node):
-            continue
-        seen.add(n)
-        if n.op == "call_function" and getattr(n.target, "__name__", "").split(".")[0].rstrip("_") in RANDOM:
-            found.append(n.name)
-        stack.extend(n.all_input_nodes)
-    return sorted(found)
+    return sorted(n.name for n in _behind(node) if n.op == "call_function" and
+                  getattr(n.target, "__name__", "").split(".")[0].rstrip("_") in RANDOM)
 
 
 def _analyse(gm: fx.GraphModule, pv: fx.Node) -> Region:
