@@ -267,6 +267,27 @@ def test_model_file_attention_trains_fused(cls):
         assert rel_err(p.grad, p64.grad) < TOL, (name, rel_err(p.grad, p64.grad))
 
 
+
+def test_autocast_training_fuses_through_the_casts():
+    """A float32 model trained under autocast (float16 on the CPU, as bfloat16 on a GPU): the projections
+    cast to half precision on their way into the attention, and the gradients flow back through those casts
+    into float32 parameters; they match eager autocast's to half precision."""
+    model = GPT2()
+    reference = copy.deepcopy(model)
+    (x,) = _inputs("GPT2")
+    torch._dynamo.reset()
+    before = flashlight.counters["fused_backward_launches"]
+    with torch.autocast("cpu", dtype=torch.float16):
+        out = flashlight.compile(model)(x)
+    out.float().square().mean().backward()
+    assert flashlight.counters["fused_backward_launches"] > before
+    with torch.autocast("cpu", dtype=torch.float16):
+        ref = reference(x)
+    ref.float().square().mean().backward()
+    assert rel_err(out, ref) < 2e-3
+    for (name, p), p_ref in zip(model.named_parameters(), reference.parameters()):
+        assert p.grad.dtype == torch.float32 and rel_err(p.grad, p_ref.grad) < 5e-3, (name, rel_err(p.grad, p_ref.grad))
+
 class EmbeddedTokens(nn.Module):
     """Token embeddings with a padding index (BERT's: the padding row gets no gradient) feeding attention."""
 
