@@ -304,7 +304,7 @@ class CompiledRegion:
             raise RuntimeError("a gradient is asked of an input that did not require grad when the region "
                                "was compiled")
         if self._backward_module is None:
-            self._backward_module = load_source(bs.source, bs.dq_name, self.dump_dir)
+            self._backward_module = load_source(bs.source, bs.dq_name or bs.dkv_name, self.dump_dir)
         module = self._backward_module
         n_rows = len(bs.row_names)
         dpv, row_values = rows[0], rows[1:1 + n_rows]
