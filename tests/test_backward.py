@@ -101,16 +101,21 @@ def test_a_softmax_without_max_subtraction_keeps_finite_gradients_on_rows_far_be
     check_grads(no_max, {**{n: (torch.randn(2, 2, 40, 16) * 0.3).requires_grad_() for n in "qkv"}, "shift": shift})
 
 
-@pytest.mark.parametrize("trained", ["v", "q", "k"])
+def gated_causal(q, k, v, gate):
+    return sm_causal(q, k, v) * torch.sigmoid(gate)
+
+
+@pytest.mark.parametrize("trained", ["v", "q", "k", "gate"])
 def test_a_gradient_asked_of_one_input_only(trained):
     """Only V trained (a frozen Q and K, as a LoRA on the value projection alone trains): no kernel per
     query tile is generated (its loop had an empty body, and the generated backward fell back); only Q or
-    only K: one kernel each."""
-    inputs = {n: torch.randn(2, 2, 40, 16, requires_grad=n == trained) for n in "qkv"}
-    report = flashlight.explain(sm_causal, **inputs)
+    only K: one kernel each; only an output gate: none, the row step gives its gradient."""
+    inputs = {n: torch.randn(2, 2, 40, 16, requires_grad=n == trained) for n in ("q", "k", "v", "gate")}
+    report = flashlight.explain(gated_causal, **inputs)
     kernels = re.findall(r"def (flashlight_bwd_\w+?)_", report.regions[0].backward_source)
-    assert kernels == {"v": ["flashlight_bwd_dkv"], "q": ["flashlight_bwd_dq"], "k": ["flashlight_bwd_dkv"]}[trained]
-    check_grads(sm_causal, inputs)
+    assert kernels == {"v": ["flashlight_bwd_dkv"], "q": ["flashlight_bwd_dq"], "k": ["flashlight_bwd_dkv"],
+                       "gate": []}[trained]
+    check_grads(gated_causal, inputs)
 
 def sm_causal(q, k, v):
     s = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5

@@ -303,7 +303,7 @@ class CompiledRegion:
         if any(n and not b for n, b in zip(needs, bs.needs)):
             raise RuntimeError("a gradient is asked of an input that did not require grad when the region "
                                "was compiled")
-        if self._backward_module is None:
+        if self._backward_module is None and (bs.dq_name or bs.dkv_name):   # none: the row step gives every gradient
             self._backward_module = load_source(bs.source, bs.dq_name or bs.dkv_name, self.dump_dir)
         module = self._backward_module
         n_rows = len(bs.row_names)
