@@ -1,7 +1,7 @@
 """Property tests: random attention programs from a grammar of score ops, masks, normalisations and
 epilogues, on random shapes and layouts. Each must be fused-and-correct or fallen-back-and-correct."""
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import flashlight
@@ -131,10 +131,13 @@ def rel_err_where_finite(out, ref):
 @given(score_op=st.sampled_from(SCORE_OPS), mask=st.sampled_from(MASKS), norm=st.sampled_from(NORMS),
        epilogue=st.sampled_from(EPILOGUES), B=st.integers(1, 2), H=st.integers(1, 3),
        Sq=st.integers(1, 40), Sk=st.integers(1, 40), D=st.sampled_from([8, 12, 16, 20]),
-       Dv=st.sampled_from([8, 12, 16]), transposed=st.booleans(), seed=st.integers(0, 2**16))
-def test_random_programs_train_correctly(score_op, mask, norm, epilogue, B, H, Sq, Sk, D, Dv, transposed, seed):
-    """The same grammar with every floating input requiring grad: fused forward and generated backward,
-    or a fallback, and gradients of q, k, v, the per-head parameter and the gate equal to float64 autograd's."""
+       Dv=st.sampled_from([8, 12, 16]), transposed=st.booleans(), seed=st.integers(0, 2**16),
+       frozen=st.sets(st.sampled_from(["q", "k", "v", "hb", "gate"]), max_size=4))
+def test_random_programs_train_correctly(score_op, mask, norm, epilogue, B, H, Sq, Sk, D, Dv, transposed, seed,
+                                         frozen):
+    """The same grammar with the floating inputs requiring grad, but for a `frozen` few (a frozen projection,
+    a fixed bias): fused forward and generated backward, or a fallback, and the gradients of q, k, v, the
+    per-head parameter and the gate that are asked for equal to float64 autograd's."""
     g = torch.Generator().manual_seed(seed)
     rn = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
     if transposed:
@@ -142,20 +145,23 @@ def test_random_programs_train_correctly(score_op, mask, norm, epilogue, B, H, S
     else:
         q, k, v = rn(B, H, Sq, D), rn(B, H, Sk, D), rn(B, H, Sk, Dv)
     hb, keep, gate = rn(H), torch.rand(B, Sk, generator=g) > 0.3, rn(B, H, Sq, Dv)
-    leaves = [t.detach().requires_grad_() for t in (q, k, v, hb)] + [keep, gate.requires_grad_()]
+    leaves = [t.detach().requires_grad_(name not in frozen) for name, t in zip(("q", "k", "v", "hb"), (q, k, v, hb))] + \
+        [keep, gate.requires_grad_("gate" not in frozen)]
     fn = build(score_op, mask, norm, epilogue)
     report = flashlight.explain(fn, *leaves)
     torch._dynamo.reset()
     before = flashlight.counters["fused_backward_launches"]
     out = flashlight.compile(fn, inductor=False)(*leaves)
+    assume(out.requires_grad)   # what trains is read (hb is not, by every program)
     grad_out = rn(*out.shape)
     out.backward(grad_out)
     fused_bwd = report.fused and report.regions[0].backward_fused
     assert (flashlight.counters["fused_backward_launches"] > before) == bool(fused_bwd), str(report)
-    ref_leaves = [t.detach().double().requires_grad_() if t.is_floating_point() else t for t in leaves]
+    ref_leaves = [t.detach().double().requires_grad_(t.requires_grad) if t.is_floating_point() else t for t in leaves]
     ref = fn(*ref_leaves)
     ref.backward(grad_out.double())
-    eager_leaves = [t.detach().clone().requires_grad_() if t.is_floating_point() else t for t in leaves]
+    eager_leaves = [t.detach().clone().requires_grad_(t.requires_grad) if t.is_floating_point() else t
+                    for t in leaves]
     fn(*eager_leaves).backward(grad_out)   # eager float32: how far float32 itself lands from float64
     assert rel_err_where_finite(out.detach(), ref.detach()) < TOL, str(report)
     for name, x, r, e in zip(("q", "k", "v", "hb", "keep", "gate"), leaves, ref_leaves, eager_leaves):
