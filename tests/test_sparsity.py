@@ -198,6 +198,11 @@ def where_built(q, k, v):          # a causal mask built by where from positions
     return torch.softmax(q @ k.mT + torch.where(j > i, F32_MIN, 0.0), -1) @ v
 
 
+def square_subsequent(q, k, v):    # nn.Transformer.generate_square_subsequent_mask: triu of a full -inf
+    mask = torch.triu(torch.full((q.shape[-2], k.shape[-2]), float("-inf")), diagonal=1)
+    return torch.softmax(q @ k.mT + mask, -1) @ v
+
+
 def cast_mask(q, k, v, keep):      # a boolean mask cast to numbers and scaled: (~keep).float() * finfo.min
     return torch.softmax(q @ k.mT + (~keep).float() * F32_MIN, -1) @ v
 
@@ -241,6 +246,8 @@ def added_case(name, g):
         return bert_padding, (q, k, v, keep)
     if name == "where-built causal":
         return where_built, (q, k, v)
+    if name == "triu of -inf":
+        return square_subsequent, (q, k, v)
     if name == "buffer slice":
         return BufferSlice(), (q, k, v)
     if name == "cast boolean":
@@ -251,8 +258,8 @@ def added_case(name, g):
     return added, (q, k, v, hf_mask(B, S, torch.finfo(torch.float16).min, pad_from=30))
 
 
-ADDED = ["hf causal, left padding", "hf sliding window", "bert padding", "where-built causal", "buffer slice",
-         "cast boolean", "sigmoid", "fp16 min"]
+ADDED = ["hf causal, left padding", "hf sliding window", "bert padding", "where-built causal", "triu of -inf",
+         "buffer slice", "cast boolean", "sigmoid", "fp16 min"]
 
 
 @pytest.mark.parametrize("name", ADDED)
@@ -264,11 +271,13 @@ def test_added_masks_skip_tiles_and_keep_the_eager_result(name):
     fn, args = added_case(name, g)
     src = flashlight.explain(fn, *args).regions[0].kernel_source
     assert "tile_empty" in src and "mask dropped: the tile is kept whole" in src
-    assert ("def classify_tiles_" in src) == (name != "where-built causal"), src
+    assert ("def classify_tiles_" in src) == (name not in ("where-built causal", "triu of -inf")), src
     outs = {}
+    before = flashlight.counters["fused_launches"]
     for sparse in (True, False):
         torch._dynamo.reset()
         outs[sparse] = flashlight.compile(fn, inductor=False, config=SMALL_TILES, block_sparse=sparse)(*args)
+    assert flashlight.counters["fused_launches"] == before + 2   # the fused kernels ran, none fell back
     ref = fn(*[a.double() if a.is_floating_point() else a for a in args])
     # rows that see no key keep only a few float32 bits of their scores next to -65504: held to eager
     # float32's own distance from float64 there (within 3x)

@@ -43,6 +43,11 @@ prims = torch.ops.prims
 NINF, ZERO, TOP = "-inf", "0", "?"
 
 
+def _number(v) -> str:
+    """A number as Triton code (infinities too: a mask built as torch.full(-inf).triu(1))."""
+    return repr(v) if math.isfinite(v) else f'float("{v}")'
+
+
 def _literal(a):
     return a if isinstance(a, (int, float)) and not isinstance(a, bool) else None
 
@@ -329,7 +334,7 @@ class IntervalEmitter:
                 v = int(a)
             if v is None:
                 return None
-            return ("num", repr(v), repr(v))
+            return ("num", _number(v), _number(v))
         if a in set(self.r.nodes):
             return self.value(a)
         acc = self.r.accesses.get((node, i))
@@ -338,7 +343,7 @@ class IntervalEmitter:
         if acc.kind == "const":
             c = _const_of(self.r, node, i)
             c = int(c) if isinstance(c, bool) else c   # as for a literal bool above
-            return None if c is None else ("num", repr(c), repr(c))
+            return None if c is None else ("num", _number(c), _number(c))
         axes = set(flat_axes(acc.axes))
         self.batch_axes |= {a for a in axes if a.startswith("b")}
         lines = self.lines if "n" in axes else self.pre
