@@ -117,6 +117,19 @@ def test_a_gradient_asked_of_one_input_only(trained):
                        "gate": []}[trained]
     check_grads(gated_causal, inputs)
 
+
+def test_a_softmax_stabilised_by_hand_fuses_and_trains():
+    """`sim - sim.amax(-1, keepdim=True).detach()` before the softmax, with a -finfo.max mask and einsum, as
+    research repositories write attention: the shift is read as none (the softmax subtracts its own max)."""
+    def stabilised(q, k, v, keep):
+        sim = torch.einsum("b h i d, b h j d -> b h i j", q, k) * 0.25
+        sim = sim.masked_fill(~keep, -torch.finfo(sim.dtype).max)
+        sim = sim - sim.amax(dim=-1, keepdim=True).detach()
+        return torch.einsum("b h i j, b h j d -> b h i d", sim.softmax(dim=-1), v)
+    keep = torch.rand(2, 1, 1, 40) > 0.3
+    keep[..., 0] = True
+    check_grads(stabilised, {**{n: torch.randn(2, 3, 40, 16, requires_grad=True) for n in "qkv"}, "keep": keep})
+
 def sm_causal(q, k, v):
     s = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5
     i = torch.arange(q.shape[-2])[:, None]

@@ -64,6 +64,39 @@ def _values_only_max(gm: fx.GraphModule) -> None:
     gm.recompile()
 
 
+def _row_max_of(node, x):
+    """Is `node` x's max over its last dim (keepdim), through detach?"""
+    while isinstance(node, fx.Node) and node.target is aten.detach.default:
+        node = node.args[0]
+    return _is_last_dim_amax(node, x)
+
+
+def _is_last_dim_amax(node, x) -> bool:
+    if not (isinstance(node, fx.Node) and node.target is aten.amax.default and node.args[0] is x):
+        return False
+    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", [])
+    keep = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+    rank = x.meta["val"].dim()
+    return keep and [d % rank for d in dims] == [rank - 1]
+
+
+def _pre_shifted_softmax(gm: fx.GraphModule) -> None:
+    """`y = x - x.amax(-1, keepdim=True).detach()` fed only to a softmax (as research code stabilises a
+    softmax by hand) is read as x: the softmax subtracts its own row max from y, and a value per row
+    subtracted before it changes nothing; the matcher then sees the one softmax of x."""
+    g = gm.graph
+    for y in list(g.nodes):
+        if y.op != "call_function" or y.target is not aten.sub.Tensor or not _row_max_of(y.args[1], y.args[0]):
+            continue
+        maxes = {u for u in y.users if _is_last_dim_amax(u, y)}
+        if maxes and all(u in maxes or (u.target is aten.sub.Tensor and u.args[0] is y and u.args[1] in maxes)
+                         for u in y.users):
+            for u in list(y.users):
+                u.replace_input_with(y, y.args[0])
+    g.eliminate_dead_code()
+    gm.recompile()
+
+
 def _natural_exponentials(gm: fx.GraphModule) -> None:
     """Every exponential in base e, so the matcher knows one softmax:
 
@@ -309,6 +342,7 @@ def _normalize(fn, example_inputs, functionalize) -> fx.GraphModule:
                          record_stack_traces=True, _allow_non_fake_inputs=True)(*example_inputs)
     _drop_aliases(gm)
     _values_only_max(gm)
+    _pre_shifted_softmax(gm)
     _natural_exponentials(gm)
     _split_concats(gm)
     return gm
