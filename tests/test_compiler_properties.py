@@ -12,7 +12,7 @@ SCORE_OPS = ["scale", "head_bias", "softcap", "alibi", "table", "index_table"]
 # a relative-position index buffer, as Swin and BEiT register one: a table read at it is a load at a loaded index
 _INDEX = torch.randint(0, 6, (40, 40), generator=torch.Generator().manual_seed(0))
 MASKS = ["none", "causal", "window", "padding", "finfo_causal", "ones_tril", "triu_finfo", "int_band",
-         "finfo_padding"]
+         "finfo_padding", "triu_inf_added"]
 NORMS = ["softmax", "handwritten", "no_max", "sigmoid", "relu_sum", "sinks", "exp2", "pow2", "log_softmax"]
 DROPOUTS = ["none", "p0", "module_eval"]
 EPILOGUES = ["none", "gate"]
@@ -52,6 +52,8 @@ def build(score_op, mask, norm, epilogue, dropout="none"):
         elif mask == "int_band":    # an integer constant, compared
             band = torch.full((s.shape[-2], s.shape[-1]), 2, dtype=torch.int64).tril(-3)
             s = torch.where(band == 2, torch.finfo(s.dtype).max * -1, s)
+        elif mask == "triu_inf_added":   # nn.Transformer.generate_square_subsequent_mask, added
+            s = s + torch.full((s.shape[-2], s.shape[-1]), float("-inf")).triu(1)
         elif mask == "finfo_padding":   # rows of a batch may be fully masked: uniform weights, as eager
             s = s.masked_fill(~keep[:, None, None, :], torch.finfo(s.dtype).min)
         if norm == "softmax":
