@@ -19,8 +19,20 @@ EPILOGUES = ["none", "gate"]
 _DROPOUT_EVAL = torch.nn.Dropout(0.2).eval()
 
 
-def build(score_op, mask, norm, epilogue, dropout="none"):
+def grouped(x, G, repeat_kv):
+    """K or V shared by G query heads each (GQA), as model files spell it: transformers' repeat_kv (expand
+    and reshape) or repeat_interleave."""
+    if G == 1:
+        return x
+    if not repeat_kv:
+        return x.repeat_interleave(G, 1)
+    B, Hk, S, D = x.shape
+    return x[:, :, None].expand(B, Hk, G, S, D).reshape(B, Hk * G, S, D)
+
+
+def build(score_op, mask, norm, epilogue, dropout="none", G=1, repeat_kv=False):
     def attn(q, k, v, hb, keep, gate):
+        k, v = grouped(k, G, repeat_kv), grouped(v, G, repeat_kv)
         s = q @ k.transpose(-1, -2)
         i = torch.arange(q.shape[-2])[:, None]
         j = torch.arange(k.shape[-2])[None, :]
@@ -93,17 +105,12 @@ def build(score_op, mask, norm, epilogue, dropout="none"):
 @given(score_op=st.sampled_from(SCORE_OPS), mask=st.sampled_from(MASKS), norm=st.sampled_from(NORMS),
        epilogue=st.sampled_from(EPILOGUES), dropout=st.sampled_from(DROPOUTS), B=st.integers(1, 2), H=st.integers(1, 3),
        Sq=st.integers(1, 40), Sk=st.integers(1, 40), D=st.sampled_from([8, 12, 16, 20]),
-       Dv=st.sampled_from([8, 12, 16]), transposed=st.booleans(), seed=st.integers(0, 2**16))
+       Dv=st.sampled_from([8, 12, 16]), transposed=st.booleans(), seed=st.integers(0, 2**16),
+       G=st.sampled_from([1, 2]), repeat_kv=st.booleans())
 def test_random_programs_fuse_or_fall_back_correctly(score_op, mask, norm, epilogue, dropout, B, H, Sq, Sk, D, Dv,
-                                                     transposed, seed):
-    g = torch.Generator().manual_seed(seed)
-    rn = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
-    if transposed:  # views as they come out of a projection: [B, S, H, D] -> [B, H, S, D]
-        q, k, v = rn(B, Sq, H, D).transpose(1, 2), rn(B, Sk, H, D).transpose(1, 2), rn(B, Sk, H, Dv).transpose(1, 2)
-    else:
-        q, k, v = rn(B, H, Sq, D), rn(B, H, Sk, D), rn(B, H, Sk, Dv)
-    hb, keep, gate = rn(H), torch.rand(B, Sk, generator=g) > 0.3, rn(B, H, Sq, Dv)
-    fn = build(score_op, mask, norm, epilogue, dropout)
+                                                     transposed, seed, G, repeat_kv):
+    q, k, v, hb, keep, gate = _inputs(seed, B, H, G, Sq, Sk, D, Dv, transposed)
+    fn = build(score_op, mask, norm, epilogue, dropout, G, repeat_kv)
     args = (q, k, v, hb, keep, gate)
     report = flashlight.explain(fn, *args)
     assert report.regions, "every program here has one attention region"
@@ -114,6 +121,17 @@ def test_random_programs_fuse_or_fall_back_correctly(score_op, mask, norm, epilo
     assert (flashlight.counters["fused_launches"] > before) == report.fused
     ref = fn(*(a.double() if a.is_floating_point() else a for a in args))
     assert rel_err(out, ref) < TOL, str(report)
+
+
+def _inputs(seed, B, H, G, Sq, Sk, D, Dv, transposed):
+    """q (H·G heads), k and v (H heads), a per-head parameter, a padding mask and a gate, from `seed`."""
+    g = torch.Generator().manual_seed(seed)
+    rn = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    if transposed:  # views as they come out of a projection: [B, S, H, D] -> [B, H, S, D]
+        q, k, v = rn(B, Sq, H * G, D).transpose(1, 2), rn(B, Sk, H, D).transpose(1, 2), rn(B, Sk, H, Dv).transpose(1, 2)
+    else:
+        q, k, v = rn(B, H * G, Sq, D), rn(B, H, Sk, D), rn(B, H, Sk, Dv)
+    return q, k, v, rn(H * G), torch.rand(B, Sk, generator=g) > 0.3, rn(B, H * G, Sq, Dv)
 
 
 def rel_err_where_finite(out, ref):
@@ -134,28 +152,23 @@ def rel_err_where_finite(out, ref):
        epilogue=st.sampled_from(EPILOGUES), B=st.integers(1, 2), H=st.integers(1, 3),
        Sq=st.integers(1, 40), Sk=st.integers(1, 40), D=st.sampled_from([8, 12, 16, 20]),
        Dv=st.sampled_from([8, 12, 16]), transposed=st.booleans(), seed=st.integers(0, 2**16),
-       frozen=st.sets(st.sampled_from(["q", "k", "v", "hb", "gate"]), max_size=4))
+       frozen=st.sets(st.sampled_from(["q", "k", "v", "hb", "gate"]), max_size=4), G=st.sampled_from([1, 2]),
+       repeat_kv=st.booleans())
 def test_random_programs_train_correctly(score_op, mask, norm, epilogue, B, H, Sq, Sk, D, Dv, transposed, seed,
-                                         frozen):
+                                         frozen, G, repeat_kv):
     """The same grammar with the floating inputs requiring grad, but for a `frozen` few (a frozen projection,
     a fixed bias): fused forward and generated backward, or a fallback, and the gradients of q, k, v, the
     per-head parameter and the gate that are asked for equal to float64 autograd's."""
-    g = torch.Generator().manual_seed(seed)
-    rn = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
-    if transposed:
-        q, k, v = rn(B, Sq, H, D).transpose(1, 2), rn(B, Sk, H, D).transpose(1, 2), rn(B, Sk, H, Dv).transpose(1, 2)
-    else:
-        q, k, v = rn(B, H, Sq, D), rn(B, H, Sk, D), rn(B, H, Sk, Dv)
-    hb, keep, gate = rn(H), torch.rand(B, Sk, generator=g) > 0.3, rn(B, H, Sq, Dv)
+    q, k, v, hb, keep, gate = _inputs(seed, B, H, G, Sq, Sk, D, Dv, transposed)
     leaves = [t.detach().requires_grad_(name not in frozen) for name, t in zip(("q", "k", "v", "hb"), (q, k, v, hb))] + \
         [keep, gate.requires_grad_("gate" not in frozen)]
-    fn = build(score_op, mask, norm, epilogue)
+    fn = build(score_op, mask, norm, epilogue, G=G, repeat_kv=repeat_kv)
     report = flashlight.explain(fn, *leaves)
     torch._dynamo.reset()
     before = flashlight.counters["fused_backward_launches"]
     out = flashlight.compile(fn, inductor=False)(*leaves)
     assume(out.requires_grad)   # what trains is read (hb is not, by every program)
-    grad_out = rn(*out.shape)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 1))
     out.backward(grad_out)
     fused_bwd = report.fused and report.regions[0].backward_fused
     assert (flashlight.counters["fused_backward_launches"] > before) == bool(fused_bwd), str(report)
