@@ -1,5 +1,7 @@
 """Property tests: random attention programs from a grammar of score ops, masks, normalisations and
 epilogues, on random shapes and layouts. Each must be fused-and-correct or fallen-back-and-correct."""
+import os
+
 import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
@@ -17,6 +19,8 @@ NORMS = ["softmax", "handwritten", "no_max", "sigmoid", "relu_sum", "sinks", "ex
 DROPOUTS = ["none", "p0", "module_eval"]
 EPILOGUES = ["none", "gate"]
 _DROPOUT_EVAL = torch.nn.Dropout(0.2).eval()
+# FLASHLIGHT_PROPERTY_SCALE=100 draws 100 times as many programs: a longer search, run by hand (CONTRIBUTING.md)
+SCALE = int(os.environ.get("FLASHLIGHT_PROPERTY_SCALE", "1"))
 
 
 def grouped(x, G, repeat_kv):
@@ -101,7 +105,7 @@ def build(score_op, mask, norm, epilogue, dropout="none", G=1, repeat_kv=False):
     return attn
 
 
-@settings(max_examples=20, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=20 * SCALE, deadline=None, suppress_health_check=list(HealthCheck))
 @given(score_op=st.sampled_from(SCORE_OPS), mask=st.sampled_from(MASKS), norm=st.sampled_from(NORMS),
        epilogue=st.sampled_from(EPILOGUES), dropout=st.sampled_from(DROPOUTS), B=st.integers(1, 2), H=st.integers(1, 3),
        Sq=st.integers(1, 40), Sk=st.integers(1, 40), D=st.sampled_from([8, 12, 16, 20]),
@@ -147,7 +151,7 @@ def rel_err_where_finite(out, ref):
     return ((out - ref).norm() / ref.norm().clamp_min(1.0)).item()
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=12 * SCALE, deadline=None, suppress_health_check=list(HealthCheck))
 @given(score_op=st.sampled_from(SCORE_OPS), mask=st.sampled_from(MASKS), norm=st.sampled_from(NORMS),
        epilogue=st.sampled_from(EPILOGUES), B=st.integers(1, 2), H=st.integers(1, 3),
        Sq=st.integers(1, 40), Sk=st.integers(1, 40), D=st.sampled_from([8, 12, 16, 20]),
