@@ -110,25 +110,23 @@ def models():
     }
 
 
-def check(name, cls, config, make_inputs) -> str:
+def check(cls, config, make_inputs) -> dict:
+    """One training step of the model, compiled and eager: what fused, the losses, the largest gradient
+    difference (see the module's docstring); {"error": why} if transformers cannot build it."""
     config._attn_implementation = "eager"
     try:
         model = cls(config).float().train()
     except Exception as e:   # transformers' own checks on the tiny sizes
-        return f"{name:11s} not built ({type(e).__name__}: {str(e)[:120]})"
+        return {"error": f"{type(e).__name__}: {str(e)[:120]}"}
     inputs = make_inputs()
     reference = copy.deepcopy(model)
     report = flashlight.explain(model, **inputs)
-    fused = sum(r.fused for r in report.regions)
-    backward = sum(bool(r.backward_fused) for r in report.regions)
-    why = sorted({r.reason[:100] for r in report.regions if not r.fused})
     torch._dynamo.reset()
     before = flashlight.counters["fused_backward_launches"]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         loss = flashlight.compile(model)(**inputs).loss
         loss.backward()
-    launches = flashlight.counters["fused_backward_launches"] - before
     ref_loss = reference(**inputs).loss
     ref_loss.backward()
     worst, worst_name = 0.0, "-"
@@ -138,11 +136,22 @@ def check(name, cls, config, make_inputs) -> str:
         err = ((p.grad.double() - q.grad.double()).norm() / q.grad.double().norm()).item()
         if err > worst:
             worst, worst_name = err, pname
-    notes = [str(w.message)[:120] for w in caught if "flashlight" in str(w.message)]
-    return (f"{name:11s} regions fused {fused}/{len(report.regions)} (backward {backward}), backward launches "
-            f"{launches}, loss {loss.item():.6f} vs eager {ref_loss.item():.6f}, largest gradient difference "
-            f"{worst:.1e} ({worst_name})" + (f"; not fused: {why}" if why else "") +
-            (f"; warnings: {notes}" if notes else ""))
+    return {"regions": len(report.regions), "fused": sum(r.fused for r in report.regions),
+            "backward": sum(bool(r.backward_fused) for r in report.regions),
+            "launches": flashlight.counters["fused_backward_launches"] - before,
+            "loss": loss.item(), "eager_loss": ref_loss.item(), "gradient_difference": worst, "worst": worst_name,
+            "not_fused": sorted({r.reason[:100] for r in report.regions if not r.fused}),
+            "warnings": [str(w.message)[:120] for w in caught if "flashlight" in str(w.message)]}
+
+
+def row(name, r: dict) -> str:
+    if "error" in r:
+        return f"{name:11s} not built ({r['error']})"
+    return (f"{name:11s} regions fused {r['fused']}/{r['regions']} (backward {r['backward']}), backward launches "
+            f"{r['launches']}, loss {r['loss']:.6f} vs eager {r['eager_loss']:.6f}, largest gradient difference "
+            f"{r['gradient_difference']:.1e} ({r['worst']})" +
+            (f"; not fused: {r['not_fused']}" if r["not_fused"] else "") +
+            (f"; warnings: {r['warnings']}" if r["warnings"] else ""))
 
 
 def main(argv=None):
@@ -162,7 +171,7 @@ def main(argv=None):
         sys.exit(f"unknown model(s) {unknown}; known: {' '.join(table)}")
     torch.manual_seed(0)
     for name in args.models or table:
-        print(check(name, *table[name]), flush=True)
+        print(row(name, check(*table[name])), flush=True)
 
 
 if __name__ == "__main__":

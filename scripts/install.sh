@@ -19,7 +19,7 @@ import importlib, sys, pathlib
 mods = ["torch", "hydra", "optuna", "pandas", "matplotlib", "rich", "variants", "flashlight.harness.variant_registry",
         "tabulate", "markdown", "nbformat", "nbclient", "ipykernel"]  # + the report's
 if sys.argv[1:] == ["test"]:
-    mods += ["pytest", "hypothesis", "hydra_plugins.hydra_submitit_launcher", "psycopg2",  # + the cluster extra
+    mods += ["pytest", "hypothesis", "transformers", "hydra_plugins.hydra_submitit_launcher", "psycopg2",  # + the cluster extra
              "hydra_plugins.hydra_optuna_sweeper"]
 for m in mods:
     importlib.import_module(m)
