@@ -76,8 +76,8 @@ def _is_last_dim_amax(node, x) -> bool:
         return False
     dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", [])
     keep = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
-    rank = x.meta["val"].dim()
-    return keep and [d % rank for d in dims] == [rank - 1]
+    val = x.meta.get("val")
+    return bool(keep) and val is not None and [d % val.dim() for d in dims] == [val.dim() - 1]
 
 
 def _pre_shifted_softmax(gm: fx.GraphModule) -> None:
