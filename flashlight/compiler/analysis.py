@@ -13,7 +13,6 @@ codegen.py (Triton). Anything this module cannot place raises ``NotFusable`` wit
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 
 import torch
@@ -144,6 +143,17 @@ def constant_value(node):
     return typed_scalar(value, src.meta["val"].dtype if "val" in src.meta else None)
 
 
+def literal(v) -> str:
+    """A Python number as kernel code (infinities and NaN as float("...")); NotFusable for anything else."""
+    if isinstance(v, bool):
+        return "True" if v else "False"
+    if isinstance(v, float):
+        return repr(v) if math.isfinite(v) else f'float("{v}")'
+    if isinstance(v, int):
+        return str(v)
+    raise NotFusable(f"unsupported literal {v!r}")
+
+
 def typed_scalar(value, dtype):
     """`value` as the Python scalar a tensor of `dtype` holds: ones(dtype=bool) is True, not 1.0, so the
     generated code combines it with masks as a boolean (`t & 1.0` does not compile)."""
@@ -170,23 +180,19 @@ def _is_computable(node):
         node.target in ELEMENTWISE or node.target in REDUCTIONS or node.target in GATHERS)
 
 
-def _per_row_linear_map(node, src) -> bool:
-    """A 2-D matmul of a batched tensor flattened to rows ([B, S, F] viewed as [B·S, F]) maps each row on its
-    own, as a feed-forward layer's second matmul does: it cannot be the ·V product of attention, which sums
-    over the keys of one batch entry, so it is no candidate (explain would list every MLP as a region)."""
+def _feed_forward(node, src) -> bool:
+    """Is the 2-D matmul `node` of `src` a feed-forward layer's second matmul rather than attention's ·V?
+    - src batched but flattened to rows ([B, S, F] viewed as [B·S, F]): each row is mapped on its own, where
+      ·V sums over the keys of one batch entry (explain listed every MLP as a region);
+    - src 2-D with no reduction between it and the matmuls before it, as `w2(silu(w1 x) * w3 x)` on the
+      tokens a mixture of experts routes to one expert (attention's rows are normalised over the keys):
+      cuBLAS runs it well (Mixtral's experts were fused as flash attention)."""
     val = src.meta.get("val")
-    return node.target is aten.mm.default and val is not None and val.dim() > 2 and \
-        not all(isinstance(s, int) and s == 1 for s in val.shape[:-2])   # symbolic sizes: rows of a batch too
-
-
-def _gated_feed_forward(node, src) -> bool:
-    """A 2-D matmul of a 2-D row program of 2-D matmuls with no reduction between them, as `w2(silu(w1 x) *
-    w3 x)` on the tokens a mixture of experts routes to one expert: a feed-forward layer, which cuBLAS runs
-    well, not attention (whose rows are normalised over the keys)."""
-    val = src.meta.get("val")
-    if node.target is not aten.mm.default or val is None or val.dim() != 2:
+    if node.target is not aten.mm.default or val is None:
         return False
-    return not any(n.target in REDUCTIONS for n in _behind(src, stop=_is_projection))
+    if val.dim() > 2:   # symbolic batch sizes count as rows of a batch too
+        return not all(isinstance(s, int) and s == 1 for s in val.shape[:-2])
+    return val.dim() == 2 and not any(n.target in REDUCTIONS for n in _behind(src, stop=_is_projection))
 
 
 def _is_projection(n) -> bool:
@@ -218,7 +224,7 @@ def find_pv_candidates(gm: fx.GraphModule):
         if node.op != "call_function" or node.target not in MATMULS:
             continue
         src, _ = _source_of(node.args[0])
-        if not _is_computable(src) or _per_row_linear_map(node, src) or _gated_feed_forward(node, src):
+        if not _is_computable(src) or _feed_forward(node, src):
             continue
         # behind a projection with a bias (Linear) lies another layer's matmul, not this one's scores
         if any(n.target in MATMULS for n in _behind(src, stop=_is_projection)):
@@ -329,7 +335,7 @@ def _analyse(gm: fx.GraphModule, pv: fx.Node) -> Region:
             return _analyse_with_batch(gm, pv, batch_sizes)
         except SplitsAxis as e:
             current = list(batch_sizes or shape_of(_source_of(pv.args[0])[0])[:-2])
-            if not re.fullmatch(r"b\d+", e.axis):
+            if not e.axis.startswith("b"):   # batch axes are b0, b1, …
                 raise NotFusable(str(e)) from None
             i = int(e.axis[1:])
             batch_sizes = tuple(current[:i] + [e.outer, e.size // e.outer] + current[i + 1:])

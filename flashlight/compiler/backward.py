@@ -32,9 +32,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from flashlight.compiler.analysis import GATHERS, MATMULS, WHERE, NotFusable, Region, flat_axes
+from flashlight.compiler.analysis import GATHERS, MATMULS, WHERE, NotFusable, Region, flat_axes, literal
 from flashlight.compiler.codegen import (LOG2E, LoadSlot, _batch_decomposition, _batch_row, _classifier, _contig,
-                                         _Emitter, _forward_copies, _lit, _prune, access_layout, dot, source_header,
+                                         _Emitter, _forward_copies, _prune, access_layout, dot, source_header,
                                          tile_loops, tile_range_lines)
 from flashlight.compiler.indexing import VIEW_OPS, freeze_chain
 from flashlight.compiler.late import check_shift_invariance
@@ -108,7 +108,7 @@ class _TileEmitter(_Emitter):
     def operand(self, node, i, prog=None):
         a = node.args[i]
         if not isinstance(a, fx.Node):
-            return _lit(a)
+            return literal(a)
         if a in self.internal or a is self.r.pv:
             return lname(a) if self.prog.kind[a] == "late" else vname(a)
         acc = self.r.accesses[(node, i)]
@@ -144,7 +144,7 @@ def _vjp(em: _TileEmitter, node, g):
         alpha = node.kwargs.get("alpha", 1)
         sign = -1 if t is aten.sub.Tensor else 1
         k = sign * alpha
-        return [(0, g), (1, g if k == 1 else f"({_lit(float(k))}) * {g}")]
+        return [(0, g), (1, g if k == 1 else f"({literal(float(k))}) * {g}")]
     if t in (aten.add.Scalar, aten.sub.Scalar):
         return [(0, g)]
     if t is aten.mul.Tensor:
@@ -203,8 +203,8 @@ def _vjp(em: _TileEmitter, node, g):
     if t is aten.clamp.default:
         lo = node.args[1] if len(node.args) > 1 else None
         hi = node.args[2] if len(node.args) > 2 else None
-        keep = [c for c in ((f"({x(0)} >= {_lit(lo)})" if lo is not None else None),
-                            (f"({x(0)} <= {_lit(hi)})" if hi is not None else None)) if c]
+        keep = [c for c in ((f"({x(0)} >= {literal(lo)})" if lo is not None else None),
+                            (f"({x(0)} <= {literal(hi)})" if hi is not None else None)) if c]
         return [(0, f"tl.where({' & '.join(keep)}, {g}, 0.0)" if keep else g)]
     if t is aten.pow.Tensor_Scalar:
         p = node.args[1]

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from flashlight.compiler.analysis import (GATHERS, MATMULS, WHERE, Access, NotFusable, Region, constant_value,
+from flashlight.compiler.analysis import (GATHERS, MATMULS, WHERE, Access, NotFusable, Region, constant_value, literal,
                                  flat_axes, shape_of)
 from flashlight.compiler.indexing import VIEW_OPS, GroupedView, apply_view, freeze_chain, split_over_axes
 from flashlight.compiler.late import output_is_pv, row_scaled_accumulator
@@ -36,20 +36,6 @@ def _tl_dtype(dt):
     return {torch.float32: "tl.float32", torch.float16: "tl.float16", torch.bfloat16: "tl.bfloat16",
             torch.float64: "tl.float64", torch.bool: "tl.int1", torch.int32: "tl.int32",
             torch.int64: "tl.int64"}[dt]
-
-
-def _lit(v):
-    if isinstance(v, bool):
-        return "True" if v else "False"
-    if isinstance(v, float):
-        if math.isinf(v):
-            return 'float("inf")' if v > 0 else 'float("-inf")'
-        if math.isnan(v):
-            return 'float("nan")'
-        return repr(v)
-    if isinstance(v, int):
-        return str(v)
-    raise NotFusable(f"unsupported literal {v!r}")
 
 
 # The Triton spelling of the elementwise ops the region may contain: UNARY (one argument), BINARY (an infix
@@ -226,7 +212,7 @@ class _Loads:
             return self.access_names[key]
         if acc.kind == "const":
             val = constant_value(acc.source)
-            name = _lit(val)
+            name = literal(val)
             self.access_names[key] = name
             return name
         name = f"x{self.k}"
@@ -238,7 +224,7 @@ class _Loads:
             expr = " + ".join(terms) if terms else "0"
             if off:
                 expr = f"{off} + {expr}"
-            rhs = f"{_lit(start)} + {_lit(step)} * ({expr})" if (start, step) != (0, 1) else expr
+            rhs = f"{literal(start)} + {literal(step)} * ({expr})" if (start, step) != (0, 1) else expr
             where.append(f"{name} = {rhs}  # {acc.source.name}: positions")
             self.iota_code[name] = rhs
         else:
@@ -263,7 +249,7 @@ class _Emitter(_Loads):
     def operand(self, node, i, prog=None):
         a = node.args[i]
         if not isinstance(a, fx.Node):
-            return _lit(a)
+            return literal(a)
         if a in self.internal or a is self.r.pv or a in self.r.epilogue:
             kind = self.prog.kind[a]
             return lname(a) if kind == "late" else vname(a)
@@ -305,7 +291,7 @@ class _Emitter(_Loads):
         if t in (aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.sub.Scalar):
             alpha = node.kwargs.get("alpha", 1)
             op = "+" if t in (aten.add.Tensor, aten.add.Scalar) else "-"
-            rhs = f(1) if alpha == 1 else f"{_lit(alpha)} * {f(1)}"
+            rhs = f(1) if alpha == 1 else f"{literal(alpha)} * {f(1)}"
             if node in self.prog.stab_max:
                 return f"{f(0)} - mu_{self.prog.stab_max[node].name}"
             return f"{f(0)} {op} {rhs}"
@@ -344,9 +330,9 @@ class _Emitter(_Loads):
             lo = node.args[1] if len(node.args) > 1 else None
             hi = node.args[2] if len(node.args) > 2 else None
             if lo is not None:
-                x = f"tl.maximum({x}, {_lit(lo)})"
+                x = f"tl.maximum({x}, {literal(lo)})"
             if hi is not None:
-                x = f"tl.minimum({x}, {_lit(hi)})"
+                x = f"tl.minimum({x}, {literal(hi)})"
             return x
         if t is aten.pow.Tensor_Scalar:
             p = node.args[1]

@@ -34,18 +34,13 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from flashlight.compiler.analysis import MATMULS, WHERE, Region, constant_value, flat_axes
+from flashlight.compiler.analysis import MATMULS, WHERE, Region, constant_value, flat_axes, literal
 from flashlight.compiler.indexing import VIEW_OPS
 
 aten = torch.ops.aten
 prims = torch.ops.prims
 
 NINF, ZERO, TOP = "-inf", "0", "?"
-
-
-def _number(v) -> str:
-    """A number as Triton code (infinities too: a mask built as torch.full(-inf).triu(1))."""
-    return repr(v) if math.isfinite(v) else f'float("{v}")'
 
 
 def _literal(a):
@@ -334,7 +329,7 @@ class IntervalEmitter:
                 v = int(a)
             if v is None:
                 return None
-            return ("num", _number(v), _number(v))
+            return ("num", literal(v), literal(v))
         if a in set(self.r.nodes):
             return self.value(a)
         acc = self.r.accesses.get((node, i))
@@ -343,7 +338,7 @@ class IntervalEmitter:
         if acc.kind == "const":
             c = _const_of(self.r, node, i)
             c = int(c) if isinstance(c, bool) else c   # as for a literal bool above
-            return None if c is None else ("num", _number(c), _number(c))
+            return None if c is None else ("num", literal(c), literal(c))
         axes = set(flat_axes(acc.axes))
         self.batch_axes |= {a for a in axes if a.startswith("b")}
         lines = self.lines if "n" in axes else self.pre
