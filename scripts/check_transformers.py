@@ -2,6 +2,7 @@
 
     pip install transformers            # not a flashlight dependency
     TRITON_INTERPRET=1 python scripts/check_transformers.py [MODEL ...] [--list]
+    python scripts/check_transformers.py --device cuda       # on a GPU
 
 Each model is built with two layers, tiny sizes and eager attention (`attn_implementation="eager"`: the
 attention flashlight sees as PyTorch ops), and takes one training step on random tokens with padding in one
@@ -117,15 +118,15 @@ def models():
     }
 
 
-def check(cls, config, make_inputs) -> dict:
+def check(cls, config, make_inputs, device="cpu") -> dict:
     """One training step of the model, compiled and eager: what fused, the losses, the largest gradient
     difference (see the module's docstring); {"error": why} if transformers cannot build it."""
     config._attn_implementation = "eager"
     try:
-        model = cls(config).float().train()
+        model = cls(config).float().train().to(device)
     except Exception as e:   # transformers' own checks on the tiny sizes
         return {"error": f"{type(e).__name__}: {str(e)[:120]}"}
-    inputs = make_inputs()
+    inputs = {name: t.to(device) for name, t in make_inputs().items()}
     reference = copy.deepcopy(model)
     report = flashlight.explain(model, **inputs)
     torch._dynamo.reset()
@@ -165,6 +166,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("models", nargs="*", help="model names (default: all)")
     parser.add_argument("--list", action="store_true", help="list the model names and exit")
+    parser.add_argument("--device", default="cpu", help="where both copies run (cpu, through Triton's "
+                        "interpreter, or cuda: the kernels compiled for the GPU)")
     args = parser.parse_args(argv)
     try:
         table = models()
@@ -178,7 +181,7 @@ def main(argv=None):
         sys.exit(f"unknown model(s) {unknown}; known: {' '.join(table)}")
     torch.manual_seed(0)
     for name in args.models or table:
-        print(row(name, check(*table[name])), flush=True)
+        print(row(name, check(*table[name], device=args.device)), flush=True)
 
 
 if __name__ == "__main__":
