@@ -664,6 +664,34 @@ class SlicedQueries(torch.nn.Module):
         return torch.softmax(q @ k.mT * self.D ** -0.5, -1) @ v
 
 
+def test_one_region_trains_on_inputs_of_two_layouts_in_turn():
+    """A region's backward finds its stride arguments, grids and gradient buffers once per layout of its
+    inputs (a plan each): contiguous inputs and transposed views of the same values, in turn, get exact
+    gradients every time, from two plans."""
+    from flashlight.compiler import runtime
+    B, H, S, D = 1, 2, 40, 16
+
+    def attention(q, k, v):
+        return torch.softmax(q @ k.transpose(-2, -1) * D ** -0.5, -1) @ v
+
+    q, k, v = (torch.randn(B, H, S, D) for _ in range(3))
+    flashlight.compile(attention)(*(t.clone().requires_grad_() for t in (q, k, v)))
+    region = list(runtime._REGISTRY.values())[-1]
+    grad_out = torch.randn(B, H, S, D)
+    ref = [t.double().requires_grad_() for t in (q, k, v)]
+    attention(*ref).backward(grad_out.double())
+    for turn in range(4):
+        if turn % 2:   # the same values as [B, S, H, D] memory viewed as [B, H, S, D]
+            xs = [t.transpose(1, 2).contiguous().transpose(1, 2).requires_grad_() for t in (q, k, v)]
+        else:
+            xs = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = torch.ops.flashlight.fused_attention_train(xs, region.key)[0]
+        grads = torch.autograd.grad(out, xs, grad_out.reshape(out.shape))
+        for g, r in zip(grads, ref):
+            assert rel_err(g, r.grad) < TOL
+    assert len(region._backward_plans) == 2
+
+
 def test_a_gradient_of_a_sliced_input_zeroes_the_rest(monkeypatch):
     """Only the queries' part of the fused projection is read by the region: its gradient elsewhere is
     zero, not whatever the buffer held (a gradient stored tile by tile covered only the slice). New

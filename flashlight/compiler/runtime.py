@@ -121,6 +121,28 @@ def register_tuned_lookup(lookup) -> None:
 
 
 @dataclass
+class _BackwardKernel:
+    """One backward kernel of a plan (see CompiledRegion._backward_plan)."""
+    name: str
+    config: dict          # the tiles asked for; `launch` holds the launch the fitted ones gave
+    size: int             # the tiled size (queries for dQ, keys for dK/dV) and its block's name
+    fixed: str
+    programs: int         # programs per tile: batch rows (over K/V heads for dK/dV)
+    scalars: list         # stride arguments: inputs, gradient buffers, dO
+    in_args: list         # the inputs' stride arguments alone (the classification kernel reads them)
+    classifier: str | None
+    tiles: tuple = ()     # (BLOCK_M, BLOCK_N) launched
+    launch: tuple | None = None   # (kernel, grid, scalars, constexprs, options), once fitted
+
+
+@dataclass
+class _BackwardPlan:
+    kernels: list
+    grads: list           # (input index, shape, dtype, stored whole in its dtype) of each gradient buffer
+    row_grads: dict       # input index -> the position of its row-step gradient in rows()'s outputs
+
+
+@dataclass
 class CompiledRegion:
     ks: KernelSource
     config: dict = field(default_factory=dict)
@@ -133,7 +155,7 @@ class CompiledRegion:
                                                                  # its first table had nothing to skip or drop
     backward_source: object = field(default=None, repr=False)   # training: its BackwardSource
     _backward_module: object = field(default=None, repr=False)
-    _backward_args: dict = field(default_factory=dict, repr=False)  # input layouts -> stride arguments
+    _backward_plans: dict = field(default_factory=dict, repr=False)  # (needs, layouts) -> _BackwardPlan
     reference: object = field(default=None, repr=False)   # the region's own ops (fx.GraphModule), training
     backward_failed: str | None = None                    # why the generated backward was given up
     _row_steps: dict = field(default_factory=dict, repr=False)   # layout -> compiled row step
@@ -300,55 +322,34 @@ class CompiledRegion:
 
     def _generated_backward(self, inputs, row_saved, rows, grad_out, needs):
         bs = self.backward_source
-        if any(n and not b for n, b in zip(needs, bs.needs)):
-            raise RuntimeError("a gradient is asked of an input that did not require grad when the region "
-                               "was compiled")
-        if self._backward_module is None and (bs.dq_name or bs.dkv_name):   # none: the row step gives every gradient
-            self._backward_module = load_source(bs.source, bs.dq_name or bs.dkv_name, self.dump_dir)
-        module = self._backward_module
-        n_rows = len(bs.row_names)
-        dpv, row_values = rows[0], rows[1:1 + n_rows]
-        row_grads = dict(zip(self.row_grad_leaves(inputs, needs), rows[1 + n_rows:]))
-        dout_args = []
-        if bs.reads_dout:   # the kernels read dO with its strides (a factor per row is a row value)
-            dpv, dout_args = grad_out, list(grad_out.stride())
+        # what a step repeats is found once per layout of its tensors (host time: the GPU waits on it at
+        # short sequence lengths); the launches of a plan go through their fitted configs after its first step
         device = inputs[0].device
-        if device.type not in self._backward_configs:
-            self._backward_configs[device.type] = backward_config(bs, device.type, self.config.get("backward"))
-        cfg = self._backward_configs[device.type]
-        grads = {i: torch.empty(inputs[i].shape, dtype=inputs[i].dtype, device=device) if i in bs.stored else
-                 torch.zeros(inputs[i].shape, dtype=torch.float32, device=device) for i in bs.grad_leaves}
-        gbufs = [grads[i] for i in bs.grad_leaves]
-        layout = tuple((tuple(t.shape), tuple(t.stride())) for t in inputs)
-        if layout not in self._backward_args:   # gradient buffers are contiguous: their strides follow
-            self._backward_args[layout] = [
-                (slot_args(in_slots, inputs, bs.sizes), slot_args(grad_slots, grads, bs.sizes))
-                for in_slots, grad_slots in (bs.dq_slots, bs.dkv_slots)]
-        # (kernel, tiles, tiled size, its block, programs per tile: batch rows, over K/V heads for dK/dV)
-        launches = [(bs.dq_name, cfg["dq"], bs.M, "BLOCK_M", bs.batch),
-                    (bs.dkv_name, cfg["dkv"], bs.N, "BLOCK_N", bs.batch // bs.dkv_group)]
+        key = (needs, device, grad_out.stride() if bs.reads_dout else None, *[(t.shape, t.stride()) for t in inputs])
+        plan = self._backward_plans.get(key)
+        if plan is None:
+            plan = self._backward_plans[key] = self._backward_plan(inputs, grad_out, needs)
+        n_rows = len(bs.row_names)
+        dpv = grad_out if bs.reads_dout else rows[0]   # the kernels read dO with its strides, or dPV
+        row_values = rows[1:1 + n_rows]
+        grads = {i: torch.empty(shape, dtype=dtype, device=device) if stored else
+                 torch.zeros(shape, dtype=torch.float32, device=device) for i, shape, dtype, stored in plan.grads}
+        tensors = [*inputs, *(grads[i] for i in bs.grad_leaves), dpv, *row_values]   # each kernel's, in order
         redo = self._redo_batches(row_saved) if bs.row_checks else None
-        for (name, c, size, fixed, programs), (in_args, grad_args), classifier in zip(
-                launches, self._backward_args[layout], bs.classifiers):
-            if name is None:
+        for k in plan.kernels:
+            if k.launch is not None:   # its config fitted: the launch as the first step made it
+                fn, grid, scalars, constexprs, options = k.launch
+                self._launcher(fn, grid, tensors + self._tile_tables(k, inputs, redo), scalars, constexprs, options)
                 continue
-            def launch(c, name=name, size=size, fixed=fixed, programs=programs, in_args=in_args, grad_args=grad_args,
-                       classifier=classifier):
-                bm, bn = c["BLOCK_M"], c["BLOCK_N"]
-                ranges = []
-                if classifier:   # the tiles that masks reading data leave: classified per tile pair, reused
-                    ranges = [self.classification(module, classifier, bs.classifier_reads, bs.range_rows,
-                                                  inputs, in_args, bm, bn, fixed)]
-                if redo is not None:
-                    ranges.append(redo)
-                self._launcher(getattr(module, name), (math.ceil(size / c[fixed]) * programs,),
-                               [*inputs, *gbufs, dpv, *row_values, *ranges], [*in_args, *grad_args, *dout_args],
-                               {"BLOCK_M": bm, "BLOCK_N": bn},
-                               {"num_warps": c.get("num_warps", 4), "num_stages": c.get("num_stages", 1)})
-            self._launch_fitted(launch, name, device, lambda c=c: c)
+
+            def launch(c, k=k, tensors=tensors):   # the plan's first step: a config that fits this GPU
+                fn, grid, scalars, constexprs, options = self._backward_launch(k, c)
+                self._launcher(fn, grid, tensors + self._tile_tables(k, inputs, redo), scalars, constexprs, options)
+            self._backward_launch(k, self._launch_fitted(launch, k.name, device, lambda k=k: k.config))
         counters["fused_backward_launches"] += 1
-        del gbufs
+        del tensors
         out = []
+        row_grads = plan.row_grads
         for i, t in enumerate(inputs):
             if not needs[i]:
                 out.append(None)
@@ -356,10 +357,64 @@ class CompiledRegion:
             # popped: a float32 sum buffer (GQA's dK/dV, bias gradients) is freed as soon as it is converted
             g = grads.pop(i) if i in grads else torch.zeros(t.shape, dtype=torch.float32, device=device)
             if i in row_grads:
-                g = g + row_grads[i].to(g.dtype)
+                g = g + rows[row_grads[i]].to(g.dtype)
             out.append(g if g.dtype == t.dtype else g.to(t.dtype))
             del g
         return out
+
+    def _backward_plan(self, inputs, grad_out, needs) -> "_BackwardPlan":
+        """What every backward step with tensors of these layouts does the same: the kernels' stride arguments,
+        grids and configs, the gradient buffers' shapes, where each row gradient lies in rows()'s outputs."""
+        bs = self.backward_source
+        if any(n and not b for n, b in zip(needs, bs.needs)):
+            raise RuntimeError("a gradient is asked of an input that did not require grad when the region "
+                               "was compiled")
+        if self._backward_module is None and (bs.dq_name or bs.dkv_name):   # none: the row step gives every gradient
+            self._backward_module = load_source(bs.source, bs.dq_name or bs.dkv_name, self.dump_dir)
+        device = inputs[0].device
+        if device.type not in self._backward_configs:
+            self._backward_configs[device.type] = backward_config(bs, device.type, self.config.get("backward"))
+        cfg = self._backward_configs[device.type]
+        grads = [(i, tuple(inputs[i].shape), inputs[i].dtype, i in bs.stored) for i in bs.grad_leaves]
+        # gradient buffers are contiguous: their strides follow from the shapes
+        buffers = {i: torch.empty(shape, device="meta") for i, shape, _, _ in grads}
+        dout_args = list(grad_out.stride()) if bs.reads_dout else []
+        kernels = []
+        # (kernel, tiles, tiled size, its block, programs per tile: batch rows, over K/V heads for dK/dV)
+        for name, c, size, fixed, programs, slots, classifier in (
+                (bs.dq_name, cfg["dq"], bs.M, "BLOCK_M", bs.batch, bs.dq_slots, bs.classifiers[0]),
+                (bs.dkv_name, cfg["dkv"], bs.N, "BLOCK_N", bs.batch // bs.dkv_group, bs.dkv_slots, bs.classifiers[1])):
+            if name is None:
+                continue
+            in_slots, grad_slots = slots
+            in_args = slot_args(in_slots, inputs, bs.sizes)
+            scalars = [*in_args, *slot_args(grad_slots, buffers, bs.sizes), *dout_args]
+            kernels.append(_BackwardKernel(name, c, size, fixed, programs, scalars, in_args, classifier))
+        n_rows = len(bs.row_names)
+        row_grads = {i: 1 + n_rows + j for j, i in enumerate(self.row_grad_leaves(inputs, needs))}
+        return _BackwardPlan(kernels, grads, row_grads)
+
+    def _backward_launch(self, k, c):
+        """(kernel, grid, stride arguments, meta-parameters, options) of a backward kernel with tiles c; sets
+        k.launch and k.tiles to them."""
+        k.tiles = (c["BLOCK_M"], c["BLOCK_N"])
+        k.launch = (getattr(self._backward_module, k.name), (math.ceil(k.size / c[k.fixed]) * k.programs,), k.scalars,
+                    {"BLOCK_M": c["BLOCK_M"], "BLOCK_N": c["BLOCK_N"]},
+                    {"num_warps": c.get("num_warps", 4), "num_stages": c.get("num_stages", 1)})
+        return k.launch
+
+    def _tile_tables(self, k, inputs, redo):
+        """The tables a backward kernel reads after its row values: the tiles that masks reading data leave
+        (classified per tile pair, reused), and the batches to visit whole (finite mask fills)."""
+        tables = []
+        if k.classifier:
+            bs = self.backward_source
+            bm, bn = k.tiles
+            tables.append(self.classification(self._backward_module, k.classifier, bs.classifier_reads, bs.range_rows,
+                                              inputs, k.in_args, bm, bn, k.fixed))
+        if redo is not None:
+            tables.append(redo)
+        return tables
 
     def row_saved(self, saved):
         """The forward's stored per-row values (not its [rows, Dv] accumulators), in ks.saved's order."""
@@ -534,8 +589,9 @@ def _classification_state(tensors, args, bm, bn):
         versions = tuple(t._version for t in tensors)
     except RuntimeError:
         return None
-    layouts = tuple((t.data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride())) for t in tensors)
-    return versions, layouts, tuple(args), bm, bn
+    layouts = tuple([(t.data_ptr(), t.storage_offset(), t.shape, t.stride()) for t in tensors])
+    # args: the list cached for this layout (never changed), so that the comparison finds it identical at once
+    return versions, layouts, args, bm, bn
 
 
 def register(region: CompiledRegion) -> str:
@@ -607,9 +663,16 @@ def _in_layout(t, shape, dtype):
 def _like(g, x):
     """g with the strides the op promises (those of empty_like(x), as the fake kernel below): Inductor
     checks them, and autograd's own gradients (the fallback) may come in another layout."""
-    if g.stride() == x.stride() and x.is_contiguous() or g.stride() == torch.empty_like(x, device="meta").stride():
+    if g.stride() == x.stride() and x.is_contiguous() or g.stride() == _empty_like_strides(x.shape, x.stride()):
         return g
     return torch.empty_like(x).copy_(g)
+
+
+@functools.lru_cache(maxsize=1024)
+def _empty_like_strides(shape, stride):
+    """The strides torch.empty_like gives a tensor of this layout (found once per layout: each backward
+    step asks it of every input, and a transposed view's answer costs an allocation on the meta device)."""
+    return torch.empty_like(torch.empty_strided(shape, stride, device="meta")).stride()
 
 
 _LIB.impl("fused_attention_train", fused_attention_train, "CompositeExplicitAutograd")
