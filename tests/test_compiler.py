@@ -995,3 +995,25 @@ def test_graphs_that_cannot_be_timed_safely_are_not():
     assert "writes into an input" in why(writes)
     assert "random" in why(draws)
     assert "GiB of scores" in why(plain, regions=(Sized(32 * 4, 4096, 4096),))
+
+
+def test_an_input_made_on_another_device_is_copied_to_the_queries_device():
+    """A tensor the program builds on the CPU and uses with GPU tensors (transformers' BEiT gathers its GPU
+    bias table at a relative position index it builds with torch.arange on the CPU, which eager indexing
+    allows) reaches the fused op copied to the queries' device, as eager copies it: the kernels read one
+    device's memory. (On a GPU this BEiT failed to compile around the fused op and fell back to Inductor.)
+    CPU-only here: the "other device" is the meta device."""
+    from types import SimpleNamespace
+
+    import torch.fx as fx
+
+    from flashlight.compiler import backend
+    g = fx.Graph()
+    q, index = g.placeholder("q"), g.placeholder("index")
+    q.meta["val"] = torch.empty(2, 8, 4, device="meta")
+    index.meta["val"] = torch.zeros(8, 8, dtype=torch.long)
+    region = SimpleNamespace(scores=[SimpleNamespace(q=SimpleNamespace(source=q))], leaves=[q, index])
+    leaves = backend._on_one_device(g, region)
+    assert leaves[0] is q
+    assert leaves[1].target is torch.ops.aten._to_copy.default and leaves[1].args == (index,)
+    assert leaves[1].kwargs == {"device": torch.device("meta")}

@@ -162,16 +162,31 @@ def replace_regions(gm: fx.GraphModule, planned) -> None:
         key = register(compiled)
         out = region.output
         with g.inserting_before(out):
+            leaves = _on_one_device(g, region)
             if compiled.backward_source is not None:   # training: the op that carries its backward
-                res = g.call_function(torch.ops.flashlight.fused_attention_train.default, (list(region.leaves), key))
+                res = g.call_function(torch.ops.flashlight.fused_attention_train.default, (leaves, key))
                 fused = g.call_function(operator.getitem, (res, 0))
             else:
-                fused = g.call_function(torch.ops.flashlight.fused_attention.default, (list(region.leaves), key))
+                fused = g.call_function(torch.ops.flashlight.fused_attention.default, (leaves, key))
             view = g.call_function(aten.view.default, (fused, list(shape_of(out))))
         view.meta = dict(out.meta)
         out.replace_all_uses_with(view)
     g.eliminate_dead_code()
     gm.recompile()
+
+
+def _on_one_device(g: fx.Graph, region) -> list:
+    """The region's inputs, each on the device of its queries: a tensor the program made on another device
+    (transformers' BEiT builds its relative position index on the CPU and gathers a GPU table with it, which
+    eager indexing allows) is copied there first, as eager copies it; the kernels read one device's memory."""
+    device = region.scores[0].q.source.meta["val"].device
+    leaves = []
+    for leaf in region.leaves:
+        val = leaf.meta.get("val")
+        if isinstance(val, torch.Tensor) and val.device != device:
+            leaf = g.call_function(aten._to_copy.default, (leaf,), {"device": device})
+        leaves.append(leaf)
+    return leaves
 
 
 def is_training(inputs) -> bool:
