@@ -131,8 +131,8 @@ class _BackwardKernel:
     scalars: list         # stride arguments: inputs, gradient buffers, dO
     in_args: list         # the inputs' stride arguments alone (the classification kernel reads them)
     classifier: str | None
-    tiles: tuple = ()     # (BLOCK_M, BLOCK_N) launched
-    launch: tuple | None = None   # (kernel, grid, scalars, constexprs, options), once fitted
+    tiles: tuple = ()     # (BLOCK_M, BLOCK_N) of `launch`
+    launch: tuple | None = None   # (kernel, grid, scalars, constexprs, options), once tiles that fit are found
 
 
 @dataclass
@@ -337,15 +337,18 @@ class CompiledRegion:
         tensors = [*inputs, *(grads[i] for i in bs.grad_leaves), dpv, *row_values]   # each kernel's, in order
         redo = self._redo_batches(row_saved) if bs.row_checks else None
         for k in plan.kernels:
-            if k.launch is not None:   # its config fitted: the launch as the first step made it
-                fn, grid, scalars, constexprs, options = k.launch
-                self._launcher(fn, grid, tensors + self._tile_tables(k, inputs, redo), scalars, constexprs, options)
-                continue
+            if k.launch is None:   # the plan's first step: the tiles that fit this GPU (launch_fitting), kept
 
-            def launch(c, k=k, tensors=tensors):   # the plan's first step: a config that fits this GPU
-                fn, grid, scalars, constexprs, options = self._backward_launch(k, c)
-                self._launcher(fn, grid, tensors + self._tile_tables(k, inputs, redo), scalars, constexprs, options)
-            self._backward_launch(k, self._launch_fitted(launch, k.name, device, lambda k=k: k.config))
+                def launch(c, k=k, tensors=tensors):
+                    fn, grid, scalars, constexprs, options = self._backward_launch(k, c)
+                    tiles = (c["BLOCK_M"], c["BLOCK_N"])
+                    self._launcher(fn, grid, tensors + self._tile_tables(k, tiles, inputs, redo), scalars, constexprs,
+                                   options)
+                c = self._launch_fitted(launch, k.name, device, lambda k=k: k.config)
+                k.launch, k.tiles = self._backward_launch(k, c), (c["BLOCK_M"], c["BLOCK_N"])
+                continue
+            fn, grid, scalars, constexprs, options = k.launch
+            self._launcher(fn, grid, tensors + self._tile_tables(k, k.tiles, inputs, redo), scalars, constexprs, options)
         counters["fused_backward_launches"] += 1
         del tensors
         out = []
@@ -395,21 +398,19 @@ class CompiledRegion:
         return _BackwardPlan(kernels, grads, row_grads)
 
     def _backward_launch(self, k, c):
-        """(kernel, grid, stride arguments, meta-parameters, options) of a backward kernel with tiles c; sets
-        k.launch and k.tiles to them."""
-        k.tiles = (c["BLOCK_M"], c["BLOCK_N"])
-        k.launch = (getattr(self._backward_module, k.name), (math.ceil(k.size / c[k.fixed]) * k.programs,), k.scalars,
-                    {"BLOCK_M": c["BLOCK_M"], "BLOCK_N": c["BLOCK_N"]},
-                    {"num_warps": c.get("num_warps", 4), "num_stages": c.get("num_stages", 1)})
-        return k.launch
+        """(kernel, grid, stride arguments, meta-parameters, options) of a backward kernel with tiles c."""
+        return (getattr(self._backward_module, k.name), (math.ceil(k.size / c[k.fixed]) * k.programs,), k.scalars,
+                {"BLOCK_M": c["BLOCK_M"], "BLOCK_N": c["BLOCK_N"]},
+                {"num_warps": c.get("num_warps", 4), "num_stages": c.get("num_stages", 1)})
 
-    def _tile_tables(self, k, inputs, redo):
-        """The tables a backward kernel reads after its row values: the tiles that masks reading data leave
-        (classified per tile pair, reused), and the batches to visit whole (finite mask fills)."""
+    def _tile_tables(self, k, tiles, inputs, redo):
+        """The tables a backward kernel with these tiles (BLOCK_M, BLOCK_N) reads after its row values: the
+        tiles that masks reading data leave (classified per tile pair, reused), and the batches to visit
+        whole (finite mask fills)."""
         tables = []
         if k.classifier:
             bs = self.backward_source
-            bm, bn = k.tiles
+            bm, bn = tiles
             tables.append(self.classification(self._backward_module, k.classifier, bs.classifier_reads, bs.range_rows,
                                               inputs, k.in_args, bm, bn, k.fixed))
         if redo is not None:
