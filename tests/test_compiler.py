@@ -961,9 +961,70 @@ def test_a_graph_slower_than_inductors_code_runs_inductors(monkeypatch, tmp_path
     assert any("the fused kernel runs" in n for n in backend.last_report.notes)
 
 
+def test_a_training_graph_slower_than_inductors_code_trains_with_inductors(monkeypatch, tmp_path):
+    """A training graph is timed per step too (here the times are given: the CPU has no GPU clock). Where
+    Inductor's unfused step is faster, later steps run it: neither the forward nor the backward kernels
+    launch, the gradients still match float64 eager, and the report says per training step."""
+    from flashlight.compiler import backend, choose
+
+    monkeypatch.setenv("FLASHLIGHT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(choose, "_CHOICES", {})
+    monkeypatch.setattr(choose, "why_not_timed", lambda gm, regions, args: None)
+    monkeypatch.setattr(choose, "time_both", lambda fused, unfused, args: (1.0, 0.5))
+
+    def attn(q, k, v):
+        return torch.softmax(q @ k.mT * 0.25, -1) @ v
+
+    torch._dynamo.reset()
+    fn = flashlight.compile(attn)
+    q, k, v = (rand(1, 2, 40, 16).requires_grad_() for _ in range(3))
+    ref = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    g = rand(1, 2, 40, 16)
+    expected = torch.autograd.grad(attn(*ref), ref, g.double())
+    fwd, bwd = flashlight.counters["fused_launches"], flashlight.counters["fused_backward_launches"]
+    first = torch.autograd.grad(fn(q, k, v), (q, k, v), g)           # the first step: fused, then timed
+    assert flashlight.counters["fused_launches"] == fwd + 1
+    assert flashlight.counters["fused_backward_launches"] == bwd + 1
+    again = torch.autograd.grad(fn(q, k, v), (q, k, v), g)
+    assert flashlight.counters["fused_launches"] == fwd + 1           # Inductor's code ran
+    assert flashlight.counters["fused_backward_launches"] == bwd + 1
+    for got in (first, again):
+        assert all(rel_err(a, b) < TOL for a, b in zip(got, expected))
+    reason = backend.last_report.regions[0].reason
+    assert "slower than Inductor" in reason and "per training step" in reason
+
+
+def test_a_timed_training_step_leaves_the_programs_tensors_alone():
+    """What a training graph's timing runs (choose.timed_step): forward and backward on detached copies of
+    the inputs, so the program's tensors get no .grad, their hooks do not fire, and an input that does not
+    require grad gets no gradient; an inference graph's step is just the call."""
+    from flashlight.compiler import choose
+
+    seen = []
+
+    def fn(w, x, scale):
+        seen.append((w, x))
+        return ((w @ x) * scale).tanh(), x.sum()
+
+    w, x = rand(4, 4).requires_grad_(), rand(4, 3)
+    fired = []
+    w.register_hook(lambda g: fired.append(g))
+    step = choose.timed_step(fn, [w, x, 2.0])
+    step()
+    step()
+    assert w.grad is None and x.grad is None and not fired
+    assert all(a is not w and a.data_ptr() == w.data_ptr() and a.requires_grad and not b.requires_grad
+               for a, b in seen)
+    with torch.no_grad():   # not training: the step is the call itself, on the program's own tensors
+        seen.clear()
+        choose.timed_step(fn, [w, x, 2.0])()
+        assert seen[0][0] is w
+
+
 def test_graphs_that_cannot_be_timed_safely_are_not():
-    """Training graphs, graphs that write into an input or draw random numbers, and sizes whose unfused
-    scores would not fit the budget are never timed against Inductor (and CPU tensors have no GPU clock)."""
+    """Graphs that write into an input or draw random numbers, training graphs under saved-tensor hooks
+    (activation checkpointing), and sizes whose unfused scores would not fit the budget are never timed
+    against Inductor (and CPU tensors have no GPU clock)."""
     from flashlight.compiler import choose
     from flashlight.compiler.capture import normalize
 
@@ -991,7 +1052,10 @@ def test_graphs_that_cannot_be_timed_safely_are_not():
 
     assert why(plain) is None
     assert why(plain, on_gpu=False) == "not on a GPU"
-    assert "training" in why(plain, grad=True)
+    assert why(plain, grad=True) is None            # a training graph: timed per step
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):   # as activation checkpointing
+        assert "saved-tensor hooks" in why(plain, grad=True)
+        assert why(plain) is None                   # no tensor requires grad: nothing is saved
     assert "writes into an input" in why(writes)
     assert "random" in why(draws)
     assert "GiB of scores" in why(plain, regions=(Sized(32 * 4, 4096, 4096),))

@@ -304,7 +304,9 @@ class FallBackOnFailure:
             if choice is None or choice["runs"] == "inductor":
                 unfused = _compile_unfused(self.unfused, list(args), self.inductor)
             if choice is None:
-                choice = choose.choose(key, *choose.time_both(self.fused, unfused, args))
+                tensors = [a for a in args if isinstance(a, torch.Tensor)]
+                choice = choose.choose(key, *choose.time_both(self.fused, unfused, args),
+                                       training=choose.is_training(tensors))
         except Exception as e:   # timing is an optimisation: the fused graph, which ran, stays
             self.report.notes.append(f"timing against Inductor's unfused code failed ({type(e).__name__}: {e})")
             return

@@ -7,10 +7,16 @@ from then on — the way max-autotune picks a kernel: once per (fused kernels, G
 disk (`choices.json` beside the kernel cache), so later processes neither time nor compile it again.
 The report (`flashlight.explain`, `backend.last_report`) says which runs and the two times.
 
-Timed only where it is safe and cheap: inference graphs (a training graph's backward would have to be
-timed too), graphs that write into no input and draw no random numbers (every timed call would repeat
-those effects), and sizes at which Inductor's unfused graph holds its scores in at most SCORE_BYTES. Above
-that, its materialised scores are what the fused kernel exists to avoid.
+A training graph (an input requires grad) is timed per training step: forward, then the gradients of
+every input that requires grad from random output gradients, on detached copies of the inputs, so no
+`.grad`, hook or autograd graph of the program sees the timing. Its choice is its own: a training
+forward's kernel saves per-row values an inference one does not, so the two have different keys.
+
+Timed only where it is safe and cheap: graphs that write into no input and draw no random numbers (every
+timed call would repeat those effects), no saved-tensor hooks active (activation checkpointing counts and
+packs the tensors a forward saves; extra forward passes would upset it), and sizes at which Inductor's
+unfused graph holds its scores in at most SCORE_BYTES. Above that, its materialised scores are what the
+fused kernel exists to avoid.
 """
 from __future__ import annotations
 
@@ -74,9 +80,9 @@ def why_not_timed(aten_gm, regions, args) -> str | None:
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
     if not tensors or any(t.device.type != "cuda" for t in tensors):
         return "not on a GPU"
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return ("a training graph (its backward would have to be timed too, and extra forward passes would "
-                "upset activation checkpointing, which counts the tensors a forward saves)")
+    if is_training(tensors) and saved_tensor_hooks_active():
+        return ("saved-tensor hooks are active (activation checkpointing counts and packs the tensors a forward "
+                "saves: extra forward passes would upset it)")
     for n in aten_gm.graph.nodes:
         if n.op != "call_function":
             continue
@@ -88,26 +94,64 @@ def why_not_timed(aten_gm, regions, args) -> str | None:
     return None
 
 
+def is_training(tensors) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def saved_tensor_hooks_active() -> bool:
+    """Are default saved-tensor hooks (torch.autograd.graph.saved_tensors_hooks, which non-reentrant
+    activation checkpointing pushes) active? Unknown counts as yes."""
+    try:
+        return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
+    except (AttributeError, TypeError):
+        return True
+
+
+def timed_step(fn, args):
+    """What one timed call of `fn` does: an inference graph's call, or a training graph's step (forward,
+    then the gradients of the inputs that require grad, from fixed random output gradients), on detached
+    copies of the inputs: the program's own tensors, their `.grad`s and hooks take no part."""
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    if not is_training(tensors):
+        return lambda: fn(*args)
+    copies = [a.detach().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a for a in args]
+    wrt = [c for c, a in zip(copies, args) if isinstance(a, torch.Tensor) and a.requires_grad]
+    outs = [o for o in torch.utils._pytree.tree_leaves(fn(*copies)) if isinstance(o, torch.Tensor) and o.requires_grad]
+    if not outs:
+        return lambda: fn(*copies)
+    grads = [torch.randn_like(o) for o in outs]
+
+    def step():
+        outs = [o for o in torch.utils._pytree.tree_leaves(fn(*copies))
+                if isinstance(o, torch.Tensor) and o.requires_grad]
+        torch.autograd.grad(outs, wrt, grads, allow_unused=True)
+    return step
+
+
 def time_both(fused, unfused, args, rounds=3) -> tuple[float, float]:
-    """ms per call of each on the GPU's clock (host gaps between launches included): the lowest of a few
-    medians, taken in turns, as host-bound calls drift with the load of the machine."""
+    """ms per call (training graphs: per step, see timed_step) of each on the GPU's clock (host gaps between
+    launches included): the lowest of a few medians, taken in turns, as host-bound calls drift with the
+    load of the machine."""
     import triton.testing
 
-    def ms(fn):
-        return triton.testing.do_bench(lambda: fn(*args), warmup=5, rep=30, return_mode="median")
-    times = [(ms(fused), ms(unfused)) for _ in range(rounds)]
+    steps = [timed_step(fused, args), timed_step(unfused, args)]
+    times = [[triton.testing.do_bench(s, warmup=5, rep=30, return_mode="median") for s in steps]
+             for _ in range(rounds)]
     return min(f for f, _ in times), min(u for _, u in times)
 
 
-def choose(key: str, fused_ms: float, inductor_ms: float) -> dict:
+def choose(key: str, fused_ms: float, inductor_ms: float, training: bool = False) -> dict:
     runs = "inductor" if inductor_ms < MARGIN * fused_ms else "fused"
     choice = {"runs": runs, "fused_ms": round(fused_ms, 4), "inductor_ms": round(inductor_ms, 4)}
+    if training:
+        choice["per"] = "training step"
     _remember(key, choice)
     return choice
 
 
 def describe(choice: dict) -> str:
-    times = f"fused {choice['fused_ms']:.3f} ms, Inductor's unfused code {choice['inductor_ms']:.3f} ms per call"
+    per = choice.get("per", "call")   # a training graph's: per training step (forward and backward)
+    times = f"fused {choice['fused_ms']:.3f} ms, Inductor's unfused code {choice['inductor_ms']:.3f} ms per {per}"
     if choice["runs"] == "inductor":
         return f"timed slower than Inductor's code at these sizes on this GPU ({times}): Inductor's runs"
     return f"timed against Inductor's code at these sizes on this GPU ({times}): the fused kernel runs"
