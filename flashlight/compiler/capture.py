@@ -308,15 +308,24 @@ def normalize(fn, example_inputs) -> fx.GraphModule:
     sees one spelling; writes into the function's inputs stay, as copies at the end. Functionalized by
     functorch's transform, or where that fails (a graph that runs vmap) by FunctionalTensorMode."""
     depth = _functorch_depth()
-    try:
-        return _normalize(fn, example_inputs, lambda f: torch.func.functionalize(f, remove="mutations"))
-    except Exception:
-        _pop_functorch_levels(depth)
-    try:
-        return _normalize(fn, example_inputs, _dispatch_functionalize)
-    except Exception:
-        _pop_functorch_levels(depth)
-        raise
+    with _apart_from_saved_tensor_hooks():
+        try:
+            return _normalize(fn, example_inputs, lambda f: torch.func.functionalize(f, remove="mutations"))
+        except Exception:
+            _pop_functorch_levels(depth)
+        try:
+            return _normalize(fn, example_inputs, _dispatch_functionalize)
+        except Exception:
+            _pop_functorch_levels(depth)
+            raise
+
+
+def _apart_from_saved_tensor_hooks():
+    """Tracing runs the program's ops on fake tensors that require grad, and autograd saves some of them;
+    saved-tensor hooks of the caller's must not see those. Non-reentrant activation checkpointing counts
+    the tensors its forward saves and compares the count in the recomputation: a first call that compiled
+    (traced) under it failed that check. Hooks of our own, innermost, take the trace's saves."""
+    return torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t)
 
 
 def _normalize(fn, example_inputs, functionalize) -> fx.GraphModule:
