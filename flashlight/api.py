@@ -7,8 +7,7 @@ import functools
 import torch
 
 from flashlight.compiler import choose
-from flashlight.compiler.backend import flashlight_backend, fuse, is_training, plan
-from flashlight.compiler.capture import normalize
+from flashlight.compiler.backend import flashlight_backend, fuse, normalize_and_plan
 from flashlight.compiler.explain import Report
 from flashlight.compiler.runtime import counters  # noqa: F401  (re-exported)
 
@@ -53,11 +52,10 @@ def explain(fn, *args, **kwargs) -> Report:
 
     inputs = [*args, *kwargs.values(), *state.values()]
     try:
-        gm = normalize(flat, inputs)
+        _, planned, notes = normalize_and_plan(flat, inputs)
     except Exception as e:   # not traceable whole: Python control flow on tensor values
         return _explain_graph_by_graph(fn, args, kwargs, e)
-    planned = plan(gm, training=is_training(inputs), example_inputs=inputs)
-    report = Report([rep for rep, _, _ in planned])
+    report = Report([rep for rep, _, _ in planned], notes=notes)
     if not planned:
         report.notes.append("no attention region (matmul → row program → matmul) found")
     _known_choice(report, inputs)

@@ -3,9 +3,11 @@
     pip install transformers            # not a flashlight dependency
     TRITON_INTERPRET=1 python scripts/check_transformers.py [MODEL ...] [--list]
     python scripts/check_transformers.py --device cuda       # on a GPU
+    TRITON_INTERPRET=1 python scripts/check_transformers.py --attn sdpa   # transformers' SDPA attention
 
 Each model is built with two layers, tiny sizes and eager attention (`attn_implementation="eager"`: the
-attention flashlight sees as PyTorch ops), and takes one training step on random tokens with padding in one
+attention flashlight sees as PyTorch ops; `--attn sdpa`: transformers' default, one
+F.scaled_dot_product_attention call with the mask, which flashlight traces in its math form), and takes one training step on random tokens with padding in one
 batch row (left padding for decoders, right padding for encoders) or on random images. Prints, per model: how
 many attention regions `flashlight.explain` fused (forward and backward), how many fused backward launches
 the step made, the loss of both copies, the largest relative difference between their parameter gradients
@@ -118,10 +120,10 @@ def models():
     }
 
 
-def check(cls, config, make_inputs, device="cpu") -> dict:
+def check(cls, config, make_inputs, device="cpu", attn="eager") -> dict:
     """One training step of the model, compiled and eager: what fused, the losses, the largest gradient
     difference (see the module's docstring); {"error": why} if transformers cannot build it."""
-    config._attn_implementation = "eager"
+    config._attn_implementation = attn
     try:
         model = cls(config).float().train().to(device)
     except Exception as e:   # transformers' own checks on the tiny sizes
@@ -166,6 +168,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("models", nargs="*", help="model names (default: all)")
     parser.add_argument("--list", action="store_true", help="list the model names and exit")
+    parser.add_argument("--attn", default="eager", choices=["eager", "sdpa"],
+                        help="transformers' attention implementation (sdpa: F.scaled_dot_product_attention)")
     parser.add_argument("--device", default="cpu", help="where both copies run (cpu, through Triton's "
                         "interpreter, or cuda: the kernels compiled for the GPU)")
     args = parser.parse_args(argv)
@@ -181,7 +185,7 @@ def main(argv=None):
         sys.exit(f"unknown model(s) {unknown}; known: {' '.join(table)}")
     torch.manual_seed(0)
     for name in args.models or table:
-        print(row(name, check(*table[name], device=args.device)), flush=True)
+        print(row(name, check(*table[name], device=args.device, attn=args.attn)), flush=True)
 
 
 if __name__ == "__main__":

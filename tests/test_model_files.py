@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import flashlight
 
@@ -536,3 +537,74 @@ def test_activation_checkpointing_trains_fused(compiled, use_reentrant):
     assert rel_err(x.grad, ref_x.grad) < TOL
     for p, q in zip(blocks.parameters(), ref_blocks.parameters()):
         assert rel_err(p.grad, q.grad) < TOL
+
+
+def _sdpa_masks():
+    keep = torch.rand(B, 1, S, S, generator=torch.Generator().manual_seed(1)) > 0.3
+    keep[:, :, :3] = False                                    # rows the mask removes everywhere: SDPA gives 0
+    return {"bool": keep, "finfo.min added": torch.where(keep, 0.0, NEG), "2-D bool, scale": keep[0, 0]}
+
+
+@pytest.mark.parametrize("mask", ["bool", "finfo.min added", "2-D bool, scale", "GQA", "learned bias"])
+def test_scaled_dot_product_attention_with_a_mask_trains_fused(mask):
+    """F.scaled_dot_product_attention given a mask (transformers' default attention passes its padding and
+    causal masks so) is traced in its math form and fuses, forward and backward, with SDPA's meaning: a
+    boolean mask keeps True, a float mask is added, a row masked everywhere gives zeros. Gradients of q, k,
+    v (and of a learned bias passed as the mask) match float64 SDPA."""
+    torch.manual_seed(0)
+    kv_heads = 2 if mask == "GQA" else H
+    q = torch.randn(B, H, S, D, requires_grad=True)
+    k, v = (torch.randn(B, kv_heads, S, D, requires_grad=True) for _ in range(2))
+    kwargs = {"enable_gqa": True} if mask == "GQA" else {"scale": 0.3} if mask == "2-D bool, scale" else {}
+    attn_mask = torch.randn(1, H, S, S, requires_grad=True) if mask == "learned bias" else \
+        _sdpa_masks()["bool" if mask == "GQA" else mask]
+    leaves = [q, k, v] + ([attn_mask] if attn_mask.requires_grad else [])
+
+    def attn(q, k, v, m):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=m, **kwargs)
+
+    torch._dynamo.reset()
+    before = flashlight.counters["fused_launches"], flashlight.counters["fused_backward_launches"]
+    out = flashlight.compile(attn, choose_faster=False)(q, k, v, attn_mask)
+    assert flashlight.counters["fused_launches"] == before[0] + 1
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, leaves, g)
+    assert flashlight.counters["fused_backward_launches"] == before[1] + 1
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    ref_mask = ref_leaves[3] if len(leaves) == 4 else attn_mask if attn_mask.dtype == torch.bool else attn_mask.double()
+    with sdpa_kernel([SDPBackend.MATH]):   # SDPA's definition (its CPU flash kernel folds a finite row's max)
+        ref = attn(*ref_leaves[:3], ref_mask)
+    assert rel_err(out, ref) < TOL
+    if attn_mask.dtype == torch.bool:      # rows removed everywhere: zeros
+        assert out[:, :, :3].abs().max() == 0
+    for got, want in zip(grads, torch.autograd.grad(ref, ref_leaves, g.double())):
+        assert rel_err(got, want) < TOL
+
+
+def test_scaled_dot_product_attention_without_a_mask_stays_a_call():
+    """Without a mask (or with is_causal) the call stays: PyTorch's Flash and cuDNN kernels run it."""
+    q, k, v = (torch.randn(B, H, S, D) for _ in range(3))
+    for kwargs in ({}, {"is_causal": True}):
+        report = flashlight.explain(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, **kwargs), q, k, v)
+        assert not report.regions and "no attention region" in report.notes[-1]
+
+
+def test_a_masked_sdpa_whose_math_does_not_fuse_stays_a_call():
+    """Where the math form of a masked SDPA call does not fuse (here: float64, which the kernels do not take),
+    the graph is traced again with the call as it is, so Inductor runs PyTorch's kernel rather than the
+    unfused math; the other region of the graph still fuses, and the report says why."""
+    from flashlight.compiler import backend
+
+    keep = _sdpa_masks()["bool"]
+
+    def two(q, k, v, q64, k64, v64):
+        plain = torch.softmax(q @ k.mT * D ** -0.5, -1) @ v
+        return plain, F.scaled_dot_product_attention(q64, k64, v64, attn_mask=keep)
+
+    args = [torch.randn(B, H, S, D) for _ in range(3)] + [torch.randn(B, H, S, D, dtype=torch.float64) for _ in range(3)]
+    aten_gm, report, n_fused = backend.fuse(two, args)
+    assert n_fused == 1 and "does not fuse" in " ".join(report.notes) and "float64" in " ".join(report.notes)
+    assert any("scaled_dot_product" in str(n.target) for n in aten_gm.graph.nodes)
+    plain, masked = aten_gm(*args)
+    assert rel_err(masked, F.scaled_dot_product_attention(*args[3:], attn_mask=keep)) < 1e-12
+    assert rel_err(plain, torch.softmax(args[0] @ args[1].mT * D ** -0.5, -1) @ args[2]) < TOL

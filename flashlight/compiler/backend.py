@@ -16,7 +16,7 @@ import torch.fx as fx
 
 from flashlight.compiler import choose
 from flashlight.compiler.analysis import NotFusable, analyse, find_pv_candidates, may_change_after, shape_of
-from flashlight.compiler.capture import normalize
+from flashlight.compiler.capture import MASKED_SDPA_CALLS, normalize
 from flashlight.compiler.backward import backward_for
 from flashlight.compiler.codegen import generate
 from flashlight.compiler.explain import RegionReport, Report
@@ -193,13 +193,36 @@ def is_training(inputs) -> bool:
     return torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in inputs)
 
 
+def normalize_and_plan(fn, example_inputs, **options):
+    """normalize() then plan(): (aten graph, planned, notes). scaled_dot_product_attention calls with a mask
+    are planned in their math form. If a region does not fuse, the graph is traced again with those calls
+    left as they are: where that leaves fewer regions unfused, some call's math did not fuse, and the calls
+    stay (PyTorch's kernels beat that math unfused); a note says why."""
+    training = is_training(example_inputs)
+    aten_gm = normalize(fn, example_inputs)
+    planned = plan(aten_gm, training=training, example_inputs=example_inputs, **options)
+    reasons = [rep.reason for rep, _, compiled in planned if compiled is None]
+    if not aten_gm.meta.get(MASKED_SDPA_CALLS) or not reasons:
+        return aten_gm, planned, []
+    as_calls = normalize(fn, example_inputs, masked_sdpa_as_math=False)
+    planned_as_calls = plan(as_calls, training=training, example_inputs=example_inputs, **options)
+    unfused_as_calls = [rep.reason for rep, _, compiled in planned_as_calls if compiled is None]
+    if len(unfused_as_calls) >= len(reasons):   # the regions that did not fuse are not SDPA calls'
+        return aten_gm, planned, []
+    for why in unfused_as_calls:   # what is left: the SDPA calls' reasons (node names permitting)
+        if why in reasons:
+            reasons.remove(why)
+    notes = [f"scaled_dot_product_attention with a mask, traced as its math, does not fuse ({why}); the "
+             "call stays as it is" for why in reasons]
+    return as_calls, planned_as_calls, notes
+
+
 def fuse(gm, example_inputs, dump=None, config=None, block_sparse=True, cuda_graphs=False, compiled=None):
     """Normalise and fuse; returns (graph module to run, report, number of regions fused). `compiled`: a
     list that receives the CompiledRegion of each fused region."""
-    aten_gm = normalize(gm, example_inputs)
-    planned = plan(aten_gm, training=is_training(example_inputs), dump=dump, config=config, block_sparse=block_sparse,
-                   example_inputs=example_inputs, cuda_graphs=cuda_graphs)
-    report = Report([rep for rep, _, _ in planned])
+    aten_gm, planned, notes = normalize_and_plan(gm, example_inputs, dump=dump, config=config,
+                                                 block_sparse=block_sparse, cuda_graphs=cuda_graphs)
+    report = Report([rep for rep, _, _ in planned], notes=notes)
     if not planned:
         report.notes.append("no attention region (matmul → row program → matmul) in this graph")
     n_fused = sum(c is not None for _, _, c in planned)

@@ -9,6 +9,11 @@ over that dim or slices whole pieces back out (attention sinks: extra logits con
 scores, normalised together, sliced off). Then every piece is an ordinary value again:
 ``amax(cat([s, x]))`` is ``maximum(amax(s), amax(x))``, ``sum`` likewise with ``add``, and
 ``cat([s, x])[..., :N]`` is ``s``.
+
+``F.scaled_dot_product_attention`` given a mask (``attn_mask``, no dropout) is traced in its math form, so
+that the mask can skip tiles: PyTorch's fused kernels read such a mask whole or fall back to the math
+(the backend keeps the call as it is where that form does not fuse). Without a mask the call stays: the
+Flash and cuDNN kernels it runs are faster than a generated kernel.
 """
 from __future__ import annotations
 
@@ -41,6 +46,57 @@ def _embedding(weight, indices, padding_idx=-1, scale_grad_by_freq=False, sparse
 
 def decompositions():
     return {**get_decompositions(_DECOMPOSE), aten.embedding.default: _embedding}
+
+
+def _scaled_dot_product_attention_as_math(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
+                                          scale=None, enable_gqa=False):
+    """F.scaled_dot_product_attention with a mask, as its math: scores scaled (1/sqrt(E) unless `scale`), a
+    boolean mask keeps True, a float mask is added, and a row that the mask removes everywhere (-inf) gives
+    zeros, as SDPA does (its safe softmax). NotImplemented (the call stays) without a mask, with dropout (its
+    random numbers) or is_causal.
+
+    Removed scores are filled with the dtype's lowest finite value, not -inf, and the rows removed everywhere
+    are zeroed after ·V: a softmax over a row of -inf is NaN, and NaN times the zero gradient of such a row
+    would reach dV. A partly removed row is the same either way (exp of the fill minus the row's max is 0)."""
+    if attn_mask is None or dropout_p != 0.0 or is_causal or query.dim() < 2:
+        return NotImplemented
+    if enable_gqa and key.dim() >= 3 and key.shape[-3] != query.shape[-3]:
+        if query.shape[-3] % key.shape[-3]:
+            return NotImplemented
+        group = query.shape[-3] // key.shape[-3]
+        key, value = key.repeat_interleave(group, -3), value.repeat_interleave(group, -3)
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    s = query @ key.transpose(-2, -1) * scale
+    lowest = torch.finfo(s.dtype).min
+    if attn_mask.dtype == torch.bool:
+        s = s.masked_fill(attn_mask.logical_not(), lowest)
+        m = s.amax(-1, keepdim=True)   # the softmax's max, spelled out: the removed rows test it too
+        removed = m == lowest
+    else:
+        removed = (s + attn_mask).amax(-1, keepdim=True) == float("-inf")
+        s = s + attn_mask.clamp_min(lowest)
+        m = s.amax(-1, keepdim=True)
+    e = torch.exp(s - m)
+    out = (e / e.sum(-1, keepdim=True)) @ value
+    return torch.where(removed, 0.0, out).to(query.dtype)
+
+
+class _MaskedSdpaAsMath(torch.overrides.TorchFunctionMode):
+    """Calls of F.scaled_dot_product_attention with a mask run as _scaled_dot_product_attention_as_math;
+    `calls` counts them."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.scaled_dot_product_attention:
+            out = _scaled_dot_product_attention_as_math(*args, **kwargs)
+            if out is not NotImplemented:
+                self.calls += 1
+                return out
+        return func(*args, **kwargs)
 
 
 def _values_only_max(gm: fx.GraphModule) -> None:
@@ -302,22 +358,45 @@ def _dispatch_functionalize(fn):
     return inner
 
 
-def normalize(fn, example_inputs) -> fx.GraphModule:
+def normalize(fn, example_inputs, masked_sdpa_as_math: bool = True) -> fx.GraphModule:
     """Trace `fn` (a GraphModule from dynamo or any callable) on `example_inputs` into aten ops: in-place
     ops become out-of-place ones (`s.masked_fill_(m, -inf)` on the scores is `masked_fill`), so the matcher
     sees one spelling; writes into the function's inputs stay, as copies at the end. Functionalized by
-    functorch's transform, or where that fails (a graph that runs vmap) by FunctionalTensorMode."""
+    functorch's transform, or where that fails (a graph that runs vmap) by FunctionalTensorMode.
+    `masked_sdpa_as_math`: scaled_dot_product_attention calls with a mask in their math form (see above)."""
     depth = _functorch_depth()
+    modes = []   # one per trace attempt: the last one's count of SDPA calls in math form goes with the graph
+    if masked_sdpa_as_math:
+        fn = _with_masked_sdpa_as_math(fn, modes)
     with _apart_from_saved_tensor_hooks():
         try:
-            return _normalize(fn, example_inputs, lambda f: torch.func.functionalize(f, remove="mutations"))
+            gm = _normalize(fn, example_inputs, lambda f: torch.func.functionalize(f, remove="mutations"))
         except Exception:
             _pop_functorch_levels(depth)
-        try:
-            return _normalize(fn, example_inputs, _dispatch_functionalize)
-        except Exception:
-            _pop_functorch_levels(depth)
-            raise
+            try:
+                gm = _normalize(fn, example_inputs, _dispatch_functionalize)
+            except Exception:
+                _pop_functorch_levels(depth)
+                raise
+    gm.meta[MASKED_SDPA_CALLS] = modes[-1].calls if modes else 0
+    return gm
+
+
+MASKED_SDPA_CALLS = "flashlight_masked_sdpa_calls"   # gm.meta: how many SDPA calls normalize() traced as math
+
+
+def _with_masked_sdpa_as_math(fn, modes: list):
+    if isinstance(fn, fx.GraphModule):
+        gm = fn
+
+        def fn(*args):
+            return fx.Interpreter(gm).run(*args)
+
+    def traced(*args):
+        modes.append(_MaskedSdpaAsMath())
+        with modes[-1]:
+            return fn(*args)
+    return traced
 
 
 def _apart_from_saved_tensor_hooks():

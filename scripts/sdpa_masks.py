@@ -1,0 +1,81 @@
+"""F.scaled_dot_product_attention given a mask, as transformers' default attention calls it (GPU benchmark).
+
+    python scripts/sdpa_masks.py [--train]
+
+Masks passed as tensors: causal as a [1, 1, S, S] boolean (transformers passes the causal mask itself once
+there is padding), a sliding window of 1024 (Mistral, Gemma 2), padding as [B, 1, 1, S] (BERT), packed
+documents as [B, 1, S, S]. Each runs through PyTorch's SDPA kernels (eager; they read a mask whole, or fall
+back to the math), torch.compile (Inductor, which keeps the SDPA call) and flashlight (which traces a masked
+call as its math and fuses it; `choose_faster=False`: the fused kernel itself). Prints ms per call (median of
+triton.testing.do_bench; with --train, forward and the gradients of q, k, v), bf16, and the largest error of
+the output (and gradients) relative to the largest value of float64 SDPA (its math backend).
+"""
+import argparse
+
+import torch
+import torch.nn.functional as F
+import triton.testing
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import flashlight
+
+
+def sdpa(q, k, v, mask):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def cases():
+    def idx(S):
+        return torch.arange(S, device="cuda")[:, None], torch.arange(S, device="cuda")[None, :]
+    i, j = idx(4096)
+    yield "causal, [1, 1, S, S] bool", (4, 32, 4096, 64), (j <= i)[None, None]
+    yield "window 1024, [1, 1, S, S] bool", (2, 16, 4096, 128), ((j <= i) & (i - j < 1024))[None, None]
+    pad = torch.ones(8, 1024, dtype=torch.bool, device="cuda")
+    pad[::2, -256:] = False
+    yield "padding, [B, 1, 1, S] bool", (8, 12, 1024, 64), pad[:, None, None, :]
+    doc = torch.arange(4096, device="cuda") * 8 // 4096
+    yield "documents, [B, 1, S, S] bool", (4, 32, 4096, 64), \
+        (doc[:, None] == doc[None, :]).expand(4, 1, 4096, 4096).contiguous()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--train", action="store_true", help="time forward and backward")
+    train = ap.parse_args().train
+    print(torch.cuda.get_device_name(), torch.__version__, "forward+backward" if train else "forward", "bf16")
+    print(f"{'mask':32s} {'backend':22s} {'ms':>8s} {'max err':>9s}")
+    for name, (B, H, S, D), mask in cases():
+        g = torch.Generator(device="cuda").manual_seed(0)
+        q, k, v = (torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
+        grad = torch.randn_like(q)
+        refs = []
+        for b in range(B):   # float64 math, one batch row at a time
+            x = [t[b:b + 1].double().requires_grad_(train) for t in (q, k, v)]
+            with sdpa_kernel([SDPBackend.MATH]):
+                out = sdpa(*x, mask[b:b + 1] if mask.shape[0] > 1 else mask)
+            refs.append([out.detach()] + (list(torch.autograd.grad(out, x, grad[b:b + 1].double())) if train else []))
+            del out, x
+        ref = [torch.cat(parts) for parts in zip(*refs)]
+        del refs
+        if train:
+            q, k, v = (t.requires_grad_() for t in (q, k, v))
+        for label, fn in (("SDPA (eager)", sdpa), ("torch.compile", torch.compile(sdpa)),
+                          ("flashlight", flashlight.compile(sdpa, choose_faster=False))):
+            torch._dynamo.reset()
+
+            def step():
+                out = fn(q, k, v, mask)
+                return [out, *torch.autograd.grad(out, (q, k, v), grad)] if train else [out]
+            try:
+                got = step()
+                err = max(((a.double() - r).abs().max() / r.abs().max()).item() for a, r in zip(got, ref))
+                del got
+                ms = triton.testing.do_bench(step, rep=200, return_mode="median")
+                print(f"{name:32s} {label:22s} {ms:8.3f} {err:9.1e}", flush=True)
+            except torch.OutOfMemoryError:
+                print(f"{name:32s} {label:22s} {'out of memory':>18s}", flush=True)
+                torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
