@@ -14,6 +14,8 @@ the step made, the loss of both copies, the largest relative difference between 
 (gradients whose norm is below 1e-6 are left out: a key projection's bias gets a gradient of 0 up to
 rounding, whatever computes it), and why any region did not fuse. A model that transformers cannot build with
 these sizes is reported and skipped. On the CPU the fused kernels run in Triton's interpreter, in float32.
+The compiled copy always runs the fused kernels (`choose_faster=False`: on a GPU, a small model's first
+step would otherwise time them against Inductor's code and could run that instead).
 """
 import argparse
 import copy
@@ -135,7 +137,7 @@ def check(cls, config, make_inputs, device="cpu", attn="eager") -> dict:
     before = flashlight.counters["fused_backward_launches"]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        loss = flashlight.compile(model)(**inputs).loss
+        loss = flashlight.compile(model, choose_faster=False)(**inputs).loss   # the fused kernels, never swapped
         loss.backward()
     ref_loss = reference(**inputs).loss
     ref_loss.backward()
