@@ -587,6 +587,7 @@ def test_scaled_dot_product_attention_without_a_mask_stays_a_call():
     for kwargs in ({}, {"is_causal": True}):
         report = flashlight.explain(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, **kwargs), q, k, v)
         assert not report.regions and "no attention region" in report.notes[-1]
+        assert "1 scaled_dot_product_attention call(s) without a mask" in report.notes[0]
 
 
 def test_a_masked_sdpa_whose_math_does_not_fuse_stays_a_call():

@@ -16,7 +16,7 @@ import torch.fx as fx
 
 from flashlight.compiler import choose
 from flashlight.compiler.analysis import NotFusable, analyse, find_pv_candidates, may_change_after, shape_of
-from flashlight.compiler.capture import MASKED_SDPA_CALLS, normalize
+from flashlight.compiler.capture import KEPT_SDPA_CALLS, MASKED_SDPA_CALLS, normalize
 from flashlight.compiler.backward import backward_for
 from flashlight.compiler.codegen import generate
 from flashlight.compiler.explain import RegionReport, Report
@@ -201,20 +201,23 @@ def normalize_and_plan(fn, example_inputs, **options):
     training = is_training(example_inputs)
     aten_gm = normalize(fn, example_inputs)
     planned = plan(aten_gm, training=training, example_inputs=example_inputs, **options)
+    kept = aten_gm.meta.get(KEPT_SDPA_CALLS)
+    kept = [f"{kept} scaled_dot_product_attention call(s) without a mask (or with dropout or is_causal) stay as "
+            "they are: PyTorch's Flash and cuDNN kernels run them"] if kept else []
     reasons = [rep.reason for rep, _, compiled in planned if compiled is None]
     if not aten_gm.meta.get(MASKED_SDPA_CALLS) or not reasons:
-        return aten_gm, planned, []
+        return aten_gm, planned, kept
     as_calls = normalize(fn, example_inputs, masked_sdpa_as_math=False)
     planned_as_calls = plan(as_calls, training=training, example_inputs=example_inputs, **options)
     unfused_as_calls = [rep.reason for rep, _, compiled in planned_as_calls if compiled is None]
     if len(unfused_as_calls) >= len(reasons):   # the regions that did not fuse are not SDPA calls'
-        return aten_gm, planned, []
+        return aten_gm, planned, kept
     for why in unfused_as_calls:   # what is left: the SDPA calls' reasons (node names permitting)
         if why in reasons:
             reasons.remove(why)
     notes = [f"scaled_dot_product_attention with a mask, traced as its math, does not fuse ({why}); the "
              "call stays as it is" for why in reasons]
-    return as_calls, planned_as_calls, notes
+    return as_calls, planned_as_calls, kept + notes
 
 
 def fuse(gm, example_inputs, dump=None, config=None, block_sparse=True, cuda_graphs=False, compiled=None):

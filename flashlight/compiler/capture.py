@@ -83,11 +83,11 @@ def _scaled_dot_product_attention_as_math(query, key, value, attn_mask=None, dro
 
 class _MaskedSdpaAsMath(torch.overrides.TorchFunctionMode):
     """Calls of F.scaled_dot_product_attention with a mask run as _scaled_dot_product_attention_as_math;
-    `calls` counts them."""
+    `calls` counts them, `kept` the calls left as they are."""
 
     def __init__(self):
         super().__init__()
-        self.calls = 0
+        self.calls = self.kept = 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -96,6 +96,7 @@ class _MaskedSdpaAsMath(torch.overrides.TorchFunctionMode):
             if out is not NotImplemented:
                 self.calls += 1
                 return out
+            self.kept += 1
         return func(*args, **kwargs)
 
 
@@ -379,10 +380,12 @@ def normalize(fn, example_inputs, masked_sdpa_as_math: bool = True) -> fx.GraphM
                 _pop_functorch_levels(depth)
                 raise
     gm.meta[MASKED_SDPA_CALLS] = modes[-1].calls if modes else 0
+    gm.meta[KEPT_SDPA_CALLS] = modes[-1].kept if modes else 0
     return gm
 
 
 MASKED_SDPA_CALLS = "flashlight_masked_sdpa_calls"   # gm.meta: how many SDPA calls normalize() traced as math
+KEPT_SDPA_CALLS = "flashlight_kept_sdpa_calls"       # and how many it left as calls (no mask, dropout, is_causal)
 
 
 def _with_masked_sdpa_as_math(fn, modes: list):
