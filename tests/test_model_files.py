@@ -609,3 +609,43 @@ def test_a_masked_sdpa_whose_math_does_not_fuse_stays_a_call():
     plain, masked = aten_gm(*args)
     assert rel_err(masked, F.scaled_dot_product_attention(*args[3:], attn_mask=keep)) < 1e-12
     assert rel_err(plain, torch.softmax(args[0] @ args[1].mT * D ** -0.5, -1) @ args[2]) < TOL
+
+
+@pytest.mark.parametrize("mask", ["key_padding_mask", "float causal attn_mask", "bool attn_mask"])
+def test_multihead_attention_module_trains_fused(mask):
+    """nn.MultiheadAttention as nn.TransformerEncoderLayer calls it (need_weights=False): its
+    F.multi_head_attention_forward calls PyTorch's SDPA kernel with the merged mask inside a Python-level
+    torch function, where the call itself is not seen; the kernel op is traced as the math instead (with its
+    output's layout, which the reshapes after it rely on) and fuses forward and backward. The packed
+    in-projection's Q·Kᵀ is not reported as a region of its own."""
+    import torch.nn as nn
+
+    torch.manual_seed(0)
+    pad = torch.zeros(B, S, dtype=torch.bool)
+    pad[1, -5:] = True
+    causal = nn.Transformer.generate_square_subsequent_mask(S)
+    kwargs = {"key_padding_mask": {"key_padding_mask": pad}, "float causal attn_mask": {"attn_mask": causal},
+              "bool attn_mask": {"attn_mask": causal.isinf()}}[mask]
+    mha = nn.MultiheadAttention(C, H, batch_first=True)
+    ref = copy.deepcopy(mha).double()
+    x = torch.randn(B, S, C, requires_grad=True)
+    g = torch.randn(B, S, C)
+
+    def attn(x):
+        return mha(x, x, x, need_weights=False, **kwargs)[0]
+
+    report = flashlight.explain(attn, x)
+    assert len(report.regions) == 1 and report.regions[0].fused and report.regions[0].backward_fused, str(report)
+    torch._dynamo.reset()
+    before = flashlight.counters["fused_launches"], flashlight.counters["fused_backward_launches"]
+    out = flashlight.compile(attn, choose_faster=False)(x)
+    out.backward(g)
+    assert (flashlight.counters["fused_launches"], flashlight.counters["fused_backward_launches"]) == \
+        (before[0] + 1, before[1] + 1)
+    x64 = x.detach().double().requires_grad_()
+    ref_kwargs = {k: v.double() if v.is_floating_point() else v for k, v in kwargs.items()}
+    ref_out = ref(x64, x64, x64, need_weights=False, **ref_kwargs)[0]
+    ref_out.backward(g.double())
+    assert rel_err(out, ref_out) < TOL and rel_err(x.grad, x64.grad) < TOL
+    for p, q in zip(mha.parameters(), ref.parameters()):
+        assert rel_err(p.grad, q.grad) < TOL

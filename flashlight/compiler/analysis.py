@@ -195,6 +195,19 @@ def _feed_forward(node, src) -> bool:
     return val.dim() == 2 and not any(n.target in REDUCTIONS for n in _behind(src, stop=_is_projection))
 
 
+def _of_a_linear_output(node, src) -> bool:
+    """Is the batched matmul `node` the scores' Q·Kᵀ of a projection's output rather than ·V? Behind src
+    (a bias added to a 2-D matmul of the tokens: nn.MultiheadAttention's packed in-projection) lie only 2-D
+    matmuls and no reduction over keys, where attention's probabilities come from batched scores or are
+    normalised over the keys."""
+    if node.target is not aten.bmm.default:
+        return False
+    behind = list(_behind(src, stop=_is_projection))
+    matmuls = [n for n in behind if _is_projection(n)]
+    return bool(matmuls) and all(n.target is not aten.bmm.default for n in matmuls) and \
+        not any(n.target in REDUCTIONS for n in behind)
+
+
 def _is_projection(n) -> bool:
     return n.target in MATMULS or n.target is aten.addmm.default
 
@@ -224,7 +237,7 @@ def find_pv_candidates(gm: fx.GraphModule):
         if node.op != "call_function" or node.target not in MATMULS:
             continue
         src, _ = _source_of(node.args[0])
-        if not _is_computable(src) or _feed_forward(node, src):
+        if not _is_computable(src) or _feed_forward(node, src) or _of_a_linear_output(node, src):
             continue
         # behind a projection with a bias (Linear) lies another layer's matmul, not this one's scores
         if any(n.target in MATMULS for n in _behind(src, stop=_is_projection)):

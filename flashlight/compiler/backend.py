@@ -196,25 +196,27 @@ def is_training(inputs) -> bool:
 def normalize_and_plan(fn, example_inputs, **options):
     """normalize() then plan(): (aten graph, planned, notes). scaled_dot_product_attention calls with a mask
     are planned in their math form. If a region does not fuse, the graph is traced again with those calls
-    left as they are: where that leaves fewer regions unfused, some call's math did not fuse, and the calls
-    stay (PyTorch's kernels beat that math unfused); a note says why."""
+    left as they are: unless the math form fused that many more regions than there are such calls, some
+    call's math did not fuse, and the calls stay (PyTorch's kernels beat that math unfused); a note says
+    why."""
     training = is_training(example_inputs)
     aten_gm = normalize(fn, example_inputs)
     planned = plan(aten_gm, training=training, example_inputs=example_inputs, **options)
     kept = aten_gm.meta.get(KEPT_SDPA_CALLS)
     kept = [f"{kept} scaled_dot_product_attention call(s) without a mask (or with dropout or is_causal) stay as "
             "they are: PyTorch's Flash and cuDNN kernels run them"] if kept else []
+    as_math = aten_gm.meta.get(MASKED_SDPA_CALLS, 0)
     reasons = [rep.reason for rep, _, compiled in planned if compiled is None]
-    if not aten_gm.meta.get(MASKED_SDPA_CALLS) or not reasons:
+    if not as_math or not reasons:
         return aten_gm, planned, kept
     as_calls = normalize(fn, example_inputs, masked_sdpa_as_math=False)
     planned_as_calls = plan(as_calls, training=training, example_inputs=example_inputs, **options)
-    unfused_as_calls = [rep.reason for rep, _, compiled in planned_as_calls if compiled is None]
-    if len(unfused_as_calls) >= len(reasons):   # the regions that did not fuse are not SDPA calls'
-        return aten_gm, planned, kept
-    for why in unfused_as_calls:   # what is left: the SDPA calls' reasons (node names permitting)
-        if why in reasons:
-            reasons.remove(why)
+    fused = sum(compiled is not None for _, _, compiled in planned)
+    if fused - sum(compiled is not None for _, _, compiled in planned_as_calls) >= as_math:
+        return aten_gm, planned, kept   # every call's math fused; what did not fuse is not theirs
+    for rep, _, compiled in planned_as_calls:   # what is left: the calls' reasons (node names permitting)
+        if compiled is None and rep.reason in reasons:
+            reasons.remove(rep.reason)
     notes = [f"scaled_dot_product_attention with a mask, traced as its math, does not fuse ({why}); the "
              "call stays as it is" for why in reasons]
     return as_calls, planned_as_calls, kept + notes

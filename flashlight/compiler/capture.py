@@ -55,9 +55,10 @@ def _scaled_dot_product_attention_as_math(query, key, value, attn_mask=None, dro
     zeros, as SDPA does (its safe softmax). NotImplemented (the call stays) without a mask, with dropout (its
     random numbers) or is_causal.
 
-    Removed scores are filled with the dtype's lowest finite value, not -inf, and the rows removed everywhere
-    are zeroed after ·V: a softmax over a row of -inf is NaN, and NaN times the zero gradient of such a row
-    would reach dV. A partly removed row is the same either way (exp of the fill minus the row's max is 0)."""
+    A row removed everywhere is computed from finite scores and zeroed after ·V: a softmax over a row of
+    -inf is NaN, and NaN times the zero gradient of such a row would reach dV. So a boolean mask fills with
+    the dtype's lowest finite value (a partly removed row is the same: exp of the fill minus the row's max
+    is 0), and such rows of a float mask add 0."""
     if attn_mask is None or dropout_p != 0.0 or is_causal or query.dim() < 2:
         return NotImplemented
     if enable_gqa and key.dim() >= 3 and key.shape[-3] != query.shape[-3]:
@@ -72,9 +73,10 @@ def _scaled_dot_product_attention_as_math(query, key, value, attn_mask=None, dro
         s = s.masked_fill(attn_mask.logical_not(), lowest)
         m = s.amax(-1, keepdim=True)   # the softmax's max, spelled out: the removed rows test it too
         removed = m == lowest
-    else:
-        removed = (s + attn_mask).amax(-1, keepdim=True) == float("-inf")
-        s = s + attn_mask.clamp_min(lowest)
+    else:   # the removed rows are the mask's alone: found outside the kernel, read as one value per row;
+        # they add 0 instead (finite), the others the mask as it is (its -inf skip tiles)
+        removed = (attn_mask == float("-inf")).all(-1, keepdim=True)
+        s = s + torch.where(removed, 0.0, attn_mask)
         m = s.amax(-1, keepdim=True)
     e = torch.exp(s - m)
     out = (e / e.sum(-1, keepdim=True)) @ value
@@ -371,17 +373,21 @@ def normalize(fn, example_inputs, masked_sdpa_as_math: bool = True) -> fx.GraphM
         fn = _with_masked_sdpa_as_math(fn, modes)
     with _apart_from_saved_tensor_hooks():
         try:
-            gm = _normalize(fn, example_inputs, lambda f: torch.func.functionalize(f, remove="mutations"))
+            gm = _normalize(fn, example_inputs, lambda f: torch.func.functionalize(f, remove="mutations"),
+                            masked_sdpa_as_math)
         except Exception:
             _pop_functorch_levels(depth)
             try:
-                gm = _normalize(fn, example_inputs, _dispatch_functionalize)
+                gm = _normalize(fn, example_inputs, _dispatch_functionalize, masked_sdpa_as_math)
             except Exception:
                 _pop_functorch_levels(depth)
                 raise
-    gm.meta[MASKED_SDPA_CALLS] = modes[-1].calls if modes else 0
+    gm.meta[MASKED_SDPA_CALLS] = (modes[-1].calls if modes else 0) + gm.meta.pop(MASKED_SDPA_KERNELS)
     gm.meta[KEPT_SDPA_CALLS] = modes[-1].kept if modes else 0
     return gm
+
+
+MASKED_SDPA_KERNELS = "flashlight_masked_sdpa_kernels"
 
 
 MASKED_SDPA_CALLS = "flashlight_masked_sdpa_calls"   # gm.meta: how many SDPA calls normalize() traced as math
@@ -410,7 +416,73 @@ def _apart_from_saved_tensor_hooks():
     return torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t)
 
 
-def _normalize(fn, example_inputs, functionalize) -> fx.GraphModule:
+# PyTorch's SDPA kernels, as a trace meets them where the call was not seen (inside a Python-level torch
+# function such as F.multi_head_attention_forward, which nn.MultiheadAttention runs): the mask's argument
+_SDPA_KERNELS = {
+    aten._scaled_dot_product_flash_attention_for_cpu.default: "attn_mask",
+    aten._scaled_dot_product_efficient_attention.default: "attn_bias",
+    aten._scaled_dot_product_cudnn_attention.default: "attn_bias",
+    aten._scaled_dot_product_fused_attention_overrideable.default: "attn_bias",
+}
+
+
+def _masked_sdpa_kernels_as_math(gm: fx.GraphModule) -> int:
+    """Replace each SDPA kernel given a mask (no dropout, not causal, only its output read) by
+    _scaled_dot_product_attention_as_math, traced on the kernel's inputs; returns how many."""
+    from torch.fx.operator_schemas import normalize_function
+
+    replaced = 0
+    for node in list(gm.graph.nodes):
+        mask_arg = _SDPA_KERNELS.get(node.target) if node.op == "call_function" else None
+        if mask_arg is None:
+            continue
+        kw = normalize_function(node.target, node.args, node.kwargs, normalize_to_only_use_kwargs=True).kwargs
+        mask = kw.get(mask_arg)
+        # read: only its output (a forward's trace leaves the log-sum-exp and the like unread)
+        if mask is None or kw.get("dropout_p", 0.0) != 0.0 or kw.get("is_causal", False) or \
+                not all(u.target is operator.getitem and (u.args[1] == 0 or not u.users) for u in node.users):
+            continue
+        ins = [kw["query"], kw["key"], kw["value"], mask]
+        vals = [n.meta["val"] for n in ins]
+        scale = kw.get("scale")
+        # the kernel's output layout: the trace after it relied on it (a .contiguous() it made a no-op)
+        want = next(u for u in node.users if u.args[1] == 0).meta["val"].stride() if node.users else None
+
+        def math(q, k, v, m):
+            out = _scaled_dot_product_attention_as_math(q, k, v, m, scale=scale)
+            if want is not None and out.stride() != tuple(want):
+                order = sorted(range(out.dim()), key=lambda d: -want[d])   # outermost first
+                out = out.permute(order).contiguous().permute([order.index(d) for d in range(out.dim())])
+            return out
+        with detect_fake_mode(vals):
+            sub = make_fx(math, decomposition_table=decompositions(), tracing_mode="real")(*vals)
+        env, out = {}, None
+        placeholders = iter(ins)
+        with gm.graph.inserting_before(node):
+            for n in sub.graph.nodes:
+                if n.op == "placeholder":
+                    env[n] = next(placeholders)
+                elif n.op == "get_attr":   # a constant of the math (none today): carried over
+                    name = f"_sdpa_math_{replaced}_{n.target}"
+                    setattr(gm, name, getattr(sub, n.target))
+                    env[n] = gm.graph.get_attr(name)
+                    env[n].meta = dict(n.meta)
+                elif n.op == "output":
+                    out = env[n.args[0]]
+                else:
+                    env[n] = gm.graph.node_copy(n, lambda a: env[a])
+        for user in list(node.users):
+            if user.args[1] == 0:
+                user.replace_all_uses_with(out)
+            gm.graph.erase_node(user)
+        gm.graph.erase_node(node)
+        replaced += 1
+    if replaced:
+        gm.recompile()
+    return replaced
+
+
+def _normalize(fn, example_inputs, functionalize, masked_sdpa_as_math=False) -> fx.GraphModule:
     if isinstance(fn, fx.GraphModule):
         gm = fn
 
@@ -431,6 +503,7 @@ def _normalize(fn, example_inputs, functionalize) -> fx.GraphModule:
             # they become constants of the graph, as in torch.compile
             gm = make_fx(fn, decomposition_table=decompositions(), tracing_mode="fake",
                          record_stack_traces=True, _allow_non_fake_inputs=True)(*example_inputs)
+    gm.meta[MASKED_SDPA_KERNELS] = _masked_sdpa_kernels_as_math(gm) if masked_sdpa_as_math else 0
     _drop_aliases(gm)
     _values_only_max(gm)
     _pre_shifted_softmax(gm)
