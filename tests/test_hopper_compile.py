@@ -164,3 +164,32 @@ def test_model_file_kernels_compile_for_hopper(cls, gpu_launches, tmp_path):
     flashlight.compile(model, inductor=False)(*args).float().square().mean().backward()
     assert any(n.startswith("flashlight_bwd_dq") for _, n, _, _ in gpu_launches)
     check_compiles(tmp_path, gpu_launches)
+
+
+@pytest.mark.parametrize("mask", ["bool", "float", "mha key_padding_mask", "mha float attn_mask"])
+def test_masked_sdpa_kernels_compile_for_hopper(mask, gpu_launches, tmp_path):
+    """scaled_dot_product_attention with a mask, traced as its math (a boolean mask; a float mask, whose
+    rows removed everywhere are a per-row input; nn.MultiheadAttention's merged masks), trained one step in
+    half precision: every kernel compiles for sm_90."""
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    keep = torch.rand(2, 1, 80, 80) > 0.3
+    if mask.startswith("mha"):
+        mha = nn.MultiheadAttention(64, 4, batch_first=True).half()
+        pad = torch.zeros(2, 80, dtype=torch.bool)
+        pad[1, -16:] = True
+        kw = {"key_padding_mask": pad} if mask == "mha key_padding_mask" else \
+            {"attn_mask": nn.Transformer.generate_square_subsequent_mask(80).half()}
+        x = torch.randn(2, 80, 64, dtype=torch.float16, requires_grad=True)
+        fn, args = (lambda x: mha(x, x, x, need_weights=False, **kw)[0]), (x,)
+    else:
+        m = keep if mask == "bool" else torch.zeros(2, 1, 80, 80, dtype=torch.float16).masked_fill(~keep, float("-inf"))
+        fn = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=m)  # noqa: E731
+        args = tuple(torch.randn(2, 4, 80, 32, dtype=torch.float16, requires_grad=True) for _ in range(3))
+    torch._dynamo.reset()
+    out = flashlight.compile(fn, inductor=False, choose_faster=False)(*args)
+    out.float().square().mean().backward()
+    assert any(n.startswith("flashlight_bwd_dkv") for _, n, _, _ in gpu_launches)
+    check_compiles(tmp_path, gpu_launches)

@@ -58,7 +58,7 @@ def _scaled_dot_product_attention_as_math(query, key, value, attn_mask=None, dro
     A row removed everywhere is computed from finite scores and zeroed after ·V: a softmax over a row of
     -inf is NaN, and NaN times the zero gradient of such a row would reach dV. So a boolean mask fills with
     the dtype's lowest finite value (a partly removed row is the same: exp of the fill minus the row's max
-    is 0), and such rows of a float mask add 0."""
+    is 0), and a float mask's -inf becomes that value too."""
     if attn_mask is None or dropout_p != 0.0 or is_causal or query.dim() < 2:
         return NotImplemented
     if enable_gqa and key.dim() >= 3 and key.shape[-3] != query.shape[-3]:
@@ -73,10 +73,11 @@ def _scaled_dot_product_attention_as_math(query, key, value, attn_mask=None, dro
         s = s.masked_fill(attn_mask.logical_not(), lowest)
         m = s.amax(-1, keepdim=True)   # the softmax's max, spelled out: the removed rows test it too
         removed = m == lowest
-    else:   # the removed rows are the mask's alone: found outside the kernel, read as one value per row;
-        # they add 0 instead (finite), the others the mask as it is (its -inf skip tiles)
-        removed = (attn_mask == float("-inf")).all(-1, keepdim=True)
-        s = s + torch.where(removed, 0.0, attn_mask)
+    else:   # -inf added is the lowest finite value added; a second running max finds the rows it removes
+        # everywhere (a mask computed per call, as nn.MultiheadAttention merges its masks, is read once: no
+        # classification pass and no pass over it outside the kernel)
+        removed = (s + attn_mask).amax(-1, keepdim=True) == float("-inf")
+        s = s + attn_mask.clamp_min(lowest)
         m = s.amax(-1, keepdim=True)
     e = torch.exp(s - m)
     out = (e / e.sum(-1, keepdim=True)) @ value

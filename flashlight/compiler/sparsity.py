@@ -352,8 +352,12 @@ class IntervalEmitter:
         if valid and acc.dtype.is_floating_point:   # positions past the end load 0: leave them out
             lo, hi = (f"tl.where({valid}, {xs}, float('{inf}'))" for inf in ("inf", "-inf"))
         name = self.fresh()
-        lines.append(f"{name}_lo = tl.min({lo})  # smallest {acc.source.name} on this tile")
-        lines.append(f"{name}_hi = tl.max({hi})")
+        if axes & {"m", "n"}:
+            lines.append(f"{name}_lo = tl.min({lo})  # smallest {acc.source.name} on this tile")
+            lines.append(f"{name}_hi = tl.max({hi})")
+        else:   # one value per batch entry (a row check over the whole mask): a scalar, nothing to reduce
+            lines.append(f"{name}_lo = {lo}  # {acc.source.name}, one value on this tile")
+            lines.append(f"{name}_hi = {hi}")
         if acc.dtype == torch.bool:
             return ("bool", f"({name}_lo == 1)", f"({name}_hi == 0)")
         return ("num", f"{name}_lo", f"{name}_hi")
