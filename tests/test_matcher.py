@@ -79,3 +79,19 @@ def test_whole_row_ops_are_found_but_not_matched():
         raise AssertionError("top-k must not be matched")
     except NotFusable as e:
         assert "whole rows" in str(e) or "also used outside" in str(e)
+
+
+def test_a_single_key_is_not_matched_and_says_why():
+    """With one key (Sk = 1) each row's softmax is over one score: the reason says so (it used to say the
+    score matmul was not laid out as (queries, keys), the size-1 key axis having vanished in the views)."""
+    def attn(q, k, v):
+        return torch.softmax(q @ k.mT * 0.25, -1) @ v
+
+    q, k = torch.randn(1, 2, 16, 8), torch.randn(1, 2, 1, 8)
+    gm, pvs = regions(attn, q, k, k)
+    assert len(pvs) == 1
+    try:
+        analyse(gm, pvs[0])
+        raise AssertionError("a single key must not be matched")
+    except NotFusable as e:
+        assert "single key" in str(e)

@@ -388,6 +388,9 @@ class _RegionBuilder:
             raise NotFusable("probabilities of rank < 2")
         self.batch_sizes = batch_sizes = tuple(batch_sizes or p_shape[:-2])   # finer, where a reshape splits one
         self.M, self.N = p_shape[-2:]
+        if self.N == 1:   # (the key axis, of size 1, vanishes in the views: no layout to read the scores by)
+            raise NotFusable("a single key: each row normalises one score, there is nothing to tile over the "
+                             "keys; left to Inductor")
         batch_axes = tuple(f"b{i}" for i in range(len(batch_sizes)))
         pv_shape = shape_of(pv)
         self.Dv = pv_shape[-1]
