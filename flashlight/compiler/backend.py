@@ -189,17 +189,13 @@ def _on_one_device(g: fx.Graph, region) -> list:
     return leaves
 
 
-def is_training(inputs) -> bool:
-    return torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in inputs)
-
-
 def normalize_and_plan(fn, example_inputs, **options):
     """normalize() then plan(): (aten graph, planned, notes). scaled_dot_product_attention calls with a mask
     are planned in their math form. If a region does not fuse, the graph is traced again with those calls
     left as they are: unless the math form fused that many more regions than there are such calls, some
     call's math did not fuse, and the calls stay (PyTorch's kernels beat that math unfused); a note says
     why."""
-    training = is_training(example_inputs)
+    training = choose.is_training(example_inputs)
     aten_gm = normalize(fn, example_inputs)
     planned = plan(aten_gm, training=training, example_inputs=example_inputs, **options)
     kept = aten_gm.meta.get(KEPT_SDPA_CALLS)
@@ -332,9 +328,8 @@ class FallBackOnFailure:
             if choice is None or choice["runs"] == "inductor":
                 unfused = _compile_unfused(self.unfused, list(args), self.inductor)
             if choice is None:
-                tensors = [a for a in args if isinstance(a, torch.Tensor)]
                 choice = choose.choose(key, *choose.time_both(self.fused, unfused, args),
-                                       training=choose.is_training(tensors))
+                                       training=choose.is_training(args))
         except Exception as e:   # timing is an optimisation: the fused graph, which ran, stays
             self.report.notes.append(f"timing against Inductor's unfused code failed ({type(e).__name__}: {e})")
             return

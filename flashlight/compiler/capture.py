@@ -383,12 +383,9 @@ def normalize(fn, example_inputs, masked_sdpa_as_math: bool = True) -> fx.GraphM
             except Exception:
                 _pop_functorch_levels(depth)
                 raise
-    gm.meta[MASKED_SDPA_CALLS] = (modes[-1].calls if modes else 0) + gm.meta.pop(MASKED_SDPA_KERNELS)
+    gm.meta[MASKED_SDPA_CALLS] += modes[-1].calls if modes else 0   # the calls seen, besides the kernels
     gm.meta[KEPT_SDPA_CALLS] = modes[-1].kept if modes else 0
     return gm
-
-
-MASKED_SDPA_KERNELS = "flashlight_masked_sdpa_kernels"
 
 
 MASKED_SDPA_CALLS = "flashlight_masked_sdpa_calls"   # gm.meta: how many SDPA calls normalize() traced as math
@@ -457,17 +454,14 @@ def _masked_sdpa_kernels_as_math(gm: fx.GraphModule) -> int:
             return out
         with detect_fake_mode(vals):
             sub = make_fx(math, decomposition_table=decompositions(), tracing_mode="real")(*vals)
+        if any(n.op == "get_attr" for n in sub.graph.nodes):   # constants to carry over: the kernel stays
+            continue
         env, out = {}, None
         placeholders = iter(ins)
         with gm.graph.inserting_before(node):
             for n in sub.graph.nodes:
                 if n.op == "placeholder":
                     env[n] = next(placeholders)
-                elif n.op == "get_attr":   # a constant of the math (none today): carried over
-                    name = f"_sdpa_math_{replaced}_{n.target}"
-                    setattr(gm, name, getattr(sub, n.target))
-                    env[n] = gm.graph.get_attr(name)
-                    env[n].meta = dict(n.meta)
                 elif n.op == "output":
                     out = env[n.args[0]]
                 else:
@@ -504,7 +498,7 @@ def _normalize(fn, example_inputs, functionalize, masked_sdpa_as_math=False) -> 
             # they become constants of the graph, as in torch.compile
             gm = make_fx(fn, decomposition_table=decompositions(), tracing_mode="fake",
                          record_stack_traces=True, _allow_non_fake_inputs=True)(*example_inputs)
-    gm.meta[MASKED_SDPA_KERNELS] = _masked_sdpa_kernels_as_math(gm) if masked_sdpa_as_math else 0
+    gm.meta[MASKED_SDPA_CALLS] = _masked_sdpa_kernels_as_math(gm) if masked_sdpa_as_math else 0
     _drop_aliases(gm)
     _values_only_max(gm)
     _pre_shifted_softmax(gm)

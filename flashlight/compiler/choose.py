@@ -94,8 +94,9 @@ def why_not_timed(aten_gm, regions, args) -> str | None:
     return None
 
 
-def is_training(tensors) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+def is_training(inputs) -> bool:
+    """A training call: grad mode on and an input tensor requires grad."""
+    return torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in inputs)
 
 
 def saved_tensor_hooks_active() -> bool:
@@ -111,8 +112,7 @@ def timed_step(fn, args):
     """What one timed call of `fn` does: an inference graph's call, or a training graph's step (forward,
     then the gradients of the inputs that require grad, from fixed random output gradients), on detached
     copies of the inputs: the program's own tensors, their `.grad`s and hooks take no part."""
-    tensors = [a for a in args if isinstance(a, torch.Tensor)]
-    if not is_training(tensors):
+    if not is_training(args):
         return lambda: fn(*args)
     copies = [a.detach().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a for a in args]
     wrt = [c for c, a in zip(copies, args) if isinstance(a, torch.Tensor) and a.requires_grad]
