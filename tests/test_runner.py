@@ -82,6 +82,15 @@ def test_multirun(tmp_path):
     assert {pd.read_csv(f)["variant"][0] for f in found} == {"vanilla", "document_mask"}
 
 
+def test_a_job_imports_no_plotting():
+    """Hydra builds the report callback in every job's process: a job that writes no report must not pay for
+    matplotlib (about a second, and its font cache on a new machine) in each of a sweep's jobs."""
+    code = "import sys, flashlight.harness.run, flashlight.report.callback; print(sorted(m for m in sys.modules " \
+           "if m.split('.')[0] in ('matplotlib', 'nbformat', 'nbclient')))"
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and p.stdout.strip() == "[]", p.stdout[-2000:] + p.stderr[-2000:]
+
+
 @pytest.mark.parametrize("overrides, expect", [
     (["variant=nope"], "diff_attn"),                  # Hydra: no such config; lists the options
     (["variant.name=nope"], "known variants: alibi"),  # a config without a variant file

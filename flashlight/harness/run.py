@@ -612,7 +612,7 @@ def main(cfg: DictConfig) -> float | None:
     except ConfigError as e:
         print(f"flashlight.run: {e}", file=sys.stderr)
         sys.exit(2)
-    # report=true: a report of this run; a multirun gets one of its sweep dir (report.SweepReport callback)
+    # report=true: a report of this run; a multirun gets one of its sweep dir (flashlight.report.callback.SweepReport)
     if cfg.get("report") and HydraConfig.get().mode == RunMode.RUN:
         from flashlight.report.build import report_after_run  # here: matplotlib only when asked for
 

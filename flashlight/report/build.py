@@ -24,7 +24,6 @@ matplotlib.use("Agg")  # files only; set before pyplot is imported
 
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
-from hydra.experimental.callback import Callback  # noqa: E402
 
 from flashlight.report import plots as rp  # noqa: E402
 from flashlight.results_schema import COLUMNS, tolerance  # noqa: E402
@@ -387,15 +386,6 @@ def report_after_run(run_dir: Path) -> Path | None:
         return None
     print(f"report: {_show(path)}")
     return path
-
-
-class SweepReport(Callback):
-    """Hydra callback (configs/config.yaml: hydra.callbacks): with report=true, after a multirun,
-    one report of the whole sweep dir (the jobs themselves write none)."""
-
-    def on_multirun_end(self, config, **kwargs) -> None:
-        if config.get("report"):
-            report_after_run(Path(config.hydra.sweep.dir))
 
 
 def main(argv=None) -> int:
