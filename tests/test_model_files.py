@@ -542,15 +542,21 @@ def test_activation_checkpointing_trains_fused(compiled, use_reentrant):
 def _sdpa_masks():
     keep = torch.rand(B, 1, S, S, generator=torch.Generator().manual_seed(1)) > 0.3
     keep[:, :, :3] = False                                    # rows the mask removes everywhere: SDPA gives 0
-    return {"bool": keep, "finfo.min added": torch.where(keep, 0.0, NEG), "2-D bool, scale": keep[0, 0]}
+    return {"bool": keep, "finfo.min added": torch.where(keep, 0.0, NEG), "2-D bool, scale": keep[0, 0],
+            "-inf added": torch.where(keep, 0.0, float("-inf")),
+            "causal of -inf": nn.Transformer.generate_square_subsequent_mask(S)}
 
 
-@pytest.mark.parametrize("mask", ["bool", "finfo.min added", "2-D bool, scale", "GQA", "learned bias"])
+@pytest.mark.parametrize("mask", ["bool", "finfo.min added", "2-D bool, scale", "GQA", "learned bias", "-inf added",
+                                  "causal of -inf"])
 def test_scaled_dot_product_attention_with_a_mask_trains_fused(mask):
     """F.scaled_dot_product_attention given a mask (transformers' default attention passes its padding and
     causal masks so) is traced in its math form and fuses, forward and backward, with SDPA's meaning: a
     boolean mask keeps True, a float mask is added, a row masked everywhere gives zeros. Gradients of q, k,
-    v (and of a learned bias passed as the mask) match float64 SDPA."""
+    v (and of a learned bias passed as the mask) match float64 SDPA. A mask (not a learned bias) skips the
+    tiles it removes in the forward and in the backward."""
+    from flashlight.compiler import runtime
+
     torch.manual_seed(0)
     kv_heads = 2 if mask == "GQA" else H
     q = torch.randn(B, H, S, D, requires_grad=True)
@@ -575,8 +581,11 @@ def test_scaled_dot_product_attention_with_a_mask_trains_fused(mask):
     with sdpa_kernel([SDPBackend.MATH]):   # SDPA's definition (its CPU flash kernel folds a finite row's max)
         ref = attn(*ref_leaves[:3], ref_mask)
     assert rel_err(out, ref) < TOL
-    if attn_mask.dtype == torch.bool:      # rows removed everywhere: zeros
+    if attn_mask.dtype == torch.bool or mask == "-inf added":      # rows removed everywhere: zeros
         assert out[:, :, :3].abs().max() == 0
+    region = list(runtime._REGISTRY.values())[-1]
+    skips = "tile_empty" in region.ks.source and "tile_empty" in region.backward_source.source
+    assert skips == (mask != "learned bias"), mask
     for got, want in zip(grads, torch.autograd.grad(ref, ref_leaves, g.double())):
         assert rel_err(got, want) < TOL
 

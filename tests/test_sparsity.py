@@ -295,6 +295,47 @@ def test_added_masks_skip_tiles_and_keep_the_eager_result(name):
         assert skipped == (name != "fp16 min")
 
 
+def sdpa_float_mask(q, k, v, mask):
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+SDPA_FLOAT = ["causal of -inf (generate_square_subsequent_mask)", "finfo.min, left padding", "-inf, left padding"]
+
+
+@pytest.mark.parametrize("name", SDPA_FLOAT)
+def test_scaled_dot_product_attention_float_masks_skip_tiles(name):
+    """A float mask given to F.scaled_dot_product_attention is added twice in its math (raw, to find the
+    rows it removes everywhere, which SDPA makes zeros; clamped to finfo.min, for the softmax): both adds
+    are one mask, so tiles it removes are skipped and tiles it keeps whole drop it, with SDPA's result:
+    zeros for a row of -inf, eager's average over every key for a row of finfo.min. Probe: NaN values in
+    keys every query's mask removes reach the output only if their block is computed."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    g = torch.Generator().manual_seed(torch.randint(0, 10**6, ()).item())
+    B, H, S, D = 2, 2, 100, 16
+    q, k, v = (torch.randn(B, H, S, D, generator=g) for _ in range(3))
+    if name.startswith("causal"):
+        mask = torch.nn.Transformer.generate_square_subsequent_mask(S)
+    else:
+        fill = F32_MIN if name.startswith("finfo") else float("-inf")
+        mask = hf_mask(B, S, fill, pad_from=30)   # batch 1: keys 0..29 removed, queries 0..29 see none
+    src = flashlight.explain(sdpa_float_mask, q, k, v, mask).regions[0].kernel_source
+    assert "tile_empty" in src and "mask dropped: the tile is kept whole" in src and "def classify_tiles_" in src
+    with sdpa_kernel([SDPBackend.MATH]):   # SDPA's definition
+        ref = sdpa_float_mask(q.double(), k.double(), v.double(), mask.double())
+    for sparse in (True, False):
+        torch._dynamo.reset()
+        out = flashlight.compile(sdpa_float_mask, inductor=False, config=SMALL_TILES, block_sparse=sparse)(q, k, v, mask)
+        assert rel_err(out, ref) < TOL, (sparse, rel_err(out, ref))
+    if not name.startswith("causal"):
+        assert (out[1, :, :30].abs().max() == 0) == (name.startswith("-inf"))   # removed rows: zeros
+        v = v.clone()
+        v[1, :, :16] = float("nan")
+        torch._dynamo.reset()
+        out = flashlight.compile(sdpa_float_mask, inductor=False, config=SMALL_TILES)(q, k, v, mask)
+        assert not torch.isnan(out[1, :, 32:]).any()   # the removed key block was skipped for these rows
+
+
 def test_an_added_bias_is_classified_once_then_every_tile_is_computed():
     """A tensor added to the scores may be a bias (Evoformer's pair bias) rather than a mask: when its first
     classification finds no tile to skip and none kept whole, later calls skip the classification kernel

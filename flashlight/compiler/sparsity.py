@@ -133,9 +133,9 @@ def skippable_masks(region: Region, finite: bool = False):
             if fill is not None:
                 br, value = fill
                 groups.setdefault((n.args[0], br, value), set()).add(n)
-    if finite:
-        for add, i in additive_masks(region):
-            groups[(add.args[i], ADDED, ABSORBED)] = {add}
+    if finite:   # adds of one mask (SDPA's float mask: raw for its removed rows, clamped for the softmax)
+        for add, i in additive_masks(region):  # are one group: a skipped tile must leave out both
+            groups.setdefault((added_mask_source(region, add.args[i]), ADDED, ABSORBED), set()).add(add)
     maxes = [n.args[0] for n in region.nodes if n.target is aten.amax.default]
     sums = [n.args[0] for n in region.nodes if n.target is aten.sum.dim_IntList]
     out = []
@@ -200,6 +200,26 @@ def additive_masks(region: Region):
                 out.append((n, i))
                 break
     return out
+
+
+def added_mask_source(region: Region, mask):
+    """The mask an added operand comes from: `mask.clamp_min(c)` with c at or below ABSORBING is at or below
+    it exactly where the mask is (so scaled_dot_product_attention's float mask, added raw to find the rows
+    it removes and clamped to finfo.min for the softmax, is one mask)."""
+    if isinstance(mask, fx.Node) and mask in set(region.nodes) and mask.target is aten.clamp_min.default:
+        c = _const_of(region, mask, 1)
+        if c is not None and not isinstance(c, bool) and c <= ABSORBING:
+            return mask.args[0]
+    return mask
+
+
+def added_operand_index(add, source) -> int:
+    """Which operand of an add in a group of added_mask_source `source` is the mask."""
+    return 0 if add.args[0] is source or not _reaches(add.args[1], source) and _reaches(add.args[0], source) else 1
+
+
+def _reaches(a, source) -> bool:
+    return a is source or isinstance(a, fx.Node) and a.target is aten.clamp_min.default and a.args[0] is source
 
 
 # A finite fill at or below FINITE_FILL removes a score as -inf does wherever its row keeps one score
@@ -513,16 +533,20 @@ def emit_tile_skip(region: Region, emitter, lines, pre_lines, finite: bool = Fal
     empty, full, dropped, row_checks = [], [], {}, {}
     iv = IntervalEmitter(region, emitter, lines, pre_lines)
     for cond, br, ws, checks in skippable_masks(region, finite):
-        if br == ADDED:   # cond is the mask added to the scores
-            (add,) = ws
-            i = add.args.index(cond)
-            res = iv.value(cond) if cond in set(region.nodes) else iv.operand(add, i)
+        if br == ADDED:   # cond is the mask added to the scores (by each add in ws, raw or clamped)
+            index = {add: added_operand_index(add, cond) for add in ws}
+            if cond in set(region.nodes):
+                res = iv.value(cond)
+            else:   # an input: read through an add (or the clamp) that takes it as an operand
+                reader, i = next(((a, i) for a, i in index.items() if a.args[i] is cond),
+                                 next((a.args[i], 0) for a, i in index.items()))
+                res = iv.operand(reader, i)
             if res is None or res[0] != "num":
                 continue
             _, lo, hi = res
             empty.append(f"({hi} <= {ABSORBING!r})")
             full.append(f"(({lo} == 0) & ({hi} == 0))")
-            dropped[add] = 1 - i
+            dropped.update({add: 1 - i for add, i in index.items()})
             for R, threshold in checks.items():
                 row_checks[R] = max(row_checks.get(R, -math.inf), threshold)
             continue
