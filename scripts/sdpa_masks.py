@@ -83,7 +83,8 @@ def main():
         for b in range(B):   # float64 math, one batch row at a time
             x = [t[b:b + 1].double().requires_grad_(train) for t in (q, k, v)]
             with sdpa_kernel([SDPBackend.MATH]):
-                out = sdpa(*x, mask[b:b + 1] if mask.shape[0] > 1 else mask)
+                m = mask[b:b + 1] if mask.dim() == 4 and mask.shape[0] > 1 else mask
+                out = sdpa(*x, m if m.dtype == torch.bool else m.double())
             refs.append([out.detach()] + (list(torch.autograd.grad(out, x, grad[b:b + 1].double())) if train else []))
             del out, x
         ref = [torch.cat(parts) for parts in zip(*refs)]
