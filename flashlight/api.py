@@ -35,7 +35,9 @@ def explain(fn, *args, **kwargs) -> Report:
     """Trace `fn(*args, **kwargs)` and report, per attention region, what fused and why not.
 
     `fn` is anything torch.compile takes: a function (closing over tensors or not) or an nn.Module,
-    whose parameters and buffers become inputs of the graph, as dynamo lifts them."""
+    whose parameters and buffers become inputs of the graph, as dynamo lifts them. Where a region fuses,
+    `fn` also runs once through torch.compile's graph capture (no compiling): if that does not capture it as
+    one graph, the report is of the graphs it does capture, as flashlight.compile would fuse them."""
     names = list(kwargs)
     state = {}
     if isinstance(fn, torch.nn.Module):
@@ -54,7 +56,15 @@ def explain(fn, *args, **kwargs) -> Report:
     try:
         _, planned, notes = normalize_and_plan(flat, inputs)
     except Exception as e:   # not traceable whole: Python control flow on tensor values
-        return _explain_graph_by_graph(fn, args, kwargs, e)
+        return _explain_graph_by_graph(fn, args, kwargs, f"the program cannot be traced whole ({type(e).__name__}: "
+                                                         f"{' '.join(str(e).split())[:200]})")
+    if any(rep.fused for rep, _, _ in planned):
+        # what torch.compile captures may be less than the whole trace: a graph break (dynamo cannot trace a
+        # call, e.g. nn.MultiheadAttention's deprecation warning for masks of mixed types) leaves code in
+        # torch's own files to run eagerly, and then the report must say what compile really fuses
+        split = _dynamo_split(fn, args, kwargs)
+        if split is not None:
+            return _explain_graph_by_graph(fn, args, kwargs, split)
     report = Report([rep for rep, _, _ in planned], notes=notes)
     if not planned:
         report.notes.append("no attention region (matmul → row program → matmul) found")
@@ -90,11 +100,39 @@ def _module_state_swapped(module, new_state: dict):
             holder[key] = t
 
 
-def _explain_graph_by_graph(fn, args, kwargs, error) -> Report:
+def _dynamo_split(fn, args, kwargs) -> str | None:
+    """None where torch.compile captures `fn` as one graph; else why not (dynamo's graph-break reasons).
+    Runs `fn` once, through a backend that keeps dynamo's graphs as they are."""
+    from torch._dynamo.utils import counters as dynamo_counters
+
+    graphs = []
+
+    def count(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    before = dict(dynamo_counters["graph_break"])
+    torch.compile(fn, backend=count)(*args, **kwargs)
+    if len(graphs) == 1:
+        return None
+    reasons = [_break_reason(r) for r, n in dynamo_counters["graph_break"].items() if n > before.get(r, 0)]
+    return ("torch.compile does not capture it whole"
+            + (f" (graph break: {'; '.join(reasons)[:300]})" if reasons else "")
+            + "; what no graph holds runs eagerly, unfused")
+
+
+def _break_reason(text: str) -> str:
+    """Dynamo's graph-break message in a line: its explanation where it gives one."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    explained = [line.removeprefix("Explanation:").strip() for line in lines if line.startswith("Explanation:")]
+    return (explained or lines or [""])[0]
+
+
+def _explain_graph_by_graph(fn, args, kwargs, why: str) -> Report:
     """A program that cannot be traced whole (Python control flow on tensor values: transformers' OPT
-    decides by a random number whether a layer runs) is split into graphs by dynamo, as torch.compile does;
-    each graph is explained as flashlight.compile's backend sees it. This runs `fn` once, graph by graph,
-    eagerly."""
+    decides by a random number whether a layer runs), or that torch.compile does not capture whole, is split
+    into graphs by dynamo, as torch.compile does; each graph is explained as flashlight.compile's backend
+    sees it. This runs `fn` once, graph by graph, eagerly."""
     regions, notes, graphs = [], [], []
 
     def record(gm, example_inputs):
@@ -107,9 +145,7 @@ def _explain_graph_by_graph(fn, args, kwargs, error) -> Report:
         return gm.forward
 
     torch.compile(fn, backend=record)(*args, **kwargs)
-    why = " ".join(str(error).split())[:200]
-    report = Report(regions, notes=[f"traced by torch.compile in {len(graphs)} graph(s): the program cannot be "
-                                    f"traced whole ({type(error).__name__}: {why})", *notes])
+    report = Report(regions, notes=[f"traced by torch.compile in {len(graphs)} graph(s): {why}", *notes])
     if not regions:
         report.notes.append("no attention region (matmul → row program → matmul) found")
     inputs = [*args, *kwargs.values()]

@@ -832,6 +832,39 @@ def test_explain_takes_a_program_with_control_flow_on_tensor_values():
     assert rel_err(out, LayerDrop()(q.double(), k.double(), v.double())) < TOL
 
 
+def test_explain_says_what_torch_compile_captures():
+    """explain traces the program whole, but torch.compile may not capture it whole: a graph break between
+    the scores and the softmax leaves no region to fuse, and nn.MultiheadAttention given masks of mixed
+    types (a float causal mask, a boolean padding mask) warns inside, which dynamo cannot trace, so nothing
+    of it is compiled. The report says what compile fuses, and why not, not what a whole trace would."""
+    q, k, v = rand(1, 2, 24, 16), rand(1, 2, 24, 16), rand(1, 2, 24, 16)
+
+    def broken(q, k, v):
+        s = q @ k.mT * 0.25
+        torch._dynamo.graph_break()
+        return s.softmax(-1) @ v
+
+    torch._dynamo.reset()
+    report = flashlight.explain(broken, q, k, v)
+    assert not report.fused and any("does not capture it whole (graph break" in n for n in report.notes), str(report)
+    before = flashlight.counters["fused_launches"]
+    flashlight.compile(broken, inductor=False)(q, k, v)
+    assert flashlight.counters["fused_launches"] == before
+
+    torch.manual_seed(0)
+    mha = torch.nn.MultiheadAttention(32, 4, batch_first=True)
+    x = rand(2, 24, 32)
+    causal = torch.nn.Transformer.generate_square_subsequent_mask(24)
+    pad = torch.zeros(2, 24, dtype=torch.bool)
+    pad[1, -5:] = True
+    for padding, fused in ((pad, False), (torch.zeros(2, 24).masked_fill(pad, float("-inf")), True)):
+        torch._dynamo.reset()
+        report = flashlight.explain(lambda x: mha(x, x, x, need_weights=False, attn_mask=causal,
+                                                  key_padding_mask=padding)[0], x)
+        assert report.fused == fused, str(report)
+        assert fused or any("_warnings.warn" in n for n in report.notes), str(report)
+
+
 def test_bfloat16_on_the_cpu_is_left_to_inductor_with_reason():
     """Triton's interpreter multiplies bfloat16 tiles wrongly (errors of 1e9 on unit-scale inputs): on the
     CPU such a region is not fused, and the result is eager's."""

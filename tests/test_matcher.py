@@ -93,3 +93,24 @@ def test_a_single_key_is_not_matched_and_says_why():
     assert len(pvs) == 1
     with pytest.raises(NotFusable, match="single key"):
         analyse(gm, pvs[0])
+
+
+def test_scores_mixed_across_heads_say_so():
+    """Talking-heads attention mixes the heads' scores (and probabilities) by a matmul over the head axis:
+    a tile holds one head, so it is not fused, and the reason names the mixing rather than a batch
+    mismatch."""
+    H = 4
+    w_logits, w_weights = torch.randn(H, H), torch.randn(H, H)
+
+    def talking_heads(q, k, v):
+        s = torch.einsum("bhqk,hg->bgqk", q @ k.mT * 0.25, w_logits)
+        return torch.einsum("bhqk,hg->bgqk", s.softmax(-1), w_weights) @ v
+
+    q, k, v = (torch.randn(2, H, 24, 8) for _ in range(3))
+    gm, pvs = regions(talking_heads, q, k, v)
+    reasons = []
+    for pv in pvs:
+        with pytest.raises(NotFusable) as e:
+            analyse(gm, pv)
+        reasons.append(str(e.value))
+    assert any("talking-heads" in r for r in reasons), reasons

@@ -620,6 +620,25 @@ def test_a_masked_sdpa_whose_math_does_not_fuse_stays_a_call():
     assert rel_err(plain, torch.softmax(args[0] @ args[1].mT * D ** -0.5, -1) @ args[2]) < TOL
 
 
+def test_a_transformer_reports_the_attention_calls_it_leaves_to_pytorch():
+    """nn.Transformer with a causal target mask and padding: its encoder's self-attention and the decoder's
+    cross-attention (masked) fuse; the decoder's self-attention, told tgt_is_causal, calls SDPA's kernel with
+    is_causal and no mask inside nn.MultiheadAttention, and stays a call: the report counts those calls."""
+    import torch.nn as nn
+
+    torch.manual_seed(0)
+    model = nn.Transformer(d_model=C, nhead=H, num_encoder_layers=1, num_decoder_layers=2, dim_feedforward=64,
+                           dropout=0.0, batch_first=True)
+    src, tgt = torch.randn(B, S, C), torch.randn(B, S - 3, C)
+    pad = torch.zeros(B, S, dtype=torch.bool)
+    pad[1, -5:] = True
+    kwargs = dict(tgt_mask=nn.Transformer.generate_square_subsequent_mask(S - 3), tgt_is_causal=True,
+                  src_key_padding_mask=pad, memory_key_padding_mask=pad)
+    report = flashlight.explain(lambda s, t: model(s, t, **kwargs), src, tgt)
+    assert len(report.regions) == 3 and all(r.fused for r in report.regions), str(report)
+    assert any(n.startswith("2 scaled_dot_product_attention call(s)") for n in report.notes), str(report)
+
+
 @pytest.mark.parametrize("mask", ["key_padding_mask", "float causal attn_mask", "bool attn_mask"])
 def test_multihead_attention_module_trains_fused(mask):
     """nn.MultiheadAttention as nn.TransformerEncoderLayer calls it (need_weights=False): its

@@ -398,6 +398,12 @@ class _RegionBuilder:
         sizes.update(m=self.M, n=self.N, e=self.Dv)
         if pv.target is aten.bmm.default:
             if pv_shape[0] != math.prod(batch_sizes):
+                contracted = shape_of(pv.args[0])[-1]
+                if contracted != self.N and contracted in batch_sizes:
+                    raise NotFusable(f"the matmul after the scores contracts one of their batch axes (of size "
+                                     f"{contracted}: the heads?), not the keys: scores or probabilities mixed "
+                                     "across heads, as talking-heads attention mixes them, need every head's "
+                                     "tile at once; left to Inductor")
                 raise NotFusable("·V batch does not match the probabilities' batch dims")
             lhs_axes = (batch_axes, ("m",), ("n",))
             self.v_axes = (batch_axes, ("n",), ("e",))

@@ -384,7 +384,9 @@ def normalize(fn, example_inputs, masked_sdpa_as_math: bool = True) -> fx.GraphM
                 _pop_functorch_levels(depth)
                 raise
     gm.meta[MASKED_SDPA_CALLS] += modes[-1].calls if modes else 0   # the calls seen, besides the kernels
-    gm.meta[KEPT_SDPA_CALLS] = modes[-1].kept if modes else 0
+    # the calls left as PyTorch's kernels, counted in the graph: those the function mode passed on, and those
+    # inside torch functions it cannot see into (nn.MultiheadAttention's is_causal call)
+    gm.meta[KEPT_SDPA_CALLS] = sum(n.op == "call_function" and n.target in _SDPA_FORWARD_KERNELS for n in gm.graph.nodes)
     return gm
 
 
@@ -422,6 +424,9 @@ _SDPA_KERNELS = {
     aten._scaled_dot_product_cudnn_attention.default: "attn_bias",
     aten._scaled_dot_product_fused_attention_overrideable.default: "attn_bias",
 }
+
+
+_SDPA_FORWARD_KERNELS = {*_SDPA_KERNELS, aten._scaled_dot_product_flash_attention.default}
 
 
 def _masked_sdpa_kernels_as_math(gm: fx.GraphModule) -> int:
