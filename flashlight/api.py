@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import types
 
 import torch
 
@@ -112,13 +113,26 @@ def _dynamo_split(fn, args, kwargs) -> str | None:
         return gm.forward
 
     before = dict(dynamo_counters["graph_break"])
-    torch.compile(fn, backend=count)(*args, **kwargs)
+    try:
+        torch.compile(_fresh_entry(fn), backend=count)(*args, **kwargs)
+    except Exception:   # (out of memory on a huge shape, say): the whole trace's report stands
+        return None
     if len(graphs) == 1:
         return None
     reasons = [_break_reason(r) for r, n in dynamo_counters["graph_break"].items() if n > before.get(r, 0)]
     return ("torch.compile does not capture it whole"
             + (f" (graph break: {'; '.join(reasons)[:300]})" if reasons else "")
             + "; what no graph holds runs eagerly, unfused")
+
+
+def _fresh_entry(fn):
+    """`fn` behind a function of a code object of its own: dynamo keeps compiled code per code object (at
+    most 8 entries, then it runs the code eagerly), and explain's captures, each with a backend of its own,
+    must not fill the entries of the caller's function (a later flashlight.compile of it would not fuse)."""
+    def call(*args, **kwargs):
+        return fn(*args, **kwargs)
+    return types.FunctionType(call.__code__.replace(), call.__globals__, call.__name__, call.__defaults__,
+                              call.__closure__)
 
 
 def _break_reason(text: str) -> str:
@@ -144,7 +158,7 @@ def _explain_graph_by_graph(fn, args, kwargs, why: str) -> Report:
                          f"{' '.join(str(e).split())[:200]}); left to Inductor")
         return gm.forward
 
-    torch.compile(fn, backend=record)(*args, **kwargs)
+    torch.compile(_fresh_entry(fn), backend=record)(*args, **kwargs)
     report = Report(regions, notes=[f"traced by torch.compile in {len(graphs)} graph(s): {why}", *notes])
     if not regions:
         report.notes.append("no attention region (matmul → row program → matmul) found")

@@ -844,7 +844,16 @@ def test_explain_says_what_torch_compile_captures():
         torch._dynamo.graph_break()
         return s.softmax(-1) @ v
 
-    torch._dynamo.reset()
+    def attn(q, k, v):
+        return (q @ k.mT * 0.25).softmax(-1) @ v
+
+    torch._dynamo.reset()   # dynamo keeps 8 compiled entries per function; explain's captures take none of attn's
+    with torch._dynamo.config.patch(cache_size_limit=8):   # its default (this module raises it)
+        assert all(flashlight.explain(attn, q, k, v).fused for _ in range(12))
+        before = flashlight.counters["fused_launches"]
+        flashlight.compile(attn, inductor=False)(q, k, v)
+        assert flashlight.counters["fused_launches"] == before + 1
+
     report = flashlight.explain(broken, q, k, v)
     assert not report.fused and any("does not capture it whole (graph break" in n for n in report.notes), str(report)
     before = flashlight.counters["fused_launches"]
