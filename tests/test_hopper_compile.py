@@ -166,11 +166,12 @@ def test_model_file_kernels_compile_for_hopper(cls, gpu_launches, tmp_path):
     check_compiles(tmp_path, gpu_launches)
 
 
-@pytest.mark.parametrize("mask", ["bool", "float", "mha key_padding_mask", "mha float attn_mask"])
+@pytest.mark.parametrize("mask", ["bool", "float", "float32 float", "mha key_padding_mask", "mha float attn_mask"])
 def test_masked_sdpa_kernels_compile_for_hopper(mask, gpu_launches, tmp_path):
     """scaled_dot_product_attention with a mask, traced as its math (a boolean mask; a float mask, whose
     rows removed everywhere are a per-row input; nn.MultiheadAttention's merged masks), trained one step in
-    half precision: every kernel compiles for sm_90."""
+    half precision: every kernel compiles for sm_90. In float32 a float mask's -inf is clamped to a value
+    that absorbs a score, so its tiles are classified by a kernel of its own: that compiles too."""
     import torch.nn as nn
     import torch.nn.functional as F
 
@@ -185,11 +186,14 @@ def test_masked_sdpa_kernels_compile_for_hopper(mask, gpu_launches, tmp_path):
         x = torch.randn(2, 80, 64, dtype=torch.float16, requires_grad=True)
         fn, args = (lambda x: mha(x, x, x, need_weights=False, **kw)[0]), (x,)
     else:
-        m = keep if mask == "bool" else torch.zeros(2, 1, 80, 80, dtype=torch.float16).masked_fill(~keep, float("-inf"))
+        dtype = torch.float32 if mask.startswith("float32") else torch.float16
+        m = keep if mask == "bool" else torch.zeros(2, 1, 80, 80, dtype=dtype).masked_fill(~keep, float("-inf"))
         fn = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=m)  # noqa: E731
-        args = tuple(torch.randn(2, 4, 80, 32, dtype=torch.float16, requires_grad=True) for _ in range(3))
+        args = tuple(torch.randn(2, 4, 80, 32, dtype=dtype, requires_grad=True) for _ in range(3))
     torch._dynamo.reset()
     out = flashlight.compile(fn, inductor=False, choose_faster=False)(*args)
     out.float().square().mean().backward()
     assert any(n.startswith("flashlight_bwd_dkv") for _, n, _, _ in gpu_launches)
+    if mask.startswith("float32"):
+        assert any(n.startswith("classify_tiles") for _, n, _, _ in gpu_launches), [n for _, n, _, _ in gpu_launches]
     check_compiles(tmp_path, gpu_launches)
