@@ -22,9 +22,6 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import flashlight
 
 
-BACKEND_OF = {"SDPA (eager)": "eager", "eager": "eager", "torch.compile": "compile", "flashlight": "flashlight"}
-
-
 def sdpa(q, k, v, mask):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
@@ -45,8 +42,9 @@ def cases():
     yield "causal, [S, S] float -inf", (4, 32, 4096, 64), \
         torch.nn.Transformer.generate_square_subsequent_mask(4096, device="cuda", dtype=torch.bfloat16)
     window = (j <= i) & (i - j < 1024)
+    lowest = torch.finfo(torch.bfloat16).min
     yield "window 1024, [1, 1, S, S] finfo.min", (2, 16, 4096, 128), \
-        torch.zeros(1, 1, 4096, 4096, device="cuda", dtype=torch.bfloat16).masked_fill(~window, torch.finfo(torch.bfloat16).min)
+        torch.zeros(1, 1, 4096, 4096, device="cuda", dtype=torch.bfloat16).masked_fill(~window, lowest)
 
 
 def mha_cases():
@@ -91,26 +89,11 @@ def main():
         del refs
         if train:
             q, k, v = (t.requires_grad_() for t in (q, k, v))
-        for label, fn in (("SDPA (eager)", sdpa), ("torch.compile", torch.compile(sdpa)),
-                          ("flashlight", flashlight.compile(sdpa, choose_faster=False))):
-            if BACKEND_OF[label] not in wanted:
-                continue
-            torch._dynamo.reset()
-
+        for label, fn in backends(sdpa, "SDPA (eager)", wanted):
             def step():
                 out = fn(q, k, v, mask)
                 return [out, *torch.autograd.grad(out, (q, k, v), grad)] if train else [out]
-            try:
-                launches = flashlight.counters["fused_launches"]
-                got = step()
-                err = max(((a.double() - r).abs().max() / r.abs().max()).item() for a, r in zip(got, ref))
-                del got
-                fused = "" if label != "flashlight" or flashlight.counters["fused_launches"] > launches else "  NOT FUSED"
-                ms = triton.testing.do_bench(step, rep=200, return_mode="median")
-                print(f"{name:32s} {label:22s} {ms:8.3f} {err:9.1e}{fused}", flush=True)
-            except torch.OutOfMemoryError:
-                print(f"{name:32s} {label:22s} {'out of memory':>18s}", flush=True)
-                torch.cuda.empty_cache()
+            measure(name, label, step, ref)
 
 
 def main_mha(train, only, wanted):
@@ -134,22 +117,37 @@ def main_mha(train, only, wanted):
         def call(x):
             return mha(x, x, x, need_weights=False, **masks)[0]
 
-        for label, fn in (("eager", call), ("torch.compile", torch.compile(call)),
-                          ("flashlight", flashlight.compile(call, choose_faster=False))):
-            if BACKEND_OF[label] not in wanted:
-                continue
-            torch._dynamo.reset()
-
+        for label, fn in backends(call, "eager", wanted):
             def step():
                 out = fn(x)
                 return [out, *torch.autograd.grad(out, x, grad)] if train else [out]
-            launches = flashlight.counters["fused_launches"]
-            got = step()
-            err = max(((a.double() - r).abs().max() / r.abs().max()).item() for a, r in zip(got, ref))
-            del got
-            fused = "" if label != "flashlight" or flashlight.counters["fused_launches"] > launches else "  NOT FUSED"
-            ms = triton.testing.do_bench(step, rep=200, return_mode="median")
-            print(f"{name:32s} {label:22s} {ms:8.3f} {err:9.1e}{fused}", flush=True)
+            measure(name, label, step, ref)
+
+
+def backends(fn, eager_label, wanted):
+    """(label, callable) of each wanted backend: fn itself, torch.compile's, flashlight's fused kernels."""
+    for label, backend, make in ((eager_label, "eager", lambda: fn),
+                                 ("torch.compile", "compile", lambda: torch.compile(fn)),
+                                 ("flashlight", "flashlight", lambda: flashlight.compile(fn, choose_faster=False))):
+        if backend in wanted:
+            torch._dynamo.reset()
+            yield label, make()
+
+
+def measure(name, label, step, ref):
+    """One printed row: ms per step (median of do_bench), the largest error against the float64 `ref`, and
+    NOT FUSED where flashlight's step launched no fused kernel."""
+    try:
+        launches = flashlight.counters["fused_launches"]
+        got = step()
+        err = max(((a.double() - r).abs().max() / r.abs().max()).item() for a, r in zip(got, ref))
+        del got
+        fused = "" if label != "flashlight" or flashlight.counters["fused_launches"] > launches else "  NOT FUSED"
+        ms = triton.testing.do_bench(step, rep=200, return_mode="median")
+        print(f"{name:32s} {label:22s} {ms:8.3f} {err:9.1e}{fused}", flush=True)
+    except torch.OutOfMemoryError:
+        print(f"{name:32s} {label:22s} {'out of memory':>18s}", flush=True)
+        torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":
