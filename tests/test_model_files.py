@@ -639,7 +639,8 @@ def test_a_transformer_reports_the_attention_calls_it_leaves_to_pytorch():
     assert any(n.startswith("2 scaled_dot_product_attention call(s)") for n in report.notes), str(report)
 
 
-@pytest.mark.parametrize("mask", ["key_padding_mask", "float causal attn_mask", "bool attn_mask"])
+@pytest.mark.parametrize("mask", ["key_padding_mask", "float causal attn_mask", "bool attn_mask",
+                                  "float causal and padding"])
 def test_multihead_attention_module_trains_fused(mask):
     """nn.MultiheadAttention as nn.TransformerEncoderLayer calls it (need_weights=False): its
     F.multi_head_attention_forward calls PyTorch's SDPA kernel with the merged mask inside a Python-level
@@ -653,7 +654,10 @@ def test_multihead_attention_module_trains_fused(mask):
     pad[1, -5:] = True
     causal = nn.Transformer.generate_square_subsequent_mask(S)
     kwargs = {"key_padding_mask": {"key_padding_mask": pad}, "float causal attn_mask": {"attn_mask": causal},
-              "bool attn_mask": {"attn_mask": causal.isinf()}}[mask]
+              "bool attn_mask": {"attn_mask": causal.isinf()},
+              # merged by nn.MultiheadAttention into a new [B·H, S, S] mask every call: classified every call
+              "float causal and padding": {"attn_mask": causal,
+                                           "key_padding_mask": torch.zeros(B, S).masked_fill(pad, float("-inf"))}}[mask]
     mha = nn.MultiheadAttention(C, H, batch_first=True)
     ref = copy.deepcopy(mha).double()
     x = torch.randn(B, S, C, requires_grad=True)
@@ -666,10 +670,12 @@ def test_multihead_attention_module_trains_fused(mask):
     assert len(report.regions) == 1 and report.regions[0].fused and report.regions[0].backward_fused, str(report)
     torch._dynamo.reset()
     before = flashlight.counters["fused_launches"], flashlight.counters["fused_backward_launches"]
+    classified = flashlight.counters["classifications"]
     out = flashlight.compile(attn, choose_faster=False)(x)
     out.backward(g)
     assert (flashlight.counters["fused_launches"], flashlight.counters["fused_backward_launches"]) == \
         (before[0] + 1, before[1] + 1)
+    assert flashlight.counters["classifications"] > classified, mask   # the mask's tiles were classified
     x64 = x.detach().double().requires_grad_()
     ref_kwargs = {k: v.double() if v.is_floating_point() else v for k, v in kwargs.items()}
     ref_out = ref(x64, x64, x64, need_weights=False, **ref_kwargs)[0]
