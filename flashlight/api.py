@@ -63,9 +63,14 @@ def explain(fn, *args, **kwargs) -> Report:
         # what torch.compile captures may be less than the whole trace: a graph break (dynamo cannot trace a
         # call, e.g. nn.MultiheadAttention's deprecation warning for masks of mixed types) leaves code in
         # torch's own files to run eagerly, and then the report must say what compile really fuses
-        split = _dynamo_split(fn, args, kwargs)
-        if split is not None:
-            return _explain_graph_by_graph(fn, args, kwargs, split)
+        try:
+            graphs, reasons = _dynamo_graphs(fn, args, kwargs)
+        except Exception:   # (out of memory on a huge shape, say): the whole trace's report stands
+            graphs = None
+        if graphs is not None and len(graphs) != 1:
+            why = ("torch.compile does not capture it whole" + (f" (graph break: {'; '.join(reasons)[:300]})"
+                   if reasons else "") + "; what no graph holds runs eagerly, unfused")
+            return _explain_graph_by_graph(fn, args, kwargs, why, graphs)
     report = Report([rep for rep, _, _ in planned], notes=notes)
     if not planned:
         report.notes.append("no attention region (matmul → row program → matmul) found")
@@ -101,28 +106,21 @@ def _module_state_swapped(module, new_state: dict):
             holder[key] = t
 
 
-def _dynamo_split(fn, args, kwargs) -> str | None:
-    """None where torch.compile captures `fn` as one graph; else why not (dynamo's graph-break reasons).
-    Runs `fn` once, through a backend that keeps dynamo's graphs as they are."""
+def _dynamo_graphs(fn, args, kwargs):
+    """[(graph, example inputs)] as torch.compile captures `fn` (dynamo's graphs, left as they are), and
+    dynamo's graph-break reasons. Runs `fn` once, graph by graph, eagerly."""
     from torch._dynamo.utils import counters as dynamo_counters
 
     graphs = []
 
-    def count(gm, example_inputs):
-        graphs.append(gm)
+    def keep(gm, example_inputs):
+        graphs.append((gm, list(example_inputs)))
         return gm.forward
 
     before = dict(dynamo_counters["graph_break"])
-    try:
-        torch.compile(_fresh_entry(fn), backend=count)(*args, **kwargs)
-    except Exception:   # (out of memory on a huge shape, say): the whole trace's report stands
-        return None
-    if len(graphs) == 1:
-        return None
+    torch.compile(_fresh_entry(fn), backend=keep)(*args, **kwargs)
     reasons = [_break_reason(r) for r, n in dynamo_counters["graph_break"].items() if n > before.get(r, 0)]
-    return ("torch.compile does not capture it whole"
-            + (f" (graph break: {'; '.join(reasons)[:300]})" if reasons else "")
-            + "; what no graph holds runs eagerly, unfused")
+    return graphs, reasons
 
 
 def _fresh_entry(fn):
@@ -142,23 +140,20 @@ def _break_reason(text: str) -> str:
     return (explained or lines or [""])[0]
 
 
-def _explain_graph_by_graph(fn, args, kwargs, why: str) -> Report:
+def _explain_graph_by_graph(fn, args, kwargs, why: str, graphs=None) -> Report:
     """A program that cannot be traced whole (Python control flow on tensor values: transformers' OPT
     decides by a random number whether a layer runs), or that torch.compile does not capture whole, is split
-    into graphs by dynamo, as torch.compile does; each graph is explained as flashlight.compile's backend
-    sees it. This runs `fn` once, graph by graph, eagerly."""
-    regions, notes, graphs = [], [], []
-
-    def record(gm, example_inputs):
-        graphs.append(gm)
+    into graphs by dynamo, as torch.compile does (`graphs`: already captured); each graph is explained as
+    flashlight.compile's backend sees it."""
+    if graphs is None:
+        graphs, _ = _dynamo_graphs(fn, args, kwargs)
+    regions, notes = [], []
+    for number, (gm, example_inputs) in enumerate(graphs, 1):
         try:   # as flashlight.compile's backend analyses it
-            regions.extend(fuse(gm, list(example_inputs))[1].regions)
+            regions.extend(fuse(gm, example_inputs)[1].regions)
         except Exception as e:   # as the backend: such a graph is left to Inductor
-            notes.append(f"graph {len(graphs)}: capturing it failed ({type(e).__name__}: "
+            notes.append(f"graph {number}: capturing it failed ({type(e).__name__}: "
                          f"{' '.join(str(e).split())[:200]}); left to Inductor")
-        return gm.forward
-
-    torch.compile(_fresh_entry(fn), backend=record)(*args, **kwargs)
     report = Report(regions, notes=[f"traced by torch.compile in {len(graphs)} graph(s): {why}", *notes])
     if not regions:
         report.notes.append("no attention region (matmul → row program → matmul) found")

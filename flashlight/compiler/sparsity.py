@@ -213,15 +213,6 @@ def added_mask_source(region: Region, mask):
     return mask
 
 
-def added_operand_index(add, source) -> int:
-    """Which operand of an add in a group of added_mask_source `source` is the mask."""
-    return 0 if add.args[0] is source or not _reaches(add.args[1], source) and _reaches(add.args[0], source) else 1
-
-
-def _reaches(a, source) -> bool:
-    return a is source or isinstance(a, fx.Node) and a.target is aten.clamp_min.default and a.args[0] is source
-
-
 # A finite fill at or below FINITE_FILL removes a score as -inf does wherever its row keeps one score
 # above fill + ROW_MARGIN: exp(fill - max) < e^-256 is 0 in float32, in eager as in the kernel. A row
 # whose max is not above that (every score masked: eager averages over every key) is recomputed.
@@ -534,10 +525,10 @@ def emit_tile_skip(region: Region, emitter, lines, pre_lines, finite: bool = Fal
     iv = IntervalEmitter(region, emitter, lines, pre_lines)
     for cond, br, ws, checks in skippable_masks(region, finite):
         if br == ADDED:   # cond is the mask added to the scores (by each add in ws, raw or clamped)
-            index = {add: added_operand_index(add, cond) for add in ws}
+            index = {add: i for add, i in additive_masks(region) if add in ws}   # the mask's operand
             if cond in set(region.nodes):
                 res = iv.value(cond)
-            else:   # an input: read through an add (or the clamp) that takes it as an operand
+            else:   # an input: read where an add (or the clamp before it) takes it as an operand
                 reader, i = next(((a, i) for a, i in index.items() if a.args[i] is cond),
                                  next((a.args[i], 0) for a, i in index.items()))
                 res = iv.operand(reader, i)
