@@ -118,6 +118,38 @@ def test_a_gradient_asked_of_one_input_only(trained):
     check_grads(gated_causal, inputs)
 
 
+def _scaled_by(spelling):
+    def attn(q, k, v, bias=None):
+        s = q @ k.transpose(-2, -1)
+        s = {"times": lambda: s * 0.3, "divided": lambda: s / 3.0, "negated": lambda: -s * 0.25,
+             "twice": lambda: (s * 2.0) * 0.125, "bias after": lambda: s * 0.3 + bias,
+             "bias before": lambda: (s + bias) * 0.3}[spelling]()
+        return torch.softmax(s, -1) @ v
+    return attn
+
+
+@pytest.mark.parametrize("spelling", ["times", "divided", "negated", "twice", "bias after", "bias before"])
+def test_a_constant_scale_is_applied_to_dq_and_dk_once(spelling):
+    """The softmax scale (x·c, x/c, -x, one constant after another) is not multiplied into every score of
+    the backward: the exp's multiply-add takes it where the recomputed tile is read by nothing else, and
+    dQ and dK are multiplied by it once, after their sums. A bias added after the scale gets the unscaled
+    adjoint; one added before it meets the factor first, which is then applied there, per score."""
+    inputs = {n: torch.randn(2, 2, 40, 16, requires_grad=True) for n in ("q", "k", "v")}
+    if spelling.startswith("bias"):
+        inputs["bias"] = torch.randn(40, 40, requires_grad=True)
+    attn = _scaled_by(spelling)
+    source = flashlight.explain(attn, **inputs).regions[0].backward_source
+    c = {"times": "0.3", "divided": "0.3333333333333333", "negated": "-0.25", "twice": "0.25",
+         "bias after": "0.3", "bias before": "0.3"}[spelling]
+    if spelling != "bias before":
+        assert f"(dq_bmm * {c}).to(" in source and f"(dk_bmm * {c}).to(" in source, source
+    else:
+        assert "(dq_bmm * " not in source and f"* {c}" in source, source
+    if spelling in ("times", "divided"):
+        assert re.search(rf"tl\.exp2\(t_bmm \* \({re.escape(c)} \* s2_\w+\)", source), source
+    check_grads(attn, inputs)
+
+
 def test_a_softmax_stabilised_by_hand_fuses_and_trains():
     """`sim - sim.amax(-1, keepdim=True).detach()` before the softmax, with a -finfo.max mask and einsum, as
     research repositories write attention: the shift is read as none (the softmax subtracts its own max)."""

@@ -34,6 +34,7 @@ import torch.fx as fx
 
 from flashlight.compiler.analysis import GATHERS, MATMULS, WHERE, NotFusable, Region, flat_axes, literal
 from flashlight.compiler.codegen import (LOG2E, LoadSlot, _batch_decomposition, _batch_row, _classifier, _contig,
+                                         constant_factor,
                                          _Emitter, _forward_copies, _prune, access_layout, dot, source_header,
                                          tile_loops, tile_range_lines)
 from flashlight.compiler.indexing import VIEW_OPS, freeze_chain
@@ -127,6 +128,10 @@ class _TileEmitter(_Emitter):
 def _floating(node):
     val = node.meta.get("val")
     return val is not None and val.dtype.is_floating_point
+
+
+def _times(code, factor):
+    return code if factor is None else f"{code} * {literal(factor)}"
 
 
 def _vjp(em: _TileEmitter, node, g):
@@ -623,6 +628,7 @@ class _TileProgram:
             body.append(f"{vname(sm.node)} = {dot(a, b)}")
         self.element = [n for n in r.nodes
                         if n.target not in MATMULS and self.kinds[n] in ("early", "stabsub", "mixed")]
+        em.per_element = set(self.element)
         self.full_lines = {}   # index in the body -> the line used instead on tiles the masks keep whole
         for node in self.element:   # all in the loop: loads the tile predicate made there may feed any
             body.append(f"{vname(node)} = {em.expr(node)}")
@@ -630,21 +636,22 @@ class _TileProgram:
                 kept = em.float_operand(node, em.tiles.dropped[node])
                 self.full_lines[len(body) - 1] = f"{vname(node)} = {kept}  # mask dropped: the tile is kept whole"
 
-    def give(self, consumer, i, code, src=None):
+    def give(self, consumer, i, code, src=None, factor=None):
         """Pass an adjoint contribution to argument i of consumer; `src`: the tile axes it spans (those
-        of the consumer), so that it is summed over exactly the axes its target is broadcast along."""
+        of the consumer), so that it is summed over exactly the axes its target is broadcast along;
+        `factor`: a constant the contribution is still to be multiplied by (see reverse)."""
         r = self.r
         src = set(flat_axes(r.axes[consumer])) & {"m", "n"} if src is None else src
         a = consumer.args[i]
         if isinstance(a, fx.Node) and a in self.em.internal:
             if self.kinds[a] != "late":   # row values: their gradient came from the row step
-                self.adj.setdefault(a, []).append((code, src))
+                self.adj.setdefault(a, []).append((code, src, factor))
             return
         acc = r.accesses.get((consumer, i))
         if acc is None or acc.kind != "tensor" or not self.needs[r.leaf_index(acc.source)]:
             return
         key = (acc.source, acc.chain, acc.axes, acc.gather)
-        self.leaf_adj.setdefault(key, (acc, []))[1].append((code, src))
+        self.leaf_adj.setdefault(key, (acc, []))[1].append((_times(code, factor), src, None))
 
     def seed(self):
         """2. dP = dPV·Vᵀ for what ·V multiplies, the row gradient of each sum for what it sums."""
@@ -687,29 +694,44 @@ class _TileProgram:
         return c
 
     def total(self, contribs, axes, leaf=False):
-        return " + ".join(self.reduce_to(c, axes, src, leaf) for c, src in contribs)
+        return " + ".join(self.reduce_to(_times(c, f), axes, src, leaf) for c, src, f in contribs)
 
     def reverse(self):
-        """3. Reverse through the score program, op by op, down to the score matmuls (dS)."""
+        """3. Reverse through the score program, op by op, down to the score matmuls (dS).
+
+        A multiply by a constant (the softmax scale) is not applied per element: its factor rides on the
+        adjoint through views and casts, and where it reaches a score matmul it scales dQ or dK once,
+        after their sum over the tiles (one multiply per gradient element instead of one per score)."""
         r = self.r
         for node in reversed([n for n in r.nodes if n.target in MATMULS or n in set(self.element)]):
             contribs = self.adj.get(node)
             if not contribs:
                 continue
             g = f"a_{node.name}"
+            factor = None
+            scaled = constant_factor(node)
+            passes_on = node.target in MATMULS or node.target in VIEW_OPS or node.target in CASTS or scaled
+            if len(contribs) == 1 and contribs[0][2] is not None and passes_on:
+                (code, src, factor), = contribs
+                contribs = [(code, src, None)]
             self.body.append(f"{g} = {self.total(contribs, set(flat_axes(r.axes[node])))}  "
-                             f"# adjoint of {node.name} ({node.target})")
+                             f"# adjoint of {node.name} ({node.target})" +
+                             (f" is this times {literal(factor)}" if factor is not None else ""))
             if node.target in MATMULS:
-                self.score_adj[node] = g
+                self.score_adj[node] = (g, factor)
+                continue
+            if scaled is not None:
+                i, c = scaled
+                self.give(node, i, g, factor=c if factor is None else c * factor)
                 continue
             for i, code in _vjp(self.em, node, g):
-                self.give(node, i, code)
+                self.give(node, i, code, factor=factor)
 
-    def _accumulate(self, name, shape, update, acc, ctx, what):
+    def _accumulate(self, name, shape, update, acc, ctx, what, factor=None):
         self.init.append(f"{name} = tl.zeros({shape}, tl.float32)  # {what} of {acc.source.name}")
         self.body.append(f"{name} = {name} + {update}  # {what}")
         self.carried.append(name)
-        _write_gradient(self.em, acc, ctx, name, self.post)
+        _write_gradient(self.em, acc, ctx, f"({_times(name, factor)})" if factor is not None else name, self.post)
 
     def accumulate(self):
         """4. What the gradients accumulate: dQ (per query tile) or dK, dV (per key tile), and the
@@ -717,19 +739,21 @@ class _TileProgram:
         em, r, body, needs = self.em, self.r, self.body, self.needs
         valid = "valid" if self.mask_any else None
         for sm in r.scores:
-            g = self.score_adj.get(sm.node)
-            if g is None:
+            if sm.node not in self.score_adj:
                 continue
+            g, factor = self.score_adj[sm.node]
             ds = f"ds_{sm.node.name}"
             body.append(f"{ds} = {f'tl.where(valid, {g}, 0.0)' if valid else g}  # dS")
             q, k = self.tiles_of[sm.node]
             bd = em.block_size[sm.axis]
             if self.loop_axis == "n" and needs[r.leaf_index(sm.q.source)]:    # dQ = dS·K
                 self._accumulate(f"dq_{sm.node.name}", f"[BLOCK_M, {bd}]",
-                                 dot(f"{ds}.to({k}.dtype)", f"tl.trans({k})"), sm.q, ("m", sm.axis), "dQ = dS·K")
+                                 dot(f"{ds}.to({k}.dtype)", f"tl.trans({k})"), sm.q, ("m", sm.axis), "dQ = dS·K",
+                                 factor)
             if self.loop_axis == "m" and needs[r.leaf_index(sm.k.source)]:    # dK = dSᵀ·Q
                 self._accumulate(f"dk_{sm.node.name}", f"[BLOCK_N, {bd}]",
-                                 dot(f"{ds}.to({q}.dtype)", f"tl.trans({q})"), sm.k, ("n", sm.axis), "dK = dSᵀ·Q")
+                                 dot(f"{ds}.to({q}.dtype)", f"tl.trans({q})"), sm.k, ("n", sm.axis), "dK = dSᵀ·Q",
+                                 factor)
         if self.loop_axis == "m" and needs[r.leaf_index(r.value.source)]:     # dV = Pᵀ·dO
             p = vname(r.pv.args[0])
             pm = f"tl.where(valid, {p}, 0.0)" if valid else p
@@ -742,7 +766,7 @@ class _TileProgram:
         # score-side inputs: their adjoint, summed over what they are broadcast along, added in place
         for acc, codes in self.leaf_adj.values():
             if _small_table(acc, r):
-                _table_gradient(em, acc, [c for c, _ in codes], body, self.init, self.post, self.carried, valid)
+                _table_gradient(em, acc, [c for c, _, _ in codes], body, self.init, self.post, self.carried, valid)
                 continue
             axes = set(flat_axes(acc.axes)) | {a for _, _, ix in acc.gather for a in ix}
             code = self.total(codes, axes, leaf=True)

@@ -259,6 +259,28 @@ class _Emitter(_Loads):
         where = self.loop if self.varies_with_keys(acc) else self.pre
         return self.access(acc, self.ctx, where)
 
+    per_element = None   # the nodes this kernel computes per score (None: every user counts)
+
+    def scaled_only_here(self, sub):
+        """(y's code, c) where the first operand of `sub` is y·c for a constant c, through float casts
+        and views, and nothing else this kernel computes per score reads y·c; else None. (The forward's
+        running max reads it; the backward, which loads the max, can fold c into the exp.)"""
+        chain, x = [sub], sub.args[0]
+        while isinstance(x, fx.Node) and x in self.internal and (
+                x.target in VIEW_OPS or (x.target in (aten._to_copy.default, torch.ops.prims.convert_element_type.default)
+                                         and x.args[0].meta["val"].dtype.is_floating_point)):
+            chain.append(x)
+            x = x.args[0]
+        scaled = constant_factor(x) if isinstance(x, fx.Node) and x in self.internal else None
+        if scaled is None:
+            return None
+        i, c = scaled
+        for n in [x] + chain[1:]:
+            users = set(n.users) if self.per_element is None else set(n.users) & self.per_element
+            if not users <= set(chain):
+                return None
+        return self.float_operand(x, i), c
+
     def varies_with_keys(self, acc: Access):
         """Is the access a different tile for every key tile (so it is loaded inside the loop)?"""
         if "n" in flat_axes(acc.axes):
@@ -308,6 +330,10 @@ class _Emitter(_Loads):
             # exp(x - max) as exp2(x·s2 - max·s2), s2 = log2(e): one fused multiply-add before the
             # hardware exp2 instead of a subtract and a multiply (see the max update for s2 = 1)
             sub, R = node.args[0], self.prog.stab_max[node.args[0]].name
+            scaled = self.scaled_only_here(sub)
+            if scaled:   # x = y·c (the softmax scale) read by nothing else: c joins s2 in the same multiply-add
+                y, c = scaled
+                return f"tl.exp2({y} * ({literal(c)} * s2_{R}) - mu2_{R})"
             return f"tl.exp2({self.float_operand(sub, 0)} * s2_{R} - mu2_{R})"
         if t in UNARY:
             return UNARY[t].format(f(0))
@@ -349,6 +375,30 @@ class _Emitter(_Loads):
         if t in WHERE:
             return f"tl.where({o(0)}, {f(1)}, {f(2)})"
         raise NotFusable(f"no Triton spelling for {t}")
+
+
+def constant_factor(node):
+    """(index of the tensor operand, c) where the node is that operand times a constant c (x * c, x / c,
+    -x), else None."""
+    t, args, val = node.target, node.args, node.meta.get("val")
+    if val is None or not val.dtype.is_floating_point:
+        return None
+    if t is aten.neg.default:
+        return 0, -1.0
+    if t not in (aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar) or len(args) != 2:
+        return None
+    tensor = [i for i, a in enumerate(args) if isinstance(a, fx.Node)]
+    if len(tensor) != 1 or node.kwargs.get("rounding_mode"):
+        return None
+    i = tensor[0]
+    c = args[1 - i]
+    if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c):
+        return None
+    if t in (aten.div.Tensor, aten.div.Scalar):
+        if i != 0 or c == 0 or not math.isfinite(1.0 / c):
+            return None
+        return 0, 1.0 / c
+    return i, float(c)
 
 
 def o_index(em, node, ix):
