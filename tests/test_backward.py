@@ -121,32 +121,49 @@ def test_a_gradient_asked_of_one_input_only(trained):
 def _scaled_by(spelling):
     def attn(q, k, v, bias=None):
         s = q @ k.transpose(-2, -1)
+        i = torch.arange(s.shape[-2])[:, None]
+        j = torch.arange(s.shape[-1])[None, :]
         s = {"times": lambda: s * 0.3, "divided": lambda: s / 3.0, "negated": lambda: -s * 0.25,
              "twice": lambda: (s * 2.0) * 0.125, "bias after": lambda: s * 0.3 + bias,
-             "bias before": lambda: (s + bias) * 0.3}[spelling]()
+             "bias before": lambda: (s + bias) * 0.3,
+             "causal": lambda: (s * 0.3).masked_fill(j > i, float("-inf")),
+             "where kept": lambda: torch.where(j <= i, s / 3.0, float("-inf")),
+             "causal negated": lambda: (-s * 0.25).masked_fill(j > i, float("-inf")),
+             "finfo.min fill": lambda: (s * 0.3).masked_fill(j > i, torch.finfo(s.dtype).min)}[spelling]()
         return torch.softmax(s, -1) @ v
     return attn
 
 
-@pytest.mark.parametrize("spelling", ["times", "divided", "negated", "twice", "bias after", "bias before"])
+@pytest.mark.parametrize("spelling", ["times", "divided", "negated", "twice", "bias after", "bias before", "causal",
+                                      "where kept", "causal negated", "finfo.min fill"])
 def test_a_constant_scale_is_applied_to_dq_and_dk_once(spelling):
     """The softmax scale (x·c, x/c, -x, one constant after another) is not multiplied into every score of
-    the backward: the exp's multiply-add takes it where the recomputed tile is read by nothing else, and
-    dQ and dK are multiplied by it once, after their sums. A bias added after the scale gets the unscaled
-    adjoint; one added before it meets the factor first, which is then applied there, per score."""
+    the backward: the exp's multiply-add takes it where the recomputed tile is read by nothing else (past a
+    mask filling -inf too, if c > 0: the mask is then applied to the unscaled scores), and dQ and dK are
+    multiplied by it once, after their sums. A bias added after the scale gets the unscaled adjoint; one
+    added before it meets the factor first, which is then applied there, per score. A finite fill (or a
+    negative scale behind a mask) keeps the multiply: the fill would be scaled too."""
     inputs = {n: torch.randn(2, 2, 40, 16, requires_grad=True) for n in ("q", "k", "v")}
     if spelling.startswith("bias"):
         inputs["bias"] = torch.randn(40, 40, requires_grad=True)
     attn = _scaled_by(spelling)
     source = flashlight.explain(attn, **inputs).regions[0].backward_source
     c = {"times": "0.3", "divided": "0.3333333333333333", "negated": "-0.25", "twice": "0.25",
-         "bias after": "0.3", "bias before": "0.3"}[spelling]
+         "bias after": "0.3", "bias before": "0.3", "causal": "0.3", "where kept": "0.3333333333333333",
+         "causal negated": "-0.25", "finfo.min fill": "0.3"}[spelling]
     if spelling != "bias before":
         assert f"(dq_bmm * {c}).to(" in source and f"(dk_bmm * {c}).to(" in source, source
     else:
         assert "(dq_bmm * " not in source and f"* {c}" in source, source
+    folded = re.findall(rf"tl\.exp2\((\w+) \* \({re.escape(c)} \* s2_\w+\)", source)
     if spelling in ("times", "divided"):
-        assert re.search(rf"tl\.exp2\(t_bmm \* \({re.escape(c)} \* s2_\w+\)", source), source
+        assert set(folded) == {"t_bmm"}, source
+    elif spelling in ("causal", "where kept"):   # the mask applied to the unscaled scores, in both kernels
+        assert set(folded) == {"t_where"} and re.search(r"t_where = tl\.where\(\w+, (t_bmm|float\(\"-inf\"\))",
+                                                        source), source
+        assert "t_where = t_bmm  # mask dropped" in source, source
+    elif spelling in ("causal negated", "finfo.min fill"):
+        assert not folded, source
     check_grads(attn, inputs)
 
 

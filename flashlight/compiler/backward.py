@@ -628,12 +628,15 @@ class _TileProgram:
             body.append(f"{vname(sm.node)} = {dot(a, b)}")
         self.element = [n for n in r.nodes
                         if n.target not in MATMULS and self.kinds[n] in ("early", "stabsub", "mixed")]
-        em.per_element = set(self.element)
+        em.per_element, em.folded_wheres = set(self.element), {}
+        for node in self.element:   # the softmax scale folded into the exp (codegen.scaled_only_here): the
+            if node in self.prog.stab_max:   # wheres it passes are emitted on the unscaled scores
+                em.scaled_only_here(node)
         self.full_lines = {}   # index in the body -> the line used instead on tiles the masks keep whole
         for node in self.element:   # all in the loop: loads the tile predicate made there may feed any
             body.append(f"{vname(node)} = {em.expr(node)}")
             if em.tiles and node in em.tiles.dropped:
-                kept = em.float_operand(node, em.tiles.dropped[node])
+                kept = em.where_operand(node, em.tiles.dropped[node])
                 self.full_lines[len(body) - 1] = f"{vname(node)} = {kept}  # mask dropped: the tile is kept whole"
 
     def give(self, consumer, i, code, src=None, factor=None):

@@ -260,26 +260,52 @@ class _Emitter(_Loads):
         return self.access(acc, self.ctx, where)
 
     per_element = None   # the nodes this kernel computes per score (None: every user counts)
+    folded_wheres: dict = {}   # where node -> (index of the scores operand, code of the scores before the scale)
 
     def scaled_only_here(self, sub):
-        """(y's code, c) where the first operand of `sub` is y·c for a constant c, through float casts
-        and views, and nothing else this kernel computes per score reads y·c; else None. (The forward's
-        running max reads it; the backward, which loads the max, can fold c into the exp.)"""
-        chain, x = [sub], sub.args[0]
-        while isinstance(x, fx.Node) and x in self.internal and (
-                x.target in VIEW_OPS or (x.target in (aten._to_copy.default, torch.ops.prims.convert_element_type.default)
-                                         and x.args[0].meta["val"].dtype.is_floating_point)):
-            chain.append(x)
-            x = x.args[0]
+        """(code, c) where the first operand of the softmax's `sub` is y·c for a constant c, through float
+        casts, views and at most one where that fills -inf (a mask; then c > 0), and nothing else this
+        kernel computes per score reads y·c or what follows it: exp(sub) is then exp2(code·(c·s2) - mu2).
+        code: y itself, or, past a where, the where's value computed on y (fold_where registers it; the
+        where and the casts after it then hold values divided by c, so the sub must feed only the exp).
+        The forward's running max reads the scores; the backward, which loads the max, can fold."""
+        chain, x, where = [sub], sub.args[0], None
+        while isinstance(x, fx.Node) and x in self.internal:
+            if x.target in VIEW_OPS or (x.target in (aten._to_copy.default, torch.ops.prims.convert_element_type.default)
+                                        and x.args[0].meta["val"].dtype.is_floating_point):
+                chain.append(x)
+                x = x.args[0]
+            elif where is None and x.target in WHERE and self.per_element is not None:
+                k = [i for i in (1, 2) if isinstance(x.args[i], fx.Node) and constant_value(x.args[i]) is None
+                     and _minus_inf(x.args[3 - i])]
+                if not k:
+                    return None
+                where = (x, k[0])
+                chain.append(x)
+                x = x.args[k[0]]
+            else:
+                break
         scaled = constant_factor(x) if isinstance(x, fx.Node) and x in self.internal else None
         if scaled is None:
             return None
         i, c = scaled
-        for n in [x] + chain[1:]:
-            users = set(n.users) if self.per_element is None else set(n.users) & self.per_element
-            if not users <= set(chain):
-                return None
-        return self.float_operand(x, i), c
+        if where is not None and (c <= 0 or not all(u.target is aten.exp.default for u in self.reads(sub))):
+            return None
+        if not all(set(self.reads(n)) <= set(chain) for n in [x] + chain[1:]):
+            return None
+        if where is None:
+            return self.float_operand(x, i), c
+        self.folded_wheres[where[0]] = (where[1], self.float_operand(x, i))
+        return self.float_operand(sub, 0), c
+
+    def reads(self, node):
+        """The users of a node that this kernel computes per score."""
+        return [u for u in node.users if self.per_element is None or u in self.per_element]
+
+    def where_operand(self, node, i):
+        """Operand i of a where, as emitted: the scores before their scale where the scale is folded."""
+        folded = self.folded_wheres.get(node)
+        return folded[1] if folded and folded[0] == i else self.float_operand(node, i)
 
     def varies_with_keys(self, acc: Access):
         """Is the access a different tile for every key tile (so it is loaded inside the loop)?"""
@@ -373,8 +399,13 @@ class _Emitter(_Loads):
                 return x
             raise NotFusable(f"pow with exponent {p}")
         if t in WHERE:
-            return f"tl.where({o(0)}, {f(1)}, {f(2)})"
+            return f"tl.where({o(0)}, {self.where_operand(node, 1)}, {self.where_operand(node, 2)})"
         raise NotFusable(f"no Triton spelling for {t}")
+
+
+def _minus_inf(a) -> bool:
+    value = constant_value(a) if isinstance(a, fx.Node) else a
+    return isinstance(value, float) and value == float("-inf")
 
 
 def constant_factor(node):
