@@ -194,3 +194,23 @@ def test_a_wrapped_not_implemented_error_marks_the_row_unsupported():
     except RuntimeError as e:
         assert _caused_by(e, NotImplementedError)
     assert not _caused_by(ValueError("a real error"), NotImplementedError)
+
+
+def test_an_error_the_dtype_alone_explains_is_not_called_wrong(monkeypatch):
+    """A row is `wrong` only where an error is above the tolerance and above twice what the variant's own
+    code, run eagerly in the same dtype, gets against the same reference (a gradient that is a sum of
+    terms that nearly cancel is far from float64 in bfloat16 whoever computes it). With the tolerance made
+    tiny, eager's own errors are admitted with a note; a backend 0.1% off is still wrong."""
+    from flashlight.harness import run as runner
+    from flashlight.harness import variant_registry as registry
+
+    monkeypatch.setattr(runner, "tolerance", lambda dtype, device: 1e-12)
+    c = _cfg("variant=diff_attn", "mode=fwdbwd")
+    plan = runner.resolve(c)
+    row = runner.run_case("eager", plan, c)
+    assert row["status"] == "ok" and "within 2x eager float32's" in row["reason"], row
+    module = registry.get("diff_attn").module
+    real = module.sdpa
+    monkeypatch.setattr(module, "sdpa", lambda inputs, prep: real(inputs, prep) * 1.001)
+    row = runner.run_case("sdpa", plan, c)
+    assert row["status"] == "wrong" and "> 2x eager float32's" in row["reason"], row
