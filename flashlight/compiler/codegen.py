@@ -260,7 +260,7 @@ class _Emitter(_Loads):
         return self.access(acc, self.ctx, where)
 
     per_element = None   # the nodes this kernel computes per score (None: every user counts)
-    folded_wheres: dict = {}   # where node -> (index of the scores operand, code of the scores before the scale)
+    folded_wheres = None   # the backward's: where node -> (index of the scores operand, their code before the scale)
 
     def scaled_only_here(self, sub):
         """(code, c) where the first operand of the softmax's `sub` is y·c for a constant c, through float
@@ -304,7 +304,7 @@ class _Emitter(_Loads):
 
     def where_operand(self, node, i):
         """Operand i of a where, as emitted: the scores before their scale where the scale is folded."""
-        folded = self.folded_wheres.get(node)
+        folded = (self.folded_wheres or {}).get(node)
         return folded[1] if folded and folded[0] == i else self.float_operand(node, i)
 
     def varies_with_keys(self, acc: Access):
