@@ -167,6 +167,24 @@ def test_a_constant_scale_is_applied_to_dq_and_dk_once(spelling):
     check_grads(attn, inputs)
 
 
+@pytest.mark.parametrize("D", [16, 128])
+@pytest.mark.parametrize("spelling", ["times", "causal", "causal negated"])
+def test_the_forward_takes_the_scale_out_of_its_running_max_at_small_head_dims(spelling, D):
+    """Head dims up to 64: the forward's running max is c·max of the unscaled scores and the exp takes c in
+    its multiply-add, the mask (-inf, c > 0) applied to the unscaled scores; at 128 it was measured slower
+    and the forward keeps the multiply. Exact either way."""
+    inputs = {n: torch.randn(1, 2, 40, D) for n in ("q", "k", "v")}
+    attn = _scaled_by(spelling)
+    source = flashlight.explain(attn, **inputs).regions[0].kernel_source
+    c = "-0.25" if spelling == "causal negated" else "0.3"
+    folded = D <= 64 and spelling != "causal negated"
+    assert (f", 1, keep_dims=True) * {c})" in source) == folded, source
+    assert bool(re.search(rf"tl\.exp2\(t_\w+ \* \({re.escape(c)} \* s2_", source)) == folded, source
+    out = flashlight.compile(attn)(**inputs)
+    ref = attn(**{k: v.double() for k, v in inputs.items()})
+    assert rel_err(out, ref) < TOL
+
+
 def test_a_softmax_stabilised_by_hand_fuses_and_trains():
     """`sim - sim.amax(-1, keepdim=True).detach()` before the softmax, with a -finfo.max mask and einsum, as
     research repositories write attention: the shift is read as none (the softmax subtracts its own max)."""

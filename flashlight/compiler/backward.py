@@ -628,10 +628,8 @@ class _TileProgram:
             body.append(f"{vname(sm.node)} = {dot(a, b)}")
         self.element = [n for n in r.nodes
                         if n.target not in MATMULS and self.kinds[n] in ("early", "stabsub", "mixed")]
-        em.per_element, em.folded_wheres = set(self.element), {}
-        for node in self.element:   # the softmax scale folded into the exp (codegen.scaled_only_here): the
-            if node in self.prog.stab_max:   # wheres it passes are emitted on the unscaled scores
-                em.scaled_only_here(node)
+        em.per_element = set(self.element)
+        em.plan_scale_folds(fold_max=False)   # the max is loaded here: only the exp takes the scale
         self.full_lines = {}   # index in the body -> the line used instead on tiles the masks keep whole
         for node in self.element:   # all in the loop: loads the tile predicate made there may feed any
             body.append(f"{vname(node)} = {em.expr(node)}")
