@@ -33,8 +33,8 @@ import torch
 import torch.fx as fx
 
 from flashlight.compiler.analysis import GATHERS, MATMULS, WHERE, NotFusable, Region, flat_axes, literal
-from flashlight.compiler.codegen import (LOG2E, LoadSlot, _batch_decomposition, _batch_row, _classifier, _contig,
-                                         constant_factor,
+from flashlight.compiler.codegen import (CASTS, LOG2E, LoadSlot, _batch_decomposition, _batch_row, _classifier,
+                                         _contig, constant_factor,
                                          _Emitter, _forward_copies, _prune, access_layout, dot, source_header,
                                          tile_loops, tile_range_lines)
 from flashlight.compiler.indexing import VIEW_OPS, freeze_chain
@@ -43,9 +43,7 @@ from flashlight.compiler.rewrite import OnlineProgram, build, lname, vname
 from flashlight.compiler.sparsity import emit_tile_skip
 
 aten = torch.ops.aten
-prims = torch.ops.prims
 
-CASTS = {aten._to_copy.default, prims.convert_element_type.default}
 # gradient sums need no ordering between programs, only atomicity (triton's default, acq_rel, fences each add)
 RELAXED = ', sem="relaxed"'
 

@@ -29,6 +29,7 @@ aten = torch.ops.aten
 MAX_BLOCK = 128
 
 
+CASTS = {aten._to_copy.default, torch.ops.prims.convert_element_type.default}
 LOG2E = 1.4426950408889634  # exp(x) = exp2(x * LOG2E)
 
 
@@ -286,8 +287,9 @@ class _Emitter(_Loads):
         divided by c, c > 0, so the sub must feed only exps)."""
         chain, x, where = [sub], sub.args[0], None
         while isinstance(x, fx.Node) and x in self.internal:
-            if x.target in VIEW_OPS or (x.target in (aten._to_copy.default, torch.ops.prims.convert_element_type.default)
-                                        and x.args[0].meta["val"].dtype.is_floating_point):
+            if x.target in VIEW_OPS or (x.target in CASTS and x.args[0].meta["val"].dtype.is_floating_point
+                                        and x.meta["val"].dtype in (torch.float32, torch.float64)):
+                # (a cast that rounds, to 16 bits, would round the scaled scores: not folded past)
                 chain.append(x)
                 x = x.args[0]
             elif where is None and x.target in WHERE:
@@ -342,7 +344,7 @@ class _Emitter(_Loads):
         t = node.target
         f = lambda i: self.float_operand(node, i)  # noqa: E731
         o = lambda i: self.operand(node, i)  # noqa: E731
-        if t in (aten._to_copy.default, torch.ops.prims.convert_element_type.default):
+        if t in CASTS:
             src_dt, dt = node.args[0].meta["val"].dtype, node.meta["val"].dtype
             return o(0) if dt == src_dt else f"({o(0)}).to({_tl_dtype(dt)})"  # e.g. .long() truncates
         if t in VIEW_OPS:

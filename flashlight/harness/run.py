@@ -150,21 +150,23 @@ def dtype_floor(v, shape, inputs, refs, grad_out) -> list | None:
     """The errors of the variant's own code run eagerly in the inputs' dtype, against the same reference
     (output, then each gradient): what the dtype alone costs any implementation. A gradient summed over
     many terms that nearly cancel (differential attention's λ in bfloat16) is far from its float64 value
-    whoever computes it. None where eager cannot run (out of memory at a huge shape)."""
+    whoever computes it. None where eager cannot run (out of memory at a huge shape): the row is then
+    judged by the tolerance alone."""
     try:
         x = {k: (t.detach().requires_grad_(t.requires_grad) if t.is_floating_point() else t) for k, t in inputs.items()}
-        out = v.bind(shape)(**x)
-        outs = [out]
-        if grad_out is not None:
-            outs += list(torch.autograd.grad(out, [x[n] for n in v.learnable], grad_out))
+        with torch.set_grad_enabled(grad_out is not None):
+            out = v.bind(shape)(**x)
+            outs = [out]
+            if grad_out is not None:
+                outs += list(torch.autograd.grad(out, [x[n] for n in v.learnable], grad_out))
         return [rel_err(o, r) for o, r in zip(outs, refs)]
-    except torch.OutOfMemoryError:
+    except Exception:   # noqa: BLE001 (a floor that cannot be had leaves the verdict to the tolerance)
         return None
 
 
-def judge(errs, names, floor, dtype, device) -> str:
-    """'wrong: why' where an error is above the tolerance and above twice eager's in the same dtype (the
-    floor), else a note of the errors the floor admitted."""
+def judge(errs, names, floor, dtype, device) -> tuple[bool, str]:
+    """(wrong, why): wrong where an error is above the tolerance and above twice eager's in the same dtype
+    (the floor); why names those errors, or else the ones the floor admitted."""
     tol = tolerance(dtype, device)
     admitted, bad = [], []
     for i, (name, e) in enumerate(zip(names, errs)):
@@ -175,7 +177,7 @@ def judge(errs, names, floor, dtype, device) -> str:
         else:
             bad.append(f"{name} rel err {e:.3g} > tol {tol:g}" +
                        (f" and > 2x eager {str(dtype)[6:]}'s {floor[i]:.3g}" if floor is not None else ""))
-    return f"wrong: {'; '.join(bad)}" if bad else "; ".join(admitted)
+    return (True, "; ".join(bad)) if bad else (False, "; ".join(admitted))
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -404,11 +406,11 @@ def run_case(backend: str, plan: Plan, cfg, out_dir: Path | None = None) -> dict
             row["status"], row["reason"] = "error", "explain reported a fused region but no fused kernel launched"
         elif not (err <= tolerance(plan.dtype, dev)):
             floor = dtype_floor(v, shape, inputs, refs, grad_out if bwd else None)
-            verdict = judge(errs, ["out", *v.learnable] if bwd else ["out"], floor, plan.dtype, dev)
-            if verdict.startswith("wrong: "):
-                row["status"], row["reason"] = "wrong", verdict[len("wrong: "):]
+            wrong, why = judge(errs, ["out", *v.learnable] if bwd else ["out"], floor, plan.dtype, dev)
+            if wrong:
+                row["status"], row["reason"] = "wrong", why
             else:
-                row["reason"] = "; ".join(filter(None, [info.get("note"), verdict]))
+                row["reason"] = "; ".join(filter(None, [info.get("note"), why]))
         elif info.get("note"):
             row["reason"] = info["note"]
     except Unsupported as e:
