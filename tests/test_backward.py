@@ -72,14 +72,16 @@ def test_a_table_gathered_by_an_index_tensor(index):
     """A learned bias table read at an index tensor (Swin's and BEiT's relative position index, a
     registered buffer; a per-token bias table; a table of one entry): the dK/dV kernel, whose tiles are
     [keys, queries], reads the index in that orientation too (it read it as [queries, keys]: dK and dV
-    were wrong), and a one-entry table is read and summed into at one address."""
+    were wrong), and a one-entry table is read and summed into at one address. The one entry scales the
+    key position (a learned slope): added alone it would shift every row's scores equally, which the
+    softmax cancels, and a gradient that is 0 exactly has no relative error to compare."""
     B, H, M, N, D = 2, 3, 24, 40, 16
     ix = {"relative_positions": torch.randint(0, 49, (M, N)), "tokens": torch.randint(0, 49, (B, 1, 1, N)),
           "one_entry": torch.zeros(M, N, dtype=torch.long)}[index]
 
     def f(q, k, v, table):
         bias = table[ix.view(-1)].view(M, N, H).permute(2, 0, 1)[None] if index == "relative_positions" else \
-            table[ix] if index == "one_entry" else table[ix][..., 0]
+            table[ix] * torch.arange(N) / N if index == "one_entry" else table[ix][..., 0]
         return torch.softmax(q @ k.mT * D ** -0.5 + bias, -1) @ v
     inputs = {"q": torch.randn(B, H, M, D, requires_grad=True), "k": torch.randn(B, H, N, D, requires_grad=True),
               "v": torch.randn(B, H, N, D, requires_grad=True),
