@@ -4,6 +4,7 @@ Every input that requires grad (q, k, v and the score-side tensors: slopes, λ, 
 gets its gradient from the fused backward and is compared with autograd through the float64 program.
 """
 import copy
+import math
 import re
 
 import pytest
@@ -157,7 +158,10 @@ def test_a_constant_scale_is_applied_to_dq_and_dk_once(spelling):
         assert f"(dq_bmm * {c}).to(" in source and f"(dk_bmm * {c}).to(" in source, source
     else:
         assert "(dq_bmm * " not in source and f"* {c}" in source, source
-    folded = re.findall(rf"tl\.exp2\((\w+) \* \({re.escape(c)} \* s2_\w+\)", source)
+    # the scale joins the exp's multiply-add: with log2(e) as one constant where the tiles compute the
+    # probabilities from the row's log-sum-exp, or beside the row's own s2 where they keep exp(x - max)
+    both = rf"{re.escape(repr(float(c) * math.log2(math.e)))} - lse2_|\({re.escape(c)} \* s2_\w+\)"
+    folded = re.findall(rf"tl\.exp2\((\w+) \* (?:{both})", source)
     if spelling in ("times", "divided"):
         assert set(folded) == {"t_bmm"}, source
     elif spelling in ("causal", "where kept"):   # the mask applied to the unscaled scores, in both kernels
@@ -166,6 +170,61 @@ def test_a_constant_scale_is_applied_to_dq_and_dk_once(spelling):
         assert "t_where = t_bmm  # mask dropped" in source, source
     elif spelling in ("causal negated", "finfo.min fill"):
         assert not folded, source
+    check_grads(attn, inputs)
+
+
+def _lse_case(case):
+    def attn(q, k, v, extra=None):
+        s = q @ k.mT * 0.25
+        i, j = torch.arange(s.shape[-2])[:, None], torch.arange(s.shape[-1])[None, :]
+        if case == "softmax":
+            return torch.softmax(s, -1) @ v
+        if case == "causal":
+            return torch.softmax(s.masked_fill(j > i, float("-inf")), -1) @ v
+        if case == "sink":   # the row's divisor is its sum plus the sink's exp
+            logits = torch.cat([s.masked_fill(j > i, float("-inf")), extra.view(1, -1, 1, 1).expand(
+                *s.shape[:-1], 1)], -1)
+            return torch.softmax(logits, -1)[..., :s.shape[-1]] @ v
+        if case == "two softmaxes":
+            half = s.shape[-1] // 2
+            return (torch.softmax(s, -1) - extra * torch.softmax(s * 0.5, -1)) @ v
+        if case == "finfo.min fill":   # rows 0..2 see no key: eager averages them over every key
+            return torch.softmax(s.masked_fill((j > i) | (i < 3), torch.finfo(s.dtype).min), -1) @ v
+        if case == "-1e4 fill":
+            return torch.softmax(s.masked_fill((j > i) | (i < 3), -1e4), -1) @ v
+        if case == "added mask":
+            return torch.softmax(s + extra, -1) @ v
+        if case == "learned bias":
+            return torch.softmax(s + extra, -1) @ v
+        raise KeyError(case)
+    return attn
+
+
+@pytest.mark.parametrize("case, lse", [("softmax", True), ("causal", True), ("sink", True), ("two softmaxes", True),
+                                       ("finfo.min fill", False), ("-1e4 fill", False), ("added mask", False),
+                                       ("learned bias", False)])
+def test_probabilities_come_from_the_row_log_sum_exp_where_no_row_max_can_be_large(case, lse):
+    """The tiles compute p = exp2(x·c·log2(e) - lse2) from one value per row, lse2 = max·log2(e) + log2(sum)
+    (the sum may include a sink's exp), and the exp's adjoint comes out times the row's sum, (dP + g·sum)·p,
+    as FlashAttention computes it. Where a row's max may be large (a finite fill such as finfo.min, which
+    leaves rows masked everywhere averaged over every key; any tensor added to the scores, which may hold
+    one), lse2 would round the sum away, and the tiles keep exp(x - max) / sum. Gradients against float64
+    either way."""
+    B, H, S, D = 2, 2, 40, 16
+    inputs = {n: torch.randn(B, H, S, D, requires_grad=True) for n in "qkv"}
+    if case in ("sink", "two softmaxes"):
+        inputs["extra"] = (torch.rand(H) if case == "sink" else torch.rand(())).requires_grad_()
+    if case == "added mask":
+        keep = torch.rand(B, 1, S, S) < 0.7
+        keep[:, :, 5] = False
+        inputs["extra"] = torch.zeros(B, 1, S, S).masked_fill(~keep, torch.finfo(torch.float32).min)
+    if case == "learned bias":
+        inputs["extra"] = torch.randn(H, S, S, requires_grad=True)
+    attn = _lse_case(case)
+    source = flashlight.explain(attn, **inputs).regions[0].backward_source
+    assert ("lse2_" in source) == lse and ("exp2(" in source), source
+    if lse:   # one row value per softmax besides the row gradient, and no exp(x - max) or division per score
+        assert "* (1.0 / r_" not in source and "mu2_" not in source, source
     check_grads(attn, inputs)
 
 

@@ -22,6 +22,7 @@ from flashlight.compiler.indexing import VIEW_OPS
 
 aten = torch.ops.aten
 prims = torch.ops.prims
+LOG2E = 1.4426950408889634  # exp(x) = exp2(x * LOG2E)
 
 
 class NotFusable(Exception):

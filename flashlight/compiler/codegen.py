@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from flashlight.compiler.analysis import (GATHERS, MATMULS, WHERE, Access, NotFusable, Region, constant_value, literal,
-                                 flat_axes, shape_of)
+from flashlight.compiler.analysis import (GATHERS, LOG2E, MATMULS, WHERE, Access, NotFusable, Region, constant_value,
+                                         literal, flat_axes, shape_of)
 from flashlight.compiler.indexing import VIEW_OPS, GroupedView, apply_view, freeze_chain, split_over_axes
 from flashlight.compiler.late import output_is_pv, row_scaled_accumulator
 from flashlight.compiler.rewrite import OnlineProgram, build, lname, vname
@@ -30,7 +30,6 @@ MAX_BLOCK = 128
 
 
 CASTS = {aten._to_copy.default, torch.ops.prims.convert_element_type.default}
-LOG2E = 1.4426950408889634  # exp(x) = exp2(x * LOG2E)
 
 
 def _tl_dtype(dt):

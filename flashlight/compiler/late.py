@@ -18,6 +18,8 @@ import re
 
 import torch
 
+from flashlight.compiler.analysis import LOG2E
+
 
 class _Addr:
     """A pointer plus offsets, as `in0_ptr + offs` builds it in a kernel."""
@@ -255,6 +257,13 @@ def row_backward(program: dict, inputs, needs, params, saved, grad_out, row_name
             val = dpv_scale.expand(R, dpv_scale.shape[-1])[:, 0]
         elif name.startswith("mu_"):
             val = ns[program["mu_of"][name[3:]]]
+        elif name.startswith("gr_"):     # gr_<sum>__<x>: the sum's gradient times the row value x
+            s, x = name[3:].split("__")
+            g = sum_grads[f"g_{s}"]
+            val = ns[f"r_{x}"] * (g if g is not None else 0.0)
+        elif name.startswith("lse2_"):   # lse2_<x>__<max>: log2 of exp(max)·x, x a row sum of exps
+            x, m = name[5:].split("__")
+            val = ns[program["mu_of"][m]] * LOG2E + torch.log2(ns[f"r_{x}"])
         else:
             val = ns[name]
         # as they are where they already have that layout (a value the forward stored): the kernels read
