@@ -225,6 +225,9 @@ def test_probabilities_come_from_the_row_log_sum_exp_where_no_row_max_can_be_lar
     assert ("lse2_" in source) == lse and ("exp2(" in source), source
     if lse:   # one row value per softmax besides the row gradient, and no exp(x - max) or division per score
         assert "* (1.0 / r_" not in source and "mu2_" not in source, source
+        assert all(n.startswith(("gr_", "lse2_")) for n in re.findall(r"(\w+) = tl\.load\(row\d+_ptr", source))
+    # every row value passed is read (one that is not would only keep its tensor alive through the kernels)
+    assert set(re.findall(r"\brow\d+_ptr\b", source)) == set(re.findall(r"tl\.load\((row\d+_ptr)", source)), source
     check_grads(attn, inputs)
 
 
@@ -752,7 +755,9 @@ def test_row_step_traced_into_the_backward_graph(monkeypatch, name, inductor):
 def test_stored_row_values_reach_the_backward_kernels_in_place(monkeypatch, inductor):
     """Row values the forward stored (a row's max, its sum) are passed to the backward kernels as they are,
     each through a pointer of its own: the traced row step makes no table of copies of them (on a GPU
-    that copy was two more kernel launches on every training step's host path)."""
+    that copy was two more kernel launches on every training step's host path). The kernels read them where
+    they keep exp(x - max) / sum: here, a mask filled with finfo.min (elsewhere they read the row's
+    log-sum-exp, which the row step computes)."""
     from flashlight.compiler import runtime
 
     monkeypatch.setattr(runtime, "INLINE_ROW_STEP", {"cpu", "cuda"})
@@ -770,7 +775,11 @@ def test_stored_row_values_reach_the_backward_kernels_in_place(monkeypatch, indu
     monkeypatch.setattr(runtime.CompiledRegion, "__call__", recording_forward)
     monkeypatch.setattr(runtime.CompiledRegion, "_generated_backward", recording_backward)
     torch._dynamo.reset()
-    check_grads(sm_causal, {n: torch.randn(2, 3, 40, 16, requires_grad=True) for n in "qkv"}, inductor=inductor)
+    def finfo_causal(q, k, v):
+        s = q @ k.mT * q.shape[-1] ** -0.5
+        i, j = torch.arange(q.shape[-2])[:, None], torch.arange(k.shape[-2])[None, :]
+        return torch.softmax(s.masked_fill(j > i, torch.finfo(s.dtype).min), -1) @ v
+    check_grads(finfo_causal, {n: torch.randn(2, 3, 40, 16, requires_grad=True) for n in "qkv"}, inductor=inductor)
     assert len(passed) >= 2 and set(stored) & set(passed), (stored, passed)
 
 

@@ -890,15 +890,22 @@ class _TileProgram:
     def kernel(self) -> _Kernel:
         em = self.em
         text = "\n".join(em.pre + em.guard + self.body + self.post)
+        full_loop = [self.full_lines.get(i, self._full_tile(ln)) for i, ln in enumerate(self.body)]
+        # the row values the kernel reads once its dead lines are gone (each one loaded keeps its tensor
+        # alive through the kernels: the forward's row max, read by an unused x - max, cost 2 MB a step)
+        live = set(self.carried) | {"_atomic"}
+        used = set().union(*(_names("\n".join(ln.split("  #")[0] for ln in _prune(em.guard_pre + em.pre + em.guard +
+                                                                                 body + self.post, live)))
+                             for body in (self.body, full_loop)))
         params = set(em.params) | set(em.grad_params)
-        rows = self.rows | {n for n in _names(text) if n.startswith(("r_", "mu_", "g_", "gr_", "lse2_"))
-                            and n not in params}
-        rows |= {"mu_" + n.split("_", 1)[1] for n in _names(text) if n.startswith(("mu2_", "s2_"))}
+        rows = {n for n in self.rows if n.startswith("dpv") or n in used}
+        rows |= {n for n in used if n.startswith(("r_", "mu_", "g_", "gr_", "lse2_")) and n not in params}
+        rows |= {"mu_" + n.split("_", 1)[1] for n in used if n.startswith(("mu2_", "s2_"))}
         rows = {n for n in rows if not n.startswith("s2_") and not n.startswith("mu2_")}
         kern = _Kernel(em, em.guard_pre + em.pre, self.body, self.post, rows, text)
         kern.reads_dout = self.reads_dout
         kern.init, kern.carried, kern.guard = self.init, self.carried + ["_atomic"], em.guard
-        kern.full_loop = [self.full_lines.get(i, self._full_tile(ln)) for i, ln in enumerate(self.body)]
+        kern.full_loop = full_loop
         return kern
 
     def _full_tile(self, line):
