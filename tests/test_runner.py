@@ -8,7 +8,7 @@ import pytest
 
 FAST = ["shape=tiny", "timing.warmup=1", "timing.repeat=2"]
 COLUMNS = {"variant", "backend", "mode", "dtype", "device", "B", "H", "Sq", "Sk", "D", "Dv", "ms", "tflops",
-           "rel_err", "status", "reason", "peak_mem_mb", "compile_s", "torch", "triton", "gpu"}
+           "rel_err", "status", "reason", "peak_mem_mb", "compile_s", "torch", "triton", "gpu", "step_mem_mb"}
 
 
 def run(tmp_path, *overrides, check=True):
@@ -180,6 +180,26 @@ def test_sdpa_timed_call_materialises_no_mask(monkeypatch):
         row = runner.run_case("sdpa", runner.resolve(c), c)
         assert row["status"] == "ok", (v.name, row)
         assert seen["run"] == 0 and seen["prep"] >= 1 and row["prep_ms"] > 0, (v.name, seen)
+
+
+def test_a_calls_memory_counts_each_tensor_it_is_given_once():
+    """step_mem_mb adds to what a call allocates the tensors it is given: the inputs and a baseline's
+    prepared mask (FlexAttention's BlockMask gives its tensors through as_tuple()), each storage once,
+    however many views of it are given."""
+    import torch
+    from flashlight.harness.run import tensor_bytes
+
+    class Prepared:   # a BlockMask-like object
+        def __init__(self, *tensors):
+            self.tensors = tensors
+
+        def as_tuple(self):
+            return self.tensors
+
+    q, mask, ids = torch.zeros(4, 8), torch.zeros(16, dtype=torch.bool), torch.zeros(3, dtype=torch.int64)
+    given = ({"q": q, "k": q.t(), "v": q[1:], "ids": ids}, (Prepared(mask, ids), None))
+    assert tensor_bytes(given) == 4 * 8 * 4 + 16 + 3 * 8
+    assert tensor_bytes(({"q": q}, None)) == 128 and tensor_bytes(None) == 0
 
 
 def test_a_wrapped_not_implemented_error_marks_the_row_unsupported():

@@ -195,6 +195,38 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
+def step_memory_mb(step, given, device) -> float:
+    """What one call needs at its peak: the most it allocates above what was allocated before it, plus the
+    tensors it is given (`given`: the inputs, a baseline's prepared mask). Measured on a call of its own:
+    unlike peak_mem_mb (the most the process held during the timed calls), nothing else the process holds
+    counts (the references, what earlier cases left, the benchmark's cache-flush buffer)."""
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    out = step()
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - before
+    del out
+    return round((peak + tensor_bytes(given)) / 2**20, 1)
+
+
+def tensor_bytes(obj) -> int:
+    """Bytes of the distinct storages of the tensors in obj: nested dicts, lists and tuples, and objects
+    that give their tensors as a tuple (FlexAttention's BlockMask, as_tuple())."""
+    storages, stack = {}, [obj]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, torch.Tensor):
+            storages[(x.device, x.untyped_storage().data_ptr())] = x.untyped_storage().nbytes()
+        elif isinstance(x, dict):
+            stack += list(x.values())
+        elif isinstance(x, (list, tuple)):
+            stack += list(x)
+        elif callable(getattr(x, "as_tuple", None)):
+            stack += list(x.as_tuple())
+    return sum(storages.values())
+
+
 def _bench(step, plan: Plan, cfg, what: str = "run") -> float:
     """Median ms of step(). ``what`` names what is timed (run: the call, the ``ms`` column; prep: a
     backend's one-off preparation, ``prep_ms``; per_batch: preparation + call with the mask inputs new
@@ -323,7 +355,7 @@ def _caused_by(e: BaseException, kind: type) -> bool:
 def run_case(backend: str, plan: Plan, cfg, out_dir: Path | None = None) -> dict:
     v, shape, mode, dev = plan.variant, plan.shape, plan.mode, plan.device
     row = {"status": "ok", "reason": None, "ms": None, "tflops": None, "rel_err": None,
-           "peak_mem_mb": None, "compile_s": None, "prep_ms": None, "per_batch_ms": None}
+           "peak_mem_mb": None, "step_mem_mb": None, "compile_s": None, "prep_ms": None, "per_batch_ms": None}
     bwd = mode == "fwdbwd"
     info: dict = {}
     try:
@@ -388,6 +420,10 @@ def run_case(backend: str, plan: Plan, cfg, out_dir: Path | None = None) -> dict
             ms = _bench(step, plan, cfg)
         if dev.type == "cuda":
             row["peak_mem_mb"] = round(torch.cuda.max_memory_allocated(dev) / 2**20, 1)
+            try:   # a measure of its own: what fails here leaves it empty, not the measured row an error
+                row["step_mem_mb"] = step_memory_mb(step, (inputs, prep), dev)
+            except Exception as e:
+                warnings.warn(f"step_mem_mb not measured: {type(e).__name__}: {e}")
         row["ms"] = ms
         if prepare is not None:
             row["prep_ms"] = _bench(lambda: prepare(inputs), plan, cfg, what="prep")
