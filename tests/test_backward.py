@@ -186,15 +186,12 @@ def _lse_case(case):
                 *s.shape[:-1], 1)], -1)
             return torch.softmax(logits, -1)[..., :s.shape[-1]] @ v
         if case == "two softmaxes":
-            half = s.shape[-1] // 2
             return (torch.softmax(s, -1) - extra * torch.softmax(s * 0.5, -1)) @ v
         if case == "finfo.min fill":   # rows 0..2 see no key: eager averages them over every key
             return torch.softmax(s.masked_fill((j > i) | (i < 3), torch.finfo(s.dtype).min), -1) @ v
         if case == "-1e4 fill":
             return torch.softmax(s.masked_fill((j > i) | (i < 3), -1e4), -1) @ v
-        if case == "added mask":
-            return torch.softmax(s + extra, -1) @ v
-        if case == "learned bias":
+        if case in ("added mask", "learned bias"):
             return torch.softmax(s + extra, -1) @ v
         raise KeyError(case)
     return attn
