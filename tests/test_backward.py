@@ -228,6 +228,31 @@ def test_probabilities_come_from_the_row_log_sum_exp_where_no_row_max_can_be_lar
     check_grads(attn, inputs)
 
 
+@pytest.mark.parametrize("param", ["scalar", "per head", "per query", "per key"])
+def test_a_parameter_the_keys_do_not_index_is_summed_per_query_and_added_once(param):
+    """A score-side input that is the same on every key (differential attention's λ, a per-head temperature,
+    a per-query offset) gets its gradient summed over each key tile per query, in registers, and added to its
+    buffer once after the key loop; one that the keys index (a per-key bias) is added per key tile. The
+    gradients against float64 either way, with sizes that leave partial tiles."""
+    B, H, M, N, D = 2, 3, 40, 56, 16
+    shape = {"scalar": (), "per head": (H, 1, 1), "per query": (M, 1), "per key": (N,)}[param]
+
+    def f(q, k, v, w):
+        s = q @ k.mT * D ** -0.5
+        i, j = torch.arange(M)[:, None], torch.arange(N)[None, :]
+        s = s.masked_fill(j > i + 20, float("-inf"))
+        return (torch.softmax(s, -1) - w * torch.softmax(s * 0.5, -1)) @ v \
+            if param == "scalar" else torch.softmax(s * w if param == "per head" else s + w, -1) @ v
+    inputs = {"q": torch.randn(B, H, M, D, requires_grad=True), "k": torch.randn(B, H, N, D, requires_grad=True),
+              "v": torch.randn(B, H, N, D, requires_grad=True), "w": (torch.rand(shape) + 0.5).requires_grad_()}
+    source = flashlight.explain(f, **inputs).regions[0].backward_source
+    dq = source[source.index("def flashlight_bwd_dq"):source.index("def flashlight_bwd_dkv")]
+    in_loop = [ln for ln in dq.splitlines() if "atomic_add" in ln and ln.startswith(" " * 8)]   # in a key loop
+    after = [ln for ln in dq.splitlines() if "atomic_add" in ln and not ln.startswith(" " * 5)]
+    assert (bool(in_loop), len(after)) == ((True, 0) if param == "per key" else (False, 1)), dq
+    check_grads(f, inputs)
+
+
 @pytest.mark.parametrize("D", [16, 128])
 @pytest.mark.parametrize("spelling", ["times", "causal", "causal negated"])
 def test_the_forward_takes_the_scale_out_of_its_running_max_at_small_head_dims(spelling, D):

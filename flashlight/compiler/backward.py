@@ -880,10 +880,23 @@ class _TileProgram:
                 _table_gradient(em, acc, [c for c, _, _ in codes], body, self.init, self.post, self.carried, valid)
                 continue
             axes = set(flat_axes(acc.axes)) | {a for _, _, ix in acc.gather for a in ix}
+            ptr, mask = em.grad_address(acc, em.ctx)
+            per_score = all({"m", "n"} <= (set(src) & {"m", "n"}) | self.single for _, src, _ in codes)
+            if "n" not in axes and not acc.gather and per_score:
+                # the same address on every key tile (λ, a per-head or per-query parameter): summed over the
+                # keys in registers, per query, and added once after the loop, instead of a sum over the
+                # whole tile and an atomic add to one address on every key tile
+                name = f"dsum{len(self.carried)}"
+                self.init.append(f"{name} = tl.zeros([BLOCK_M, 1], tl.float32)  # d{acc.source.name}, per query")
+                body.append(f"{name} = {name} + {self.total(codes, axes | {'m'}, leaf=True)}  # d{acc.source.name}")
+                self.carried.append(name)
+                total = name if "m" in axes else f"tl.sum(tl.sum({name}, 1), 0)"
+                self.post.append(f"tl.atomic_add({ptr}, {total}" + (f", mask={mask}" if mask else "") + RELAXED +
+                                 f")  # d{acc.source.name}")
+                continue
             code = self.total(codes, axes, leaf=True)
             if valid and "m" in axes and "n" in axes:
                 code = f"tl.where(valid, {code}, 0.0)"
-            ptr, mask = em.grad_address(acc, em.ctx)
             body.append(f"_atomic = tl.atomic_add({ptr}, {code}" + (f", mask={mask}" if mask else "") + RELAXED + ")" +
                         f"  # d{acc.source.name}")
 
