@@ -769,7 +769,8 @@ class _TileProgram:
         for node in r.nodes:
             if node.target is aten.sum.dim_IntList:
                 # a normalised exp takes its adjoint times its row's divisor x: the sum's gradient times x
-                name = f"gr_{node.name}__{divisor[node].name}" if node in divisor else f"g_{node.name}"
+                x = divisor.get(node)
+                name = f"g_{node.name}" if x is None else f"gr_{node.name}" if x is node else f"gr_{node.name}__{x.name}"
                 self.rows.add(name)
                 self.give(node, 0, name)
         if self.mask_any:

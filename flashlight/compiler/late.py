@@ -257,8 +257,9 @@ def row_backward(program: dict, inputs, needs, params, saved, grad_out, row_name
             val = dpv_scale.expand(R, dpv_scale.shape[-1])[:, 0]
         elif name.startswith("mu_"):
             val = ns[program["mu_of"][name[3:]]]
-        elif name.startswith("gr_"):     # gr_<sum>__<x>: the sum's gradient times the row value x
-            s, x = name[3:].split("__")
+        elif name.startswith("gr_"):     # gr_<sum>[__<x>]: the sum's gradient times the row value x (the sum)
+            s, _, x = name[3:].partition("__")
+            x = x or s
             g = sum_grads[f"g_{s}"]
             val = ns[f"r_{x}"] * (g if g is not None else 0.0)
         elif name.startswith("lse2_"):   # lse2_<x>__<max>: log2 of exp(max)·x, x a row sum of exps
