@@ -558,7 +558,7 @@ def _table_gradient(em, acc, codes, body, init, post, carried, valid):
 
 
 # a finite constant beyond this in the scores may be a mask fill (finfo.min, -1e9, -1e4): a row it fills everywhere
-# has a max so large that its log-sum-exp, rounded to float32, loses the row sum (see _TileProgram.normalised)
+# has a max so large that its log-sum-exp, rounded to float32, loses the row sum (see _TileProgram.find_normalised)
 LARGE_CONSTANT = 1024.0
 
 
