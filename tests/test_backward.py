@@ -593,6 +593,44 @@ def test_finite_fill_masks_skip_tiles_in_training_with_exact_gradients():
     assert errors["q"] < TOL
 
 
+@pytest.mark.parametrize("spelling", ["torch.tensor", "torch.tensor(...).to(device)", "one-element -1e9",
+                                      "torch.full_like"])
+def test_a_fill_written_as_a_tensor_skips_tiles(spelling):
+    """A mask value made a tensor inside the function, as GPT-J, CodeGen and GPT-Neo write it
+    (`torch.tensor(torch.finfo(dtype).min, dtype=dtype).to(device)`), or as `torch.full_like(s, value)`, is a
+    number to the compiler: the masked tiles are skipped in the forward and both backward kernels, as for a
+    float fill, and the row masked everywhere stays eager's average over every key. Before, the literal was
+    read as a tensor and every tile was computed, and full_like's read of the scores kept the region from
+    fusing. Gradients against float64 autograd."""
+    from flashlight.compiler import runtime
+
+    def f(q, k, v, pad):
+        i = torch.arange(q.shape[-2])[:, None]
+        j = torch.arange(k.shape[-2])[None, :]
+        keep = (j <= i) & pad[:, None, None, :]
+        s = q @ k.mT * 0.25
+        if spelling == "torch.tensor":
+            fill = torch.tensor(torch.finfo(s.dtype).min, dtype=s.dtype, device=s.device)
+        elif spelling == "torch.tensor(...).to(device)":
+            fill = torch.tensor(torch.finfo(s.dtype).min, dtype=s.dtype).to(s.device)
+        elif spelling == "one-element -1e9":
+            fill = torch.tensor([-1e9], dtype=s.dtype)
+        else:
+            fill = torch.full_like(s, torch.finfo(s.dtype).min)
+        return torch.where(keep, s, fill).softmax(-1) @ v
+
+    S = 130
+    pad = torch.ones(2, S, dtype=torch.bool)
+    pad[1, :45] = False                     # batch 1: queries 0..44 see no key
+    inputs = {n: torch.randn(2, 2, S, 16, requires_grad=True) for n in "qkv"}
+    inputs["pad"] = pad
+    errors = check_grads(f, inputs)
+    region = list(runtime._REGISTRY.values())[-1]
+    assert "tile_empty" in region.ks.source and "if redo:" in region.ks.source, region.ks.source
+    assert "tile_empty" in region.backward_source.source and region.backward_source.row_checks
+    assert max(errors.values()) < TOL
+
+
 def test_added_masks_skip_tiles_in_training_unless_they_are_learned():
     """transformers' eager mask, [B, 1, S, S] of 0 / finfo.min added to the scores, skips tiles in the
     training forward and both backward kernels (left padding: rows that see no key are averaged over every

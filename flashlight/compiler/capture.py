@@ -505,11 +505,72 @@ def _normalize(fn, example_inputs, functionalize, masked_sdpa_as_math=False) -> 
                          record_stack_traces=True, _allow_non_fake_inputs=True)(*example_inputs)
     gm.meta[MASKED_SDPA_CALLS] = _masked_sdpa_kernels_as_math(gm) if masked_sdpa_as_math else 0
     _drop_aliases(gm)
+    _tensor_literals(gm)
+    _likes_as_constants(gm)
     _values_only_max(gm)
     _pre_shifted_softmax(gm)
     _natural_exponentials(gm)
     _split_concats(gm)
     return gm
+
+
+def _tensor_literals(gm: fx.GraphModule) -> None:
+    """A one-element tensor the traced code creates from a number (`torch.tensor(torch.finfo(dtype).min,
+    dtype=..., device=...)`, GPT-J's and CodeGen's mask value) is traced as a constant of the graph and a
+    `lift_fresh_copy` of it: it becomes `full(shape, value)`, so that the matcher sees the number (a fill that
+    skips tiles, a literal in the kernel) instead of a tensor it must read. The value cannot change between
+    calls: it was a number when traced. Constants the code closes over (no lift_fresh_copy) stay tensors."""
+    changed = False
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not aten.lift_fresh_copy.default:
+            continue
+        const = node.args[0]
+        t = getattr(gm, const.target, None) if const.op == "get_attr" and isinstance(const.target, str) else None
+        val = node.meta.get("val")
+        if not isinstance(t, torch.Tensor) or t.numel() != 1 or val is None or t.is_complex():
+            continue
+        with gm.graph.inserting_before(node):
+            full = gm.graph.call_function(aten.full.default, (list(t.shape), t.item()),
+                                          {"dtype": t.dtype, "layout": torch.strided, "device": val.device,
+                                           "pin_memory": False})
+        full.meta = dict(node.meta)
+        node.replace_all_uses_with(full)
+        gm.graph.erase_node(node)
+        if not const.users:
+            gm.graph.erase_node(const)
+        changed = True
+    if changed:
+        gm.recompile()
+
+
+_LIKES = {aten.full_like.default: None, aten.zeros_like.default: 0, aten.ones_like.default: 1}
+
+
+def _likes_as_constants(gm: fx.GraphModule) -> None:
+    """`torch.full_like(s, v)` (`torch.where(keep, s, torch.full_like(s, float("-inf")))`), `zeros_like`,
+    `ones_like` read only the layout of s: each becomes `full(shape, v)`, so that the scores are not taken
+    for a value used outside the attention (which kept such programs from fusing) and the fill is a number.
+    Only where s is contiguous with a static shape, so that the constant's layout is the one full gives."""
+    changed = False
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in _LIKES or not isinstance(node.args[0], fx.Node):
+            continue
+        val, kw = node.args[0].meta.get("val"), node.kwargs
+        if not isinstance(val, torch.Tensor) or any(not isinstance(d, int) for d in val.shape) \
+                or not val.is_contiguous() or kw.get("layout") not in (None, torch.strided) \
+                or kw.get("memory_format") not in (None, torch.preserve_format, torch.contiguous_format):
+            continue
+        value = node.args[1] if node.target is aten.full_like.default else _LIKES[node.target]
+        with gm.graph.inserting_before(node):
+            full = gm.graph.call_function(aten.full.default, (list(val.shape), value),
+                                          {"dtype": kw.get("dtype") or val.dtype, "layout": torch.strided,
+                                           "device": kw.get("device") or val.device, "pin_memory": False})
+        full.meta = dict(node.meta)
+        node.replace_all_uses_with(full)
+        gm.graph.erase_node(node)
+        changed = True
+    if changed:
+        gm.recompile()
 
 
 def _drop_aliases(gm: fx.GraphModule) -> None:
