@@ -631,6 +631,36 @@ def test_a_fill_written_as_a_tensor_skips_tiles(spelling):
     assert max(errors.values()) < TOL
 
 
+@pytest.mark.parametrize("spelling", ["the reference in scaled_dot_product_attention's documentation",
+                                      "ones_like(dtype=bool).tril()"])
+def test_a_causal_mask_built_from_a_boolean_constant_skips_tiles(spelling):
+    """`torch.ones(L, S, dtype=torch.bool).tril()` (the math that scaled_dot_product_attention's
+    documentation gives for is_causal, copied into many model files) is `(j <= i) & True` once traced: the
+    constant True is a mask true everywhere, so the causal tiles are classified by index arithmetic and
+    skipped in the forward and both backward kernels. Before, the constant was taken for a number and no
+    tile was skipped. Gradients against float64 autograd, with sizes that leave partial tiles."""
+    from flashlight.compiler import runtime
+
+    def documented(q, k, v):
+        L, S = q.size(-2), k.size(-2)
+        attn_bias = torch.zeros(L, S, dtype=q.dtype, device=q.device)
+        temp_mask = torch.ones(L, S, dtype=torch.bool, device=q.device).tril(diagonal=0)
+        attn_bias.masked_fill_(temp_mask.logical_not(), float("-inf"))
+        attn_weight = q @ k.transpose(-2, -1) * (1 / math.sqrt(q.size(-1)))
+        attn_weight += attn_bias
+        return torch.softmax(attn_weight, dim=-1) @ v
+
+    def ones_like(q, k, v):
+        s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+        return s.masked_fill(~torch.ones_like(s, dtype=torch.bool).tril(), float("-inf")).softmax(-1) @ v
+
+    inputs = {n: torch.randn(2, 2, 100, 16, requires_grad=True) for n in "qkv"}
+    errors = check_grads(documented if spelling.startswith("the reference") else ones_like, inputs)
+    region = list(runtime._REGISTRY.values())[-1]
+    assert "tile_empty" in region.ks.source and "tile_empty" in region.backward_source.source
+    assert max(errors.values()) < TOL
+
+
 def test_added_masks_skip_tiles_in_training_unless_they_are_learned():
     """transformers' eager mask, [B, 1, S, S] of 0 / finfo.min added to the scores, skips tiles in the
     training forward and both backward kernels (left padding: rows that see no key are averaged over every

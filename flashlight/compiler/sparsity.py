@@ -447,7 +447,7 @@ def _interval_of(n, ops):
     if t in _COMPARISONS:
         return _comparison_interval(_COMPARISONS[t], *ops)
     if t in _AND or t in _OR:
-        (ka, at, af), (kb, bt, bf) = ops
+        (ka, at, af), (kb, bt, bf) = (_as_bool(o) for o in ops)
         if ka != "bool" or kb != "bool":
             return None
         if t in _AND:
@@ -462,6 +462,15 @@ def _interval_of(n, ops):
     if any(o[0] != "num" for o in ops):
         return None
     return _arithmetic_interval(n, ops)
+
+
+def _as_bool(op):
+    """A constant 1 or 0 (operand() gives boolean constants as numbers) as the bounds of a mask that is true
+    or false everywhere: `torch.ones(L, S, dtype=torch.bool).tril()` is `(j <= i) & True`."""
+    kind, lo, hi = op
+    if kind == "num" and lo == hi and lo in ("1", "0", "1.0", "0.0"):
+        return ("bool", "True", "False") if float(lo) else ("bool", "False", "True")
+    return op
 
 
 def _comparison_interval(op, a, b):
