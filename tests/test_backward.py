@@ -661,6 +661,37 @@ def test_a_causal_mask_built_from_a_boolean_constant_skips_tiles(spelling):
     assert max(errors.values()) < TOL
 
 
+def _reference_causal_mask(spelling, S, window, dtype):
+    """Causal masks as two reference implementations build them, added to the scores."""
+    if spelling == "Mistral's log of a 0/1 mask":
+        mask = torch.triu(torch.tril(torch.full((S, S), dtype=dtype, fill_value=1), diagonal=0), diagonal=-window)
+        return torch.log(mask)
+    # Meta's Llama: a KV cache's (empty) columns, then -inf above the diagonal
+    mask = torch.triu(torch.full((S, S), float("-inf")), diagonal=1)
+    return torch.hstack([torch.zeros((S, 0)), mask]).type(dtype)
+
+
+@pytest.mark.parametrize("spelling", ["Mistral's log of a 0/1 mask", "Llama's hstack with the cache's columns"])
+def test_reference_implementations_causal_masks_skip_tiles(spelling):
+    """Mistral's reference adds log(mask) for a 0/1 sliding-window mask (log 0 = -inf), Meta's Llama
+    reference hstacks the cache's columns (none at the first step) before its triu(-inf) mask. Both are
+    classified by index arithmetic and skip tiles in the forward and both backward kernels; before, the
+    log stopped the interval rules (no tile skipped) and the cat made the mask a tensor classified by a
+    kernel of its own on every call. Gradients against float64 autograd."""
+    from flashlight.compiler import runtime
+
+    def f(q, k, v):
+        mask = _reference_causal_mask(spelling, q.shape[-2], 40, q.dtype)
+        return torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]) + mask, -1) @ v
+
+    inputs = {n: torch.randn(2, 2, 130, 16, requires_grad=True) for n in "qkv"}
+    errors = check_grads(f, inputs)
+    region = list(runtime._REGISTRY.values())[-1]
+    assert "tile_empty" in region.ks.source and "tile_empty" in region.backward_source.source
+    assert not region.ks.classifier and not any(region.backward_source.classifiers), "index arithmetic only"
+    assert max(errors.values()) < TOL
+
+
 def test_added_masks_skip_tiles_in_training_unless_they_are_learned():
     """transformers' eager mask, [B, 1, S, S] of 0 / finfo.min added to the scores, skips tiles in the
     training forward and both backward kernels (left padding: rows that see no key are averaged over every

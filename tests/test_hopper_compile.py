@@ -147,6 +147,23 @@ def test_grouped_key_value_kernel_compiles_for_hopper(gpu_launches, tmp_path):
     check_compiles(tmp_path, gpu_launches)
 
 
+@pytest.mark.parametrize("spelling", ["Mistral's log of a 0/1 mask", "Llama's hstack with the cache's columns"])
+def test_reference_causal_mask_kernels_compile_for_hopper(spelling, gpu_launches, tmp_path):
+    """The tile classification of the reference implementations' causal masks (the log of the mask's bounds,
+    test_backward.test_reference_implementations_causal_masks_skip_tiles) compiles for sm_90."""
+    from test_backward import _reference_causal_mask
+
+    def f(q, k, v):
+        mask = _reference_causal_mask(spelling, q.shape[-2], 40, q.dtype)
+        return torch.softmax(q @ k.transpose(-1, -2) * 0.125 + mask, -1) @ v
+    q, k, v = (torch.randn(1, 2, 130, 64, dtype=torch.float16, requires_grad=True) for _ in range(3))
+    torch._dynamo.reset()
+    out = flashlight.compile(f, inductor=False)(q, k, v)
+    out.backward(torch.randn_like(out))
+    assert all("tile_empty" in src for src, n, _, _ in gpu_launches if n.startswith("flashlight_"))
+    check_compiles(tmp_path, gpu_launches)
+
+
 def _model_files():
     import test_model_files as mf
     return [mf.Bert, mf.GPT2, mf.Bloom, mf.Falcon, mf.Phi, mf.EinsumInPlace, mf.T5, mf.CrossAttention, mf.Gemma2,

@@ -507,6 +507,7 @@ def _normalize(fn, example_inputs, functionalize, masked_sdpa_as_math=False) -> 
     _drop_aliases(gm)
     _tensor_literals(gm)
     _likes_as_constants(gm)
+    _drop_empty_cat_pieces(gm)
     _values_only_max(gm)
     _pre_shifted_softmax(gm)
     _natural_exponentials(gm)
@@ -570,6 +571,35 @@ def _likes_as_constants(gm: fx.GraphModule) -> None:
         gm.graph.erase_node(node)
         changed = True
     if changed:
+        gm.recompile()
+
+
+def _drop_empty_cat_pieces(gm: fx.GraphModule) -> None:
+    """Pieces with no elements add nothing to a cat: Meta's Llama reference builds its causal mask as
+    `torch.hstack([torch.zeros((S, 0)), torch.full((S, S), -inf).triu(1)])` (the zeros are for a KV cache,
+    empty at the first step), and with them gone the mask is index arithmetic again, not a tensor to
+    classify on every call. Only where every piece kept has the cat's dtype (so no type promotion is lost);
+    a cat left with one piece of its own shape is that piece."""
+    changed = False
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not aten.cat.default:
+            continue
+        pieces, out = node.args[0], node.meta.get("val")
+        if out is None or not all(isinstance(p, fx.Node) and isinstance(p.meta.get("val"), torch.Tensor)
+                                  for p in pieces):
+            continue
+        kept = [p for p in pieces if p.meta["val"].numel() > 0]
+        if len(kept) == len(pieces) or not kept or any(p.meta["val"].dtype != out.dtype for p in kept):
+            continue
+        if len(kept) == 1 and tuple(kept[0].meta["val"].shape) == tuple(out.shape) and \
+                all(u.op != "output" for u in node.users):
+            node.replace_all_uses_with(kept[0])
+            gm.graph.erase_node(node)
+        else:
+            node.args = (kept, *node.args[1:])
+        changed = True
+    if changed:
+        gm.graph.eliminate_dead_code()
         gm.recompile()
 
 

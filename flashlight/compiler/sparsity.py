@@ -500,6 +500,9 @@ def _arithmetic_interval(n, ops):
     if t is aten.neg.default:
         (_, alo, ahi), = ops
         return ("num", f"-({ahi})", f"-({alo})")
+    if t is aten.log.default:   # increasing; log(0) = -inf (Mistral's reference: log of a 0/1 mask), NaN below 0
+        (_, alo, ahi), = ops
+        return ("num", f"tl.log({alo} * 1.0)", f"tl.log({ahi} * 1.0)")
     if t is aten.abs.default:
         (_, alo, ahi), = ops
         return ("num", f"tl.where({alo} >= 0, {alo}, tl.where({ahi} <= 0, -({ahi}), 0))",
