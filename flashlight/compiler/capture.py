@@ -562,6 +562,8 @@ def _likes_as_constants(gm: fx.GraphModule) -> None:
                 or kw.get("memory_format") not in (None, torch.preserve_format, torch.contiguous_format):
             continue
         value = node.args[1] if node.target is aten.full_like.default else _LIKES[node.target]
+        if not isinstance(value, (bool, int, float)):   # a symbolic value: left as it is
+            continue
         with gm.graph.inserting_before(node):
             full = gm.graph.call_function(aten.full.default, (list(val.shape), value),
                                           {"dtype": kw.get("dtype") or val.dtype, "layout": torch.strided,
