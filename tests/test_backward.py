@@ -568,6 +568,16 @@ def test_a_config_too_large_for_shared_memory_shrinks_until_it_fits():
         launch_fitting(lambda c: launch({**c, "num_stages": 10**6}), cfg, {}, "k")
 
 
+def _left_padded_inputs(S=130):
+    """q, k, v that require grad and a key-padding mask for 2 batches; batch 1 is left padded so that its
+    queries 0..44 see no key (rows a finite fill masks everywhere)."""
+    pad = torch.ones(2, S, dtype=torch.bool)
+    pad[1, :45] = False
+    inputs = {n: torch.randn(2, 2, S, 16, requires_grad=True) for n in "qkv"}
+    inputs["pad"] = pad
+    return inputs
+
+
 def test_finite_fill_masks_skip_tiles_in_training_with_exact_gradients():
     """finfo.min masks (GPT-2's and HF's spelling) skip tiles in the training forward and both backward
     kernels. A batch with a row masked everywhere (left padding) has that row averaged over every key in
@@ -581,12 +591,7 @@ def test_finite_fill_masks_skip_tiles_in_training_with_exact_gradients():
         keep = (j <= i) & pad[:, None, None, :]
         return torch.where(keep, q @ k.mT * 0.25, torch.finfo(q.dtype).min).softmax(-1) @ v
 
-    S = 130
-    pad = torch.ones(2, S, dtype=torch.bool)
-    pad[1, :45] = False                     # batch 1: queries 0..44 see no key
-    inputs = {n: torch.randn(2, 2, S, 16, requires_grad=True) for n in "qkv"}
-    inputs["pad"] = pad
-    errors = check_grads(f, inputs)
+    errors = check_grads(f, _left_padded_inputs())
     region = list(runtime._REGISTRY.values())[-1]
     assert "if redo:" in region.ks.source and "tile_empty" in region.backward_source.source
     assert "redo_ptr" in region.backward_source.source and region.backward_source.row_checks
@@ -619,12 +624,7 @@ def test_a_fill_written_as_a_tensor_skips_tiles(spelling):
             fill = torch.full_like(s, torch.finfo(s.dtype).min)
         return torch.where(keep, s, fill).softmax(-1) @ v
 
-    S = 130
-    pad = torch.ones(2, S, dtype=torch.bool)
-    pad[1, :45] = False                     # batch 1: queries 0..44 see no key
-    inputs = {n: torch.randn(2, 2, S, 16, requires_grad=True) for n in "qkv"}
-    inputs["pad"] = pad
-    errors = check_grads(f, inputs)
+    errors = check_grads(f, _left_padded_inputs())
     region = list(runtime._REGISTRY.values())[-1]
     assert "tile_empty" in region.ks.source and "if redo:" in region.ks.source, region.ks.source
     assert "tile_empty" in region.backward_source.source and region.backward_source.row_checks
