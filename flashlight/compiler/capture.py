@@ -528,8 +528,9 @@ def _tensor_literals(gm: fx.GraphModule) -> None:
         const = node.args[0]
         t = getattr(gm, const.target, None) if const.op == "get_attr" and isinstance(const.target, str) else None
         val = node.meta.get("val")
-        if not isinstance(t, torch.Tensor) or t.numel() != 1 or val is None or t.is_complex():
-            continue
+        if not isinstance(t, torch.Tensor) or isinstance(t, FakeTensor) or t.is_meta or t.numel() != 1 or \
+                val is None or t.is_complex():
+            continue   # a value to read: only a real one-element constant is a number here
         with gm.graph.inserting_before(node):
             full = gm.graph.call_function(aten.full.default, (list(t.shape), t.item()),
                                           {"dtype": t.dtype, "layout": torch.strided, "device": val.device,
