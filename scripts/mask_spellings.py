@@ -4,7 +4,9 @@
 
 GQA (`groups` query heads per KV head), tanh soft-capping at 50, a causal window of `window` keys, written
 as `torch.where(keep, s, -inf)`, as `torch.where(keep, s, torch.finfo(s.dtype).min)` (HF transformers'
-spelling), as `masked_fill(~keep, -1e9)`, and as tensors passed in: transformers' eager mask (a [B, 1, S, S]
+spelling), as `masked_fill(~keep, -1e9)`, with the fill as `torch.tensor(finfo.min)` (GPT-J), as a bias
+built from `torch.ones(S, S, dtype=torch.bool).tril()` (scaled_dot_product_attention's documented math), as
+the log of a 0/1 mask (Mistral's reference), and as tensors passed in: transformers' eager mask (a [B, 1, S, S]
 tensor of 0 / finfo.min added to the scores), a [B, 1, S, S] boolean tensor, and the added mask again
 with two equal mask tensors taking turns (every call classifies its tiles again: what classification
 costs). Each runs through flashlight and torch.compile (Inductor); FlexAttention runs the same mask as a
@@ -30,6 +32,13 @@ def make(fill_kind, window, groups):
             s = s + mask
         elif fill_kind == "bool tensor":
             s = s.masked_fill(~mask, torch.finfo(s.dtype).min)
+        elif fill_kind == "ones(bool).tril() bias":   # scaled_dot_product_attention's documented math
+            ones = torch.ones(s.shape[-2], s.shape[-1], dtype=torch.bool, device=s.device)
+            keep = ones.tril(diagonal=0) & ~ones.tril(diagonal=-window)
+            s = s + torch.zeros_like(keep, dtype=s.dtype).masked_fill(keep.logical_not(), float("-inf"))
+        elif fill_kind == "log of a 0/1 mask":       # Mistral's reference
+            ones = torch.full((s.shape[-2], s.shape[-1]), 1, dtype=s.dtype, device=s.device)
+            s = s + torch.log(torch.triu(torch.tril(ones, diagonal=0), diagonal=-(window - 1)))
         else:
             i = torch.arange(q.shape[-2], device=q.device)[:, None]
             j = torch.arange(k.shape[-2], device=q.device)[None, :]
@@ -38,6 +47,8 @@ def make(fill_kind, window, groups):
                 s = torch.where(keep, s, float("-inf"))
             elif fill_kind == "finfo.min":
                 s = torch.where(keep, s, torch.finfo(s.dtype).min)
+            elif fill_kind == "torch.tensor(finfo.min)":   # GPT-J's and CodeGen's mask value
+                s = torch.where(keep, s, torch.tensor(torch.finfo(s.dtype).min, dtype=s.dtype).to(s.device))
             else:
                 s = s.masked_fill(~keep, -1e9)
         return torch.softmax(s, dim=-1) @ v
@@ -76,7 +87,8 @@ def main():
     print(f"B{a.B} H{a.H} (KV heads {a.H // groups}) S{a.S} D{a.D}, causal window {a.window}, softcap 50, "
           f"bf16, {'forward+backward' if a.train else 'forward'}")
     print(f"{'mask spelling':24s} {'backend':14s} {'ms':>8s} {'max abs err':>12s}")
-    spellings = ("-inf", "finfo.min", "-1e9", "added tensor", "bool tensor", "added, new tensor each call")
+    spellings = ("-inf", "finfo.min", "-1e9", "torch.tensor(finfo.min)", "ones(bool).tril() bias", "log of a 0/1 mask",
+                 "added tensor", "bool tensor", "added, new tensor each call")
     for kind in spellings:
         fn = make(kind.replace(", new tensor each call", " tensor"), a.window, groups)
         mask = masks.get(kind)
