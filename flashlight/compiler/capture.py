@@ -531,18 +531,22 @@ def _tensor_literals(gm: fx.GraphModule) -> None:
         if not isinstance(t, torch.Tensor) or isinstance(t, FakeTensor) or t.is_meta or t.numel() != 1 or \
                 val is None or t.is_complex():
             continue   # a value to read: only a real one-element constant is a number here
-        with gm.graph.inserting_before(node):
-            full = gm.graph.call_function(aten.full.default, (list(t.shape), t.item()),
-                                          {"dtype": t.dtype, "layout": torch.strided, "device": val.device,
-                                           "pin_memory": False})
-        full.meta = dict(node.meta)
-        node.replace_all_uses_with(full)
-        gm.graph.erase_node(node)
+        _replace_by_full(gm, node, t.shape, t.item(), t.dtype, val.device)
         if not const.users:
             gm.graph.erase_node(const)
         changed = True
     if changed:
         gm.recompile()
+
+
+def _replace_by_full(gm: fx.GraphModule, node, shape, value, dtype, device) -> None:
+    """node, a tensor of one value throughout, replaced by `full(shape, value)` (its meta kept)."""
+    with gm.graph.inserting_before(node):
+        full = gm.graph.call_function(aten.full.default, (list(shape), value),
+                                      {"dtype": dtype, "layout": torch.strided, "device": device, "pin_memory": False})
+    full.meta = dict(node.meta)
+    node.replace_all_uses_with(full)
+    gm.graph.erase_node(node)
 
 
 _LIKES = {aten.full_like.default: None, aten.zeros_like.default: 0, aten.ones_like.default: 1}
@@ -565,13 +569,7 @@ def _likes_as_constants(gm: fx.GraphModule) -> None:
         value = node.args[1] if node.target is aten.full_like.default else _LIKES[node.target]
         if not isinstance(value, (bool, int, float)):   # a symbolic value: left as it is
             continue
-        with gm.graph.inserting_before(node):
-            full = gm.graph.call_function(aten.full.default, (list(val.shape), value),
-                                          {"dtype": kw.get("dtype") or val.dtype, "layout": torch.strided,
-                                           "device": kw.get("device") or val.device, "pin_memory": False})
-        full.meta = dict(node.meta)
-        node.replace_all_uses_with(full)
-        gm.graph.erase_node(node)
+        _replace_by_full(gm, node, val.shape, value, kw.get("dtype") or val.dtype, kw.get("device") or val.device)
         changed = True
     if changed:
         gm.recompile()
