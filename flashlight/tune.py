@@ -149,6 +149,8 @@ def search_space(ks: KernelSource, device: torch.device) -> dict:
     """The knobs of this kernel and the values to try; check_config judges each combination."""
     if device.type == "cuda" and not interpreting():
         space = {"BLOCK_M": [32, 64, 128], "BLOCK_N": [32, 64, 128], "num_warps": [4, 8], "num_stages": [2, 3, 4]}
+        if ks.cuda_core_dots:   # float32 tiles on the CUDA cores (runtime.CUDA_CORE_TILES): smaller ones
+            space = {"BLOCK_M": [16, 32, 64], "BLOCK_N": [16, 32, 64], "num_warps": [2, 4, 8], "num_stages": [1, 2, 3]}
     else:  # the interpreter: a tiny space (warps and stages mean nothing there)
         space = {"BLOCK_M": [16, 32], "BLOCK_N": [16, 32], "num_warps": [4], "num_stages": [1]}
     # no tile wider than the problem

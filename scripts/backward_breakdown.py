@@ -12,6 +12,8 @@ for the first config: the forward kernel, the row step's PyTorch ops, the dQ and
 --flex: the same time and table for FlexAttention, its block mask built once before (the runner's way).
 --project: the attention output goes through a [Dv, Dv] projection inside the compiled function, as in
 a model (the output is then not returned, so the training forward may save it instead of its accumulator).
+--dtype: the inputs' dtype (float32 tiles run at torch's float32 matmul precision, as in a float32 model).
+--inductor: also time the same step through plain torch.compile (Inductor, no fusion) and eagerly.
 Each timed step also prints the step's peak memory above what was allocated before it, and its host and
 GPU time per step over steps launched back to back.
 """
@@ -70,15 +72,18 @@ def main():
     ap.add_argument("--forward", action="store_true", help="tile the forward kernel; time forward only")
     ap.add_argument("--flex", action="store_true", help="also time and profile FlexAttention")
     ap.add_argument("--project", action="store_true", help="follow attention by a projection, as a model")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    ap.add_argument("--inductor", action="store_true", help="also time torch.compile (Inductor) and eager")
     a = ap.parse_args()
+    dtype = getattr(torch, a.dtype)
     v = vr.get(a.variant)
     shape = v.shape(B=a.B, H=a.H, Sq=a.S, Sk=a.S, D=a.D)
-    x = v.make_inputs(shape, torch.bfloat16, "cuda", requires_grad=not a.forward)
+    x = v.make_inputs(shape, dtype, "cuda", requires_grad=not a.forward)
     wrt = [x[n] for n in v.learnable]
     flops = (1.0 if a.forward else 3.5) * v.flops(shape)
     what = "fwd" if a.forward else "fwd+bwd"
 
-    project = torch.randn(shape.Dv, shape.Dv, device="cuda", dtype=torch.bfloat16) / shape.Dv**0.5
+    project = torch.randn(shape.Dv, shape.Dv, device="cuda", dtype=dtype) / shape.Dv**0.5
 
     def model(fn):
         return (lambda **inputs: fn(**inputs) @ project) if a.project else fn
@@ -105,7 +110,7 @@ def main():
         step()
         ms = triton.testing.do_bench(step, rep=200, return_mode="median")
         host, gpu = back_to_back(step)
-        print(f"{a.variant} D{a.D} {'fwd' if a.forward else 'bwd'} tiles {c}: {what} {ms:.3f} ms, "
+        print(f"{a.variant} D{a.D} {a.dtype} {'fwd' if a.forward else 'bwd'} tiles {c}: {what} {ms:.3f} ms, "
               f"{flops / ms / 1e9:.0f} TFLOP/s (fused launches {flashlight.counters['fused_launches']}, "
               f"backward {flashlight.counters['fused_backward_launches']}), "
               f"peak {peak_mb(step):.0f} MB; back to back: host {host:.3f} ms, GPU {gpu:.3f} ms per step", flush=True)
@@ -114,6 +119,14 @@ def main():
             if not a.forward:  # the training forward alone: the same kernel with its saves
                 ms = triton.testing.do_bench(lambda: fn(**x), rep=200, return_mode="median")
                 print(f"  training forward alone {ms:.3f} ms", flush=True)
+    if a.inductor:
+        for name, fn in (("torch.compile", torch.compile(model(v.bind(shape)))), ("eager", model(v.bind(shape)))):
+            step = stepper(fn)
+            step()
+            ms = triton.testing.do_bench(step, rep=200, return_mode="median")
+            host, gpu = back_to_back(step)
+            print(f"{a.variant} D{a.D} {a.dtype} {name}: {what} {ms:.3f} ms, {flops / ms / 1e9:.0f} TFLOP/s, "
+                  f"peak {peak_mb(step):.0f} MB; back to back: host {host:.3f} ms, GPU {gpu:.3f} ms per step", flush=True)
     if a.flex:
         from torch.nn.attention.flex_attention import flex_attention
         compiled = torch.compile(flex_attention)

@@ -984,3 +984,39 @@ def test_a_row_step_that_cannot_be_traced_runs_as_its_op(monkeypatch):
     torch._dynamo.reset()
     with pytest.warns(UserWarning, match="tracing the backward's row step into the graph failed"):
         check_grads(sm_causal, {n: torch.randn(2, 3, 40, 16, requires_grad=True) for n in "qkv"})
+
+
+@pytest.mark.parametrize("dtype, precision, cuda_cores", [(torch.float32, "highest", True),
+                                                         (torch.float32, "high", False),
+                                                         (torch.float16, "highest", False)])
+def test_float32_tiles_at_full_precision_get_cuda_core_tiles(dtype, precision, cuda_cores):
+    """No tensor-core instruction multiplies float32 at full precision: Triton multiplies such tiles with
+    FMAs on the CUDA cores, where the tensor-core tiles spill (a float32 differential-attention step 17×
+    slower on an H200). Their kernels, forward and both backward ones, get runtime.CUDA_CORE_TILES on a
+    GPU; TF32 (torch.set_float32_matmul_precision("high")) and 16-bit tiles keep tensor-core tiles."""
+    from flashlight.compiler import runtime
+
+    def diff(q1, k1, q2, k2, v, lam):
+        return (torch.softmax(q1 @ k1.mT * 0.25, -1) - lam * torch.softmax(q2 @ k2.mT * 0.25, -1)) @ v
+    torch.manual_seed(0)
+    inputs = {n: torch.randn(1, 2, 40, 16, dtype=dtype, requires_grad=True) for n in ("q1", "k1", "q2", "k2")}
+    inputs["v"] = torch.randn(1, 2, 40, 32, dtype=dtype, requires_grad=True)
+    inputs["lam"] = torch.tensor(0.4, dtype=dtype, requires_grad=True)
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision(precision)
+        torch._dynamo.reset()
+        out = flashlight.compile(diff, inductor=False)(**inputs)
+        out.backward(torch.randn_like(out))
+    finally:
+        torch.set_float32_matmul_precision(before)
+    region = list(runtime._REGISTRY.values())[-1]
+    bs = region.backward_source
+    assert region.ks.cuda_core_dots is cuda_cores and bs.cuda_core_dots is cuda_cores
+    forward, backward = runtime.default_config(region.ks, "cuda"), runtime.backward_config(bs, "cuda")
+    if cuda_cores:
+        assert forward == runtime.CUDA_CORE_TILES
+        assert backward == {"dq": runtime.CUDA_CORE_TILES, "dkv": runtime.CUDA_CORE_TILES}
+    else:   # two ·V accumulators of 32 columns: the tensor-core defaults
+        assert forward["BLOCK_M"] * forward["BLOCK_N"] > 32 * 32
+        assert backward["dq"]["BLOCK_M"] * backward["dq"]["BLOCK_N"] > 32 * 32

@@ -1,5 +1,6 @@
 """Tuning on CPU through the Triton interpreter (timings mean nothing there; the machinery must work):
 storage and resume, failures recorded with their reason, compile-time lookup, journal storage, runner."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -183,6 +184,9 @@ def test_search_space_and_resource_estimates(fresh, monkeypatch):
     # the GPU side, judged without a GPU: the space and the shared memory estimate
     monkeypatch.setattr(tune, "interpreting", lambda: False)
     gpu = torch.device("cuda", 0)
+    # float32 at full precision: tiles multiplied on the CUDA cores, a space of smaller tiles
+    assert ks.cuda_core_dots and tune.search_space(ks, gpu)["BLOCK_M"] == [16, 32, 64]
+    ks = dataclasses.replace(ks, cuda_core_dots=False)   # tensor-core tiles (16-bit, or TF32 allowed)
     space = tune.search_space(ks, gpu)
     default = runtime.default_config(ks, "cuda")
     # S=64: no tile wider than 64, but the default (which seeds every study) is always in

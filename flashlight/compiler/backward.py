@@ -35,7 +35,7 @@ import torch.fx as fx
 from flashlight.compiler.analysis import (GATHERS, MATMULS, WHERE, NotFusable, Region, constant_value, flat_axes,
                                          literal)
 from flashlight.compiler.codegen import (CASTS, LOG2E, LoadSlot, _batch_decomposition, _batch_row, _classifier,
-                                         _contig, constant_factor,
+                                         _contig, constant_factor, cuda_core_dots,
                                          _Emitter, _forward_copies, _prune, access_layout, dot, source_header,
                                          tile_loops, tile_range_lines)
 from flashlight.compiler.indexing import VIEW_OPS, freeze_chain
@@ -73,6 +73,7 @@ class BackwardSource:
     M: int = 0
     N: int = 0
     E: int = 0
+    cuda_core_dots: bool = False  # float32 tiles at IEEE precision (codegen.cuda_core_dots): small tiles
 
 
 class _TileEmitter(_Emitter):
@@ -297,6 +298,7 @@ def generate_backward(region: Region, needs: tuple, block_sparse: bool = True,
                           classifiers=tuple(classifiers), range_rows=range_rows,
                           classifier_reads=tuple(sorted(reads)), row_checks=row_checks, reads_dout=reads_dout,
                           batch=math.prod(region.batch_sizes) if region.batch_sizes else 1,
+                          cuda_core_dots=cuda_core_dots(region),
                           dkv_group=dkv.em.group[1] if dkv and dkv.em.group else 1,
                           M=sizes["m"], N=sizes["n"], E=sizes["e"])
 

@@ -89,6 +89,7 @@ class KernelSource:
                                    # (less the accumulator the output stands in for: row_program["from_out"])
     row_program: dict | None = None  # training: the after-the-loop lines, for late.py
     params: tuple = ()             # names of the stride arguments, in launch order
+    cuda_core_dots: bool = False   # float32 tiles at IEEE precision (see cuda_core_dots): small tiles
 
 
 def access_layout(chain, axes, shape, stride, offset, sizes):
@@ -787,7 +788,7 @@ def _assemble(em: _Emitter, prog: OnlineProgram) -> KernelSource:
                         n_dot=sum(a.kind == "dot" for a in prog.accumulators), notes=list(prog.notes),
                         N=N, classifier=classifier, range_rows=range_rows,
                         classifier_reads=classifier_reads, tile_skipping=skipping,
-                        may_be_bias=bool(classifier and tiles.added))
+                        may_be_bias=bool(classifier and tiles.added), cuda_core_dots=cuda_core_dots(r))
 
 
 def tile_range_lines(tiles, sizes, axis: str, fixed: str, head) -> list:
@@ -872,6 +873,15 @@ def dot_precision() -> str:
     if setting != "none":
         return "ieee" if setting == "ieee" else "tf32"
     return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+
+
+def cuda_core_dots(region: Region) -> bool:
+    """Does a matmul of the region's kernels take float32 tiles at IEEE precision? No tensor-core
+    instruction multiplies float32 at full precision, so Triton multiplies such tiles with FMAs on the CUDA
+    cores, holding operands in registers: they want far smaller tiles than tensor-core tiles do
+    (runtime.default_config)."""
+    dtypes = {a.dtype for sm in region.scores for a in (sm.q, sm.k)} | {region.value.dtype}
+    return torch.float32 in dtypes and dot_precision() == "ieee"
 
 
 def source_header() -> str:
