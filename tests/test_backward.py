@@ -1008,11 +1008,14 @@ def test_float32_tiles_at_full_precision_get_cuda_core_tiles(dtype, precision, c
         torch._dynamo.reset()
         out = flashlight.compile(diff, inductor=False)(**inputs)
         out.backward(torch.randn_like(out))
+        report = flashlight.explain(diff, **inputs)
     finally:
         torch.set_float32_matmul_precision(before)
     region = list(runtime._REGISTRY.values())[-1]
     bs = region.backward_source
     assert region.ks.cuda_core_dots is cuda_cores and bs.cuda_core_dots is cuda_cores
+    # explain says so, and what would use the tensor cores
+    assert ("set_float32_matmul_precision('high')" in str(report)) is cuda_cores
     forward, backward = runtime.default_config(region.ks, "cuda"), runtime.backward_config(bs, "cuda")
     if cuda_cores:
         assert forward == runtime.CUDA_CORE_TILES

@@ -126,6 +126,11 @@ def plan(gm: fx.GraphModule, training: bool = False, dump=None, config=None, blo
             rep.kernel_source = ks.source
             rep.matched["online form"] = "; ".join(ks.notes)
             rep.matched["tile skipping"] = ks.tile_skipping
+            if ks.cuda_core_dots:
+                rep.matched["matmul units"] = (
+                    "CUDA cores: float32 tiles at full precision (torch's default float32 matmul precision) have "
+                    "no tensor-core instruction, so the kernels are far slower than with bfloat16, float16 or "
+                    "TF32 (torch.set_float32_matmul_precision('high'))")
             if training:
                 rep.matched["training forward saves"] = training_saves(ks)
             _check_device(region)
