@@ -202,6 +202,9 @@ def train(mode, model0, data, args, device, inductor):
     torch.manual_seed(args.seed)
     model = copy.deepcopy(model0).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1, betas=(0.9, 0.95))
+    amp = getattr(torch, args.amp) if args.amp != "none" else None
+    # float16 gradients underflow without loss scaling; bfloat16 has float32's range and needs none
+    scaler = torch.amp.GradScaler(device.type) if amp is torch.float16 else None
     if mode == "eager":
         step_fn = model
     elif mode == "compile":
@@ -220,10 +223,16 @@ def train(mode, model0, data, args, device, inductor):
                 torch.cuda.synchronize()
             t_start = time.perf_counter()
         x, y = x.to(device), y.to(device)
-        loss = step_fn(x, y)
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            loss = step_fn(x, y)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        if scaler is None:
+            loss.backward()
+            opt.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
         losses.append(loss.item())
         if args.log_every and (i % args.log_every == 0 or i == len(data) - 1):
             print(f"  [{mode}] step {i:4d}  loss {losses[-1]:.4f}", flush=True)
@@ -295,7 +304,11 @@ def parse_args(argv=None):
                    help="flashlight mode: compile the rest of the graph with Inductor (default: on for "
                         "cuda, off on CPU where the interpreter dominates anyway)")
     p.add_argument("--tol", type=float, default=None,
-                   help="max |loss_flashlight - loss_eager| allowed (default 1e-3 on CPU fp32, 2e-2 on GPU)")
+                   help="max |loss_flashlight - loss_eager| allowed (default 1e-3 on CPU in float32, 2e-2 on GPU or with --amp)")
+    p.add_argument("--amp", default="none", choices=["none", "bfloat16", "float16"],
+                   help="mixed precision for every mode: the forward under torch.autocast in this dtype (float16 "
+                        "with loss scaling), the weights and optimizer in float32; attention then runs in 16 bits, "
+                        "on the tensor cores (default none: the model in float32)")
     p.add_argument("--tf32", action="store_true",
                    help="torch.set_float32_matmul_precision('high') for every mode: float32 matmuls (eager's, "
                         "Inductor's and flashlight's tiles) on TF32 tensor cores; default: full float32")
@@ -334,7 +347,7 @@ def main(argv=None) -> dict:
     if args.tf32:
         torch.set_float32_matmul_precision("high")
     inductor = (device.type == "cuda") if args.inductor is None else args.inductor
-    tol = args.tol if args.tol is not None else (1e-3 if device.type == "cpu" else 2e-2)
+    tol = args.tol if args.tol is not None else (1e-3 if device.type == "cpu" and args.amp == "none" else 2e-2)
     variant, params = variant_for(args.attention, args.params)
     if "groups" in params and args.heads % params["groups"]:   # gqa: query heads per K/V head
         if "groups" in args.params:
@@ -358,6 +371,8 @@ def main(argv=None) -> dict:
           f"seq {args.seq}, batch {args.batch}, {n_params / 1e6:.2f}M parameters; AdamW lr {args.lr}")
     print(f"data: Python stdlib sources, {len(corpus) / 1e6:.1f}M bytes, byte tokens, seed {args.seed}; "
           f"{args.steps} steps, tokens/s measured after {args.warmup} warm-up step(s)")
+    print("precision: " + (f"torch.autocast({args.amp}) around the forward, float32 weights" if args.amp != "none"
+                           else "float32" + (" with TF32 matmuls" if args.tf32 else " (full-precision matmuls)")))
     print(f"device: {device}" + (" (Triton interpreter)" if os.environ.get("TRITON_INTERPRET") == "1" else "")
           + f"; flashlight with inductor={inductor}")
     causal = causal_probe(variant, params, args.heads, attn0.D, attn0.Dv)

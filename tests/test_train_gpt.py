@@ -4,6 +4,7 @@ import importlib.util
 import os
 
 import pytest
+import torch
 
 from pathlib import Path
 
@@ -40,6 +41,23 @@ def test_tiny_training_matches_eager_with_fused_backward(attention, tmp_path, ca
     lines = (tmp_path / "losses.csv").read_text().splitlines()
     assert lines[0] == "step,eager,flashlight" and len(lines) == 4
     assert "flashlight fused backward: yes" in out
+
+
+def test_mixed_precision_training_runs_the_attention_in_16_bits_fused(tmp_path, capsys):
+    """--amp float16: every mode's forward under torch.autocast with loss scaling, as mixed-precision training
+    runs (bfloat16, the GPU's choice, computes wrongly in Triton's interpreter). flashlight's attention then
+    takes 16-bit q, k, v, fuses forward and backward, and follows eager."""
+    summary = train_gpt.main(["--tiny", "--steps", "3", "--modes", "eager,flashlight", "--amp", "float16",
+                              "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    eager, fl = summary["results"]
+    assert fl["fused_launches"] > 0 and fl["fused_backward_launches"] > 0, out
+    assert "torch.autocast(float16)" in out and summary["tol"] == 2e-2
+    assert summary["max_diff_eager"] < 1e-3 and summary["ok"], out
+    from flashlight.compiler import runtime
+    assert list(runtime._REGISTRY.values())[-1].ks.out_dtype == torch.float16
+    assert eager["losses"] != train_gpt.main(["--tiny", "--steps", "3", "--modes", "eager",
+                                              "--out", str(tmp_path)])["results"][0]["losses"]  # not float32
 
 
 def test_unknown_and_unsupported_variants_list_the_supported_ones():
