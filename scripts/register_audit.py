@@ -3,16 +3,19 @@
     python scripts/register_audit.py                                   # every variant, D64, float16
     python scripts/register_audit.py --D 128 --variants causal,gqa
     python scripts/register_audit.py --dtype float32 --only-spills
+    python scripts/register_audit.py --variants gqa --config '{"backward": {"dkv": {"BLOCK_M": 32, "BLOCK_N": 64}}}'
 
 Each variant's inference forward, training forward and backward kernels (and tile classification
 kernels) are generated on the CPU (Triton's interpreter runs them once, at B1 H4 S128) with the tiles a
-GPU would launch them with (runtime.default_config / backward_config for "cuda"), then compiled for sm_90
+GPU would launch them with (runtime.default_config / backward_config for "cuda"; --config: flashlight.compile's
+config, to audit other tiles), then compiled for sm_90
 as Triton's JIT specialises a launch, and ptxas reports registers per thread and spill bytes. A kernel
 that spills, or asks for more shared memory than a GPU has (its launch then shrinks the tiles), is a
 lead for a tile or code change to measure on a GPU; the audit itself measures no time. bfloat16 kernels
 compute wrongly in the interpreter, so 16-bit tiles are audited as float16 (the same code and registers).
 """
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -54,6 +57,8 @@ def main():
     ap.add_argument("--D", type=int, default=64)
     ap.add_argument("--dtype", default="float16", choices=["float16", "float32"])
     ap.add_argument("--only-spills", action="store_true", help="print only kernels that spill or exceed shared memory")
+    ap.add_argument("--config", type=json.loads, default=None,
+                    help='flashlight.compile(config=...) as JSON: forward tiles, and {"backward": {"dq": .., "dkv": ..}}')
     a = ap.parse_args()
     dtype = getattr(torch, a.dtype)
     launches = record_gpu_launches()
@@ -67,7 +72,7 @@ def main():
             torch._dynamo.reset()
             inputs = v.make_inputs(shape, dtype, "cpu", requires_grad=True, seed=0)
             try:
-                fn = flashlight.compile(v.bind(shape), inductor=False)
+                fn = flashlight.compile(v.bind(shape), inductor=False, config=a.config)
                 with torch.no_grad():
                     fn(**inputs)
                 out = fn(**inputs)

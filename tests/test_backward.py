@@ -1023,3 +1023,27 @@ def test_float32_tiles_at_full_precision_get_cuda_core_tiles(dtype, precision, c
     else:   # two ·V accumulators of 32 columns: the tensor-core defaults
         assert forward["BLOCK_M"] * forward["BLOCK_N"] > 32 * 32
         assert backward["dq"]["BLOCK_M"] * backward["dq"]["BLOCK_N"] > 32 * 32
+
+
+def test_backward_tiles_given_for_one_kernel_leave_the_others_default():
+    """compile(config={"backward": {"dkv": tiles}}) tiles the dK/dV kernel only: the dQ kernel keeps its
+    default tiles (it used to get the whole dict, without tiles, and the backward fell back to the region's
+    own ops), on a GPU as on the CPU, and the gradients are exact."""
+    from flashlight.compiler import runtime
+
+    dkv = {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
+    torch.manual_seed(0)
+    inputs = {n: torch.randn(1, 2, 48, 16, requires_grad=True) for n in ("q", "k", "v")}
+    before = flashlight.counters["fused_backward_launches"]
+    out = flashlight.compile(lambda q, k, v: torch.softmax(q @ k.mT * 0.25, -1) @ v, inductor=False,
+                             config={"backward": {"dkv": dkv}})(**inputs)
+    out.backward(torch.ones_like(out))
+    region = list(runtime._REGISTRY.values())[-1]
+    assert flashlight.counters["fused_backward_launches"] > before and region.backward_failed is None
+    bs = region.backward_source
+    for device in ("cpu", "cuda"):
+        tiles = runtime.backward_config(bs, device, {"dkv": dkv})
+        assert tiles == {"dq": runtime.backward_config(bs, device)["dq"], "dkv": dkv}
+    ref = {n: t.detach().double().requires_grad_() for n, t in inputs.items()}
+    (torch.softmax(ref["q"] @ ref["k"].mT * 0.25, -1) @ ref["v"]).sum().backward()
+    assert all(rel_err(inputs[n].grad, ref[n].grad) < TOL for n in inputs)

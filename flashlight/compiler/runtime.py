@@ -570,9 +570,12 @@ def slot_args(slots, tensors, sizes):
 
 def backward_config(bs, device_type: str, given: dict | None = None) -> dict:
     """Tiles of the two backward kernels, {"dq": {...}, "dkv": {...}}; `given` (compile(config=
-    {"backward": ...})) sets both with one flat dict, or each by name."""
+    {"backward": ...})) sets both with one flat dict, or each by name (one not named keeps its default)."""
+    if given and ("dq" in given or "dkv" in given):
+        default = backward_config(bs, device_type)
+        return {"dq": given.get("dq", default["dq"]), "dkv": given.get("dkv", default["dkv"])}
     if given:
-        return {"dq": given.get("dq", given), "dkv": given.get("dkv", given)}
+        return {"dq": given, "dkv": given}
     if device_type != "cuda":
         cpu = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
         return {"dq": cpu, "dkv": cpu}
