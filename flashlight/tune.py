@@ -333,6 +333,7 @@ class _Objective:
     tol: float
     rep_ms: int
     trial_timeout: float
+    calls: int = 0   # trials this worker started (see _optimize)
 
     def config(self, trial) -> dict:
         given = trial.user_attrs.get("config")  # enqueued by tune_region(extra_configs=...)
@@ -343,6 +344,7 @@ class _Objective:
     def __call__(self, trial) -> float:
         import optuna
 
+        self.calls += 1
         cfg = self.config(trial)
         trial.set_user_attr("config", cfg)
         earlier = _same_config(trial.study, cfg)
@@ -380,6 +382,28 @@ class _Objective:
 
         trial.set_user_attr("failure", reason)
         raise optuna.TrialPruned(reason)
+
+
+def _optimize(study, objective: _Objective, n_trials: int, timeout: float | None) -> None:
+    """study.optimize for n_trials of this worker's own. Workers sharing an SQLite study can both take the
+    same enqueued trial (SQLite has no row locks; optuna issue 4621): the second to finish it is refused
+    ("Cannot tell a COMPLETE trial"). Its result is the first's; that trial is not counted as this worker's,
+    which goes on with the rest of its trials."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    done = refused = 0
+    while done < n_trials:
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left <= 0:
+            return
+        before = objective.calls
+        try:
+            study.optimize(objective, n_trials=n_trials - done, timeout=left)
+            return
+        except ValueError as e:
+            refused += 1
+            if not str(e).startswith("Cannot tell a ") or refused > n_trials:
+                raise
+        done += objective.calls - before - 1   # the refused trial was another worker's
 
 
 def _same_config(study, cfg):
@@ -422,7 +446,7 @@ def tune_region(ks: KernelSource, inputs: list, *, n_trials: int = 20, storage=N
         study.enqueue_trial(cfg, user_attrs={"config": cfg}, skip_if_exists=True)
     objective = _Objective(ks, inputs, ref, default, space, device, tolerance(ks.out_dtype, device), rep_ms,
                            trial_timeout)
-    study.optimize(objective, n_trials=n_trials, timeout=timeout)
+    _optimize(study, objective, n_trials, timeout)
     try:
         best = study.best_trial.user_attrs["config"]
     except ValueError:

@@ -291,3 +291,30 @@ def test_workers_creating_one_sqlite_file_at_once_all_get_the_storage(fresh, tmp
         monkeypatch.setattr(optuna.storages, "RDBStorage", lambda url, **kw: (_ for _ in ()).throw(
             sqlalchemy.exc.OperationalError("x", {}, Exception("disk I/O error"))))
         tune.open_storage(f"sqlite:///{tmp_path / 'other.db'}")
+
+
+def test_a_trial_another_worker_finished_first_is_not_counted(tmp_path):
+    """Workers sharing an SQLite study can both take the same enqueued trial (SQLite has no row locks); the
+    second to report it is refused by Optuna ("Cannot tell a COMPLETE trial"), which used to end that worker's
+    tuning with an error. Here the other worker is simulated: it finishes the first trial while this one runs
+    it. This worker still adds its own n_trials, and every trial of the study is finished once."""
+    storage = f"sqlite:///{tmp_path / 'race.db'}"
+    study = optuna.create_study(study_name="race", storage=storage)
+    other = optuna.load_study(study_name="race", storage=storage)
+    study.enqueue_trial({"x": 1.0})
+
+    class Objective:
+        calls = 0
+
+        def __call__(self, trial):
+            self.calls += 1
+            x = trial.suggest_float("x", 0.0, 2.0)
+            if self.calls == 1:   # the other worker took the same enqueued trial and reported it first
+                other.tell(trial.number, x)
+            return x
+
+    objective = Objective()
+    tune._optimize(study, objective, n_trials=2, timeout=None)
+    trials = optuna.load_study(study_name="race", storage=storage).get_trials()
+    assert objective.calls == 3 and len(trials) == 3
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
