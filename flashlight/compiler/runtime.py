@@ -86,7 +86,7 @@ def load_source(source: str, name: str, dump_dir=None):
 # Float32 tiles at IEEE precision are multiplied on the CUDA cores with operands in registers
 # (codegen.cuda_core_dots), where the tensor-core tiles below spill. H200, float32, B8 H6 S1024 D64 (the
 # training example's GPU model), ten forward and up to nine backward configs side by side
-# (results/h200_fp32_tiles.txt): 32×32 with 4 warps and 2 stages in every kernel was within 3% of the best
+# (results/h200_fp32_tiles.txt): 32×32 with 4 warps and 2 stages in every kernel was within 4% of the best
 # each time; fwd+bwd against the tensor-core defaults: causal 4.51 → 3.29 ms, differential attention
 # 98.7 → 12.5 ms (still slower than Inductor's cuBLAS matmuls there: the chooser runs those).
 CUDA_CORE_TILES = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
