@@ -28,19 +28,8 @@ sys.path.insert(0, str(REPO / "tests"))
 import torch  # noqa: E402
 
 import flashlight  # noqa: E402
-from flashlight.compiler import runtime  # noqa: E402
 from flashlight.harness import variant_registry as vr  # noqa: E402
-from hopper_compile import H100_SHARED, Recorder, compile_for_hopper  # noqa: E402
-
-
-def record_gpu_launches():
-    """Make the runtime pick the GPU's tiles and record every kernel launch; returns the list it fills."""
-    launches = []
-    forward, backward, load = runtime.default_config, runtime.backward_config, runtime.load_source
-    runtime.default_config = lambda ks, device_type: forward(ks, "cuda")
-    runtime.backward_config = lambda bs, device_type, given=None: backward(bs, "cuda", given)
-    runtime.load_source = lambda source, name, dump_dir=None: Recorder(load(source, name, dump_dir), source, launches)
-    return launches
+from hopper_compile import H100_SHARED, compile_for_hopper, record_gpu_launches  # noqa: E402
 
 
 def kind(kernel: str) -> str:

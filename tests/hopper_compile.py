@@ -90,3 +90,18 @@ def compile_for_hopper(directory, launches, ptxas=False):
     if done.returncode != 0:
         raise RuntimeError(done.stderr[-4000:])
     return list(zip(jobs, json.loads(done.stdout.strip().splitlines()[-1])))
+
+
+def record_gpu_launches(patch=setattr) -> list:
+    """Make flashlight's runtime pick the tiles a GPU would (runtime.default_config / backward_config for
+    "cuda") and record every kernel launch (source, kernel, arguments) before running it; returns the list it
+    fills. `patch(object, name, value)`: setattr, or pytest's monkeypatch.setattr to undo it after a test."""
+    from flashlight.compiler import runtime
+
+    launches = []
+    forward, backward, load = runtime.default_config, runtime.backward_config, runtime.load_source
+    patch(runtime, "default_config", lambda ks, device_type: forward(ks, "cuda"))
+    patch(runtime, "backward_config", lambda bs, device_type, given=None: backward(bs, "cuda", given))
+    patch(runtime, "load_source",
+          lambda source, name, dump_dir=None: Recorder(load(source, name, dump_dir), source, launches))
+    return launches

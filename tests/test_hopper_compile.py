@@ -11,23 +11,14 @@ import pytest
 import torch
 
 import flashlight
-from flashlight.compiler import runtime
 from flashlight.harness import variant_registry as vr
-from hopper_compile import H100_SHARED, Recorder, compile_for_hopper
+from hopper_compile import H100_SHARED, compile_for_hopper, record_gpu_launches
 
 
 @pytest.fixture
 def gpu_launches(monkeypatch):
     """Launches of the generated kernels, made with the tiles a GPU would use (run by the interpreter)."""
-    launches = []
-    forward_config, backward_config, load_source = runtime.default_config, runtime.backward_config, runtime.load_source
-    monkeypatch.setattr(runtime, "default_config", lambda ks, device_type: forward_config(ks, "cuda"))
-    monkeypatch.setattr(runtime, "backward_config",
-                        lambda bs, device_type, given=None: backward_config(bs, "cuda", given))
-    monkeypatch.setattr(runtime, "load_source",
-                        lambda source, name, dump_dir=None: Recorder(load_source(source, name, dump_dir), source,
-                                                                      launches))
-    return launches
+    return record_gpu_launches(monkeypatch.setattr)
 
 
 def check_compiles(tmp_path, launches):
