@@ -68,17 +68,22 @@ def test_every_variant_gradients(name):
 
 
 
-@pytest.mark.parametrize("index", ["relative_positions", "tokens", "one_entry"])
+@pytest.mark.parametrize("index", ["relative_positions", "tokens", "one_entry", "many_entries"])
 def test_a_table_gathered_by_an_index_tensor(index):
     """A learned bias table read at an index tensor (Swin's and BEiT's relative position index, a
     registered buffer; a per-token bias table; a table of one entry): the dK/dV kernel, whose tiles are
     [keys, queries], reads the index in that orientation too (it read it as [queries, keys]: dK and dV
     were wrong), and a one-entry table is read and summed into at one address. The one entry scales the
     key position (a learned slope): added alone it would shift every row's scores equally, which the
-    softmax cancels, and a gradient that is 0 exactly has no relative error to compare."""
+    softmax cancels, and a gradient that is 0 exactly has no relative error to compare. Random indices
+    spread every row over many entries (many passes of the per-entry sum); a table of 200 entries takes
+    the looped passes instead of the unrolled ones."""
     B, H, M, N, D = 2, 3, 24, 40, 16
     ix = {"relative_positions": torch.randint(0, 49, (M, N)), "tokens": torch.randint(0, 49, (B, 1, 1, N)),
-          "one_entry": torch.zeros(M, N, dtype=torch.long)}[index]
+          "one_entry": torch.zeros(M, N, dtype=torch.long),
+          "many_entries": torch.randint(0, 200, (M, N))}[index]
+    if index == "many_entries":
+        index = "relative_positions"
 
     def f(q, k, v, table):
         bias = table[ix.view(-1)].view(M, N, H).permute(2, 0, 1)[None] if index == "relative_positions" else \
@@ -86,7 +91,7 @@ def test_a_table_gathered_by_an_index_tensor(index):
         return torch.softmax(q @ k.mT * D ** -0.5 + bias, -1) @ v
     inputs = {"q": torch.randn(B, H, M, D, requires_grad=True), "k": torch.randn(B, H, N, D, requires_grad=True),
               "v": torch.randn(B, H, N, D, requires_grad=True),
-              "table": torch.randn({"relative_positions": 49, "tokens": 49, "one_entry": 1}[index],
+              "table": torch.randn({"relative_positions": int(ix.max()) + 1, "tokens": 49, "one_entry": 1}[index],
                                    *{"relative_positions": (H,), "tokens": (1,), "one_entry": ()}[index],
                                    requires_grad=True)}
     check_grads(f, inputs)

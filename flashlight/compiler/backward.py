@@ -74,6 +74,7 @@ class BackwardSource:
     N: int = 0
     E: int = 0
     cuda_core_dots: bool = False  # float32 tiles at IEEE precision (codegen.cuda_core_dots): small tiles
+    table_gradient: bool = False  # the dQ kernel sums a gathered table's gradient per entry (_table_gradient)
 
 
 class _TileEmitter(_Emitter):
@@ -299,6 +300,7 @@ def generate_backward(region: Region, needs: tuple, block_sparse: bool = True,
                           classifier_reads=tuple(sorted(reads)), row_checks=row_checks, reads_dout=reads_dout,
                           batch=math.prod(region.batch_sizes) if region.batch_sizes else 1,
                           cuda_core_dots=cuda_core_dots(region),
+                          table_gradient=any(n.startswith("dtable") for k in kernels for n in k.carried),
                           dkv_group=dkv.em.group[1] if dkv and dkv.em.group else 1,
                           M=sizes["m"], N=sizes["n"], E=sizes["e"])
 
@@ -528,10 +530,17 @@ def _small_table(acc, region) -> bool:
     return rest <= set(region.batch_axes) and region.sizes[g] <= 256
 
 
+# passes of a table gradient unrolled (tables up to this many entries); a larger table loops over them
+UNROLLED_TABLE_PASSES = 64
+
+
 def _table_gradient(em, acc, codes, body, init, post, carried, valid):
-    """Per query tile: sum the adjoint of every gathered element into its table entry (a loop over the
-    entries the tile reads, each a masked tile sum), then one atomic add of the whole table row per
-    program."""
+    """Per query tile: sum the adjoint of every gathered element into its table entry, per query row, in a
+    [BLOCK_M, entries] accumulator, then one atomic add of the whole table row per program. A pass adds, in
+    every row, the elements of one entry (the row's lowest plus the pass number): one pass where each row of
+    the tile reads one entry (T5: every tile far from the diagonal), more only where rows spread. For tables
+    up to UNROLLED_TABLE_PASSES entries the passes are unrolled under a condition, not a loop, so that the
+    key loop stays a single loop, which Triton pipelines (a loop inside it made T5's dQ kernel unpipelined)."""
     g = acc.gather[0][0]
     G = em.r.sizes[g]
     GB = 1 << max(4, (G - 1).bit_length())
@@ -540,23 +549,31 @@ def _table_gradient(em, acc, codes, body, init, post, carried, valid):
     c = " + ".join(codes)
     if valid:
         c = f"tl.where({valid}, {c}, 0.0)"
-    init.append(f"{name} = tl.zeros([{GB}], tl.float32)  # d{acc.source.name}, per entry")
+    init.append(f"{name} = tl.zeros([BLOCK_M, {GB}], tl.float32)  # d{acc.source.name}, per query and entry")
     body.append(f"contrib_{name} = tl.broadcast_to({c}, [BLOCK_M, BLOCK_N])  # d{acc.source.name}[index]")
-    # only the entries this tile reads (T5: one or two buckets in most tiles, far from the diagonal)
-    body.append(f"entries_{name} = tl.broadcast_to({idx}, [BLOCK_M, BLOCK_N])")
-    body.append(f"first_{name} = tl.maximum(tl.min(tl.min(entries_{name}, 1), 0), 0)")
-    body.append(f"last_{name} = tl.minimum(tl.max(tl.max(entries_{name}, 1), 0), {G - 1})")
-    body.append(f"for entry in range(first_{name}, last_{name} + 1):")
-    body.append(f"    part = tl.sum(tl.sum(tl.where(entries_{name} == entry, contrib_{name}, 0.0), 1), 0)")
-    body.append(f"    {name} = tl.where(tl.arange(0, {GB}) == entry, {name} + part, {name})")
+    # clamped into the table: an element outside it (a padded row or key) adds 0, and then every pass is in it
+    body.append(f"entries_{name} = tl.minimum(tl.maximum(tl.broadcast_to({idx}, [BLOCK_M, BLOCK_N]), 0), {G - 1})"
+                ".to(tl.int32)")
+    body.append(f"low_{name} = tl.min(entries_{name}, 1)  # each row's lowest entry")
+    body.append(f"spread_{name} = tl.max(tl.max(entries_{name}, 1) - low_{name}, 0)")
+    if GB <= UNROLLED_TABLE_PASSES:
+        body += [f"for step in tl.static_range({GB}):", f"    if step <= spread_{name}:"]
+        indent = " " * 8
+    else:
+        body.append(f"for step in range(0, spread_{name} + 1):")
+        indent = " " * 4
+    body.append(f"{indent}entry = (low_{name} + step)[:, None]")
+    body.append(f"{indent}part = tl.sum(tl.where(entries_{name} == entry, contrib_{name}, 0.0), 1)[:, None]")
+    body.append(f"{indent}{name} = tl.where(tl.arange(0, {GB})[None, :] == entry, {name} + part, {name})")
     carried.append(name)
     em.gather_code[g], saved = f"tl.arange(0, {GB})", em.gather_code[g]
     ptr, _ = em.grad_address(acc, em.ctx)
     em.gather_code[g] = saved
+    total = f"tl.sum({name}, 0)"
     if G == 1:   # a table of one entry: its address does not move with the entry
-        post.append(f"tl.atomic_add({ptr}, tl.sum({name}, 0){RELAXED})")
+        post.append(f"tl.atomic_add({ptr}, tl.sum({total}, 0){RELAXED})")
     else:
-        post.append(f"tl.atomic_add({ptr}, {name}, mask=tl.arange(0, {GB}) < {G}{RELAXED})")
+        post.append(f"tl.atomic_add({ptr}, {total}, mask=tl.arange(0, {GB}) < {G}{RELAXED})")
 
 
 # a finite constant beyond this in the scores may be a mask fill (finfo.min, -1e9, -1e4): a row it fills everywhere
