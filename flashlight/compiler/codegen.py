@@ -20,6 +20,7 @@ from flashlight.compiler.analysis import (GATHERS, LOG2E, MATMULS, WHERE, Access
                                          literal, flat_axes, shape_of)
 from flashlight.compiler.indexing import VIEW_OPS, GroupedView, apply_view, freeze_chain, split_over_axes
 from flashlight.compiler.late import output_is_pv, row_scaled_accumulator
+from flashlight.compiler.ranges import index_bits
 from flashlight.compiler.rewrite import OnlineProgram, build, lname, vname
 from flashlight.compiler.sparsity import emit_tile_skip
 
@@ -132,6 +133,8 @@ class _Loads:
         self.post: list = []
         self.k = 0
         self.internal = set(region.nodes)
+        # integers computed from positions or converted to int64: int32 where every value fits (ranges.py)
+        self.int_bits = index_bits(region)
         D = {a: s for a, s in self.sizes.items() if a.startswith("d")}
         self.block = {"m": "BLOCK_M", "n": "BLOCK_N", "e": "BLOCK_E"}
         self.block.update({a: f"BLOCK_{a.upper()}" for a in D})
@@ -226,7 +229,9 @@ class _Loads:
             if off:
                 expr = f"{off} + {expr}"
             rhs = f"{literal(start)} + {literal(step)} * ({expr})" if (start, step) != (0, 1) else expr
-            where.append(f"{name} = {rhs}  # {acc.source.name}: positions")
+            wide = ".to(tl.int64)" if self.int_bits == 64 else ""   # int32 would overflow where eager's does not
+            where.append(f"{name} = ({rhs}){wide}  # {acc.source.name}: positions" if wide else
+                         f"{name} = {rhs}  # {acc.source.name}: positions")
             self.iota_code[name] = rhs
         else:
             offs, params, used_axes = self.address(acc, ctx, name)
@@ -346,6 +351,8 @@ class _Emitter(_Loads):
         o = lambda i: self.operand(node, i)  # noqa: E731
         if t in CASTS:
             src_dt, dt = node.args[0].meta["val"].dtype, node.meta["val"].dtype
+            if dt == torch.int64 and self.int_bits == 32:   # every value fits 32 bits (ranges.index_bits)
+                return f"({o(0)}).to(tl.int32)"
             return o(0) if dt == src_dt else f"({o(0)}).to({_tl_dtype(dt)})"  # e.g. .long() truncates
         if t in VIEW_OPS:
             return o(0)

@@ -1,0 +1,83 @@
+"""Integer index math in 32 bits where every value eager can give it fits, in 64 where one may not
+(flashlight/compiler/ranges.py), checked on the generated source and against float64 eager."""
+import math
+
+import torch
+
+import flashlight
+from flashlight.harness import variant_registry as vr
+
+from test_backward import check_grads
+from test_compiler import TOL, rel_err, run_fused   # conftest sets TRITON_INTERPRET=1 before imports
+
+
+def kernel_text(tmp_path, fn, inputs: dict, backward=False) -> str:
+    """The generated kernels' source, after a call (and a backward) of the compiled fn."""
+    torch._dynamo.reset()
+    inputs = {k: x.detach().clone().requires_grad_(x.requires_grad) for k, x in inputs.items()}   # grads apart
+    out = flashlight.compile(fn, dump=str(tmp_path))(**inputs)
+    if backward:
+        out.sum().backward()
+    return "\n".join(p.read_text() for p in sorted(tmp_path.glob("*.py")))
+
+
+def test_t5_buckets_are_computed_in_int32(tmp_path):
+    """T5's bucket (abs, a float log, `.long()`, min, where) fits int32 in every defined value: log(0) = -inf
+    at distance 0 converts to an undefined integer, which the where then replaces. Its kernels, forward and
+    backward, hold no int64 arithmetic, and stay exact."""
+    v = vr.get("t5_bias")
+    shape = v.shape(B=1, H=2, Sq=72, Sk=72, D=16)
+    inputs = v.make_inputs(shape, torch.float32, "cpu", requires_grad=True, seed=torch.randint(0, 10**6, ()).item())
+    text = kernel_text(tmp_path, v.bind(shape), inputs, backward=True)
+    assert "flashlight_bwd_dq" in text and ".to(tl.int32)" in text
+    assert "int64" not in text
+    check_grads(v.bind(shape), inputs)
+
+
+def test_positions_past_int32_are_computed_in_int64(tmp_path):
+    """`i * j` of positions offset by 50,000 passes 2**31: computed in int32 (as positions were) it wraps
+    negative on a GPU and masks keys eager keeps; the kernel widens the positions to int64, as eager computes
+    them. (The Triton interpreter does not wrap this product as the GPU does, so the spelling is what fails
+    here without the widening; the values are checked against eager too.)"""
+    def product_mask(q, k, v):
+        S = q.shape[-2]
+        i = torch.arange(S)[:, None] + 50_000
+        j = torch.arange(S)[None, :] + 50_000
+        keep = i * j >= 50_000 * 50_000 + 40 * 50_000
+        s = (q @ k.mT).masked_fill(~keep, float("-inf"))
+        return torch.softmax(s, -1) @ v
+
+    q, k, v = (torch.randn(1, 2, 72, 16) for _ in range(3))
+    text = kernel_text(tmp_path, product_mask, {"q": q, "k": k, "v": v})
+    assert ".to(tl.int64)" in text
+    out, ref, _ = run_fused(product_mask, q, k, v)
+    assert torch.isfinite(ref).all()
+    assert rel_err(out, ref) < TOL
+
+
+def test_an_integer_converted_from_data_stays_int64(tmp_path):
+    """A bucket computed from loaded floats (`(d * 4).long()`) may hold any int64 value eager can: its
+    conversion stays int64."""
+    def data_buckets(q, k, v, d, table):
+        ix = (d * 4).long().clamp(0, 15)
+        return torch.softmax(q @ k.mT / 4 + table[ix], -1) @ v
+
+    inputs = {"q": torch.randn(1, 2, 40, 16), "k": torch.randn(1, 2, 40, 16), "v": torch.randn(1, 2, 40, 16),
+              "d": torch.rand(40, 40) * 5, "table": torch.randn(16)}
+    text = kernel_text(tmp_path, data_buckets, inputs)
+    assert ".to(tl.int64)" in text
+    out, ref, _ = run_fused(data_buckets, **inputs)
+    assert rel_err(out, ref) < TOL
+
+
+def test_ranges_of_a_t5_bucket():
+    """The analysis itself on T5's bucket ops, without a kernel: the defined values of `.long()` of the
+    scaled log lie in [-5, 17] (log(1/8) to log(4095/8), scaled), the bucket in [0, 4111] before its min."""
+    from flashlight.compiler import ranges
+    dist = ranges.Ints(0, 4095)
+    scaled = ranges._mul(ranges._log(ranges._mul(ranges._floats(dist), ranges._scalar(1 / 8))),
+                         ranges._scalar(8 / math.log(16)))
+    bucket = ranges._cast(scaled, torch.int64)
+    assert (bucket.lo, bucket.hi, bucket.undefined) == (-5, 17, True)
+    assert ranges._cast(ranges._log(ranges._floats(ranges.Ints(-3, 4))), torch.int64) == ranges.Ints(0, 1, True)
+    assert ranges._cast(ranges.ANY_FLOAT, torch.int64) == ranges.ANY_INT   # unbounded: any int64
