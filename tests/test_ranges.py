@@ -47,12 +47,10 @@ def test_positions_past_int32_are_computed_in_int64(tmp_path):
         s = (q @ k.mT).masked_fill(~keep, float("-inf"))
         return torch.softmax(s, -1) @ v
 
-    q, k, v = (torch.randn(1, 2, 72, 16) for _ in range(3))
-    text = kernel_text(tmp_path, product_mask, {"q": q, "k": k, "v": v})
-    assert ".to(tl.int64)" in text
-    out, ref, _ = run_fused(product_mask, q, k, v)
-    assert torch.isfinite(ref).all()
-    assert rel_err(out, ref) < TOL
+    q, k, v = (torch.randn(1, 2, 72, 16, requires_grad=True) for _ in range(3))
+    text = kernel_text(tmp_path, product_mask, {"q": q, "k": k, "v": v}, backward=True)
+    assert text.count(".to(tl.int64)") >= 3   # the forward's positions and both backward kernels'
+    check_grads(product_mask, {"q": q, "k": k, "v": v})
 
 
 def test_an_integer_converted_from_data_stays_int64(tmp_path):
