@@ -1,6 +1,7 @@
 """Integer index math in 32 bits where every value eager can give it fits, in 64 where one may not
 (flashlight/compiler/ranges.py), checked on the generated source and against float64 eager."""
 import math
+import re
 
 import torch
 
@@ -79,3 +80,23 @@ def test_ranges_of_a_t5_bucket():
     assert (bucket.lo, bucket.hi, bucket.undefined) == (-5, 17, True)
     assert ranges._cast(ranges._log(ranges._floats(ranges.Ints(-3, 4))), torch.int64) == ranges.Ints(0, 1, True)
     assert ranges._cast(ranges.ANY_FLOAT, torch.int64) == ranges.ANY_INT   # unbounded: any int64
+
+
+def test_tile_bounds_of_wide_positions_are_computed_in_int64(tmp_path):
+    """A causal mask written on positions scaled past 2**31 (`(j + 60000) * 40000 <= (i + 60000) * 40000`):
+    the kernel skips and keeps tiles by bounding the mask over each tile from the tile's first and last
+    positions. Those bounds are multiplied as the positions are: in int32 they would wrap on a GPU and skip
+    tiles the mask keeps, so they are int64 here too, in the forward and in both backward kernels."""
+    def scaled_causal(q, k, v):
+        S = q.shape[-2]
+        i = torch.arange(S)[:, None] + 60_000
+        j = torch.arange(S)[None, :] + 60_000
+        s = (q @ k.mT).masked_fill(j * 40_000 > i * 40_000, float("-inf"))
+        return torch.softmax(s, -1) @ v
+
+    q, k, v = (torch.randn(1, 2, 100, 16, requires_grad=True) for _ in range(3))
+    text = kernel_text(tmp_path, scaled_causal, {"q": q, "k": k, "v": v}, backward=True)
+    bounds = [ln for ln in text.splitlines() if re.match(r"\s*iv\d+_[ab] = ", ln)]
+    assert bounds and all("tl.int64" in ln for ln in bounds), bounds
+    assert "tile_empty" in text   # the tiles are classified: the bounds are used
+    check_grads(scaled_causal, {"q": q, "k": k, "v": v})

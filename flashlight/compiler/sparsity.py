@@ -388,8 +388,10 @@ class IntervalEmitter:
             # no reduction across the tile)
             (a,) = tile_axes
             at = lambda end: re.sub(rf"offs_{a}(\[[^\]]*\])?", end[a], code)  # noqa: E731
-            lines.append(f"{name}_a = {at(self.FIRST)}  # {acc.source.name} at the tile's first {a}")
-            lines.append(f"{name}_b = {at(self.LAST)}")
+            # in int64 where the kernel's positions are (ranges.index_bits): their bounds' products may pass 2**31
+            wide = (lambda c: f"tl.cast({c}, tl.int64)") if self.em.int_bits == 64 else (lambda c: c)  # noqa: E731
+            lines.append(f"{name}_a = {wide(at(self.FIRST))}  # {acc.source.name} at the tile's first {a}")
+            lines.append(f"{name}_b = {wide(at(self.LAST))}")
             lines.append(f"{name}_lo = tl.minimum({name}_a, {name}_b)")
             lines.append(f"{name}_hi = tl.maximum({name}_a, {name}_b)")
         else:
