@@ -3,6 +3,7 @@
 import math
 import re
 
+import pytest
 import torch
 
 import flashlight
@@ -100,3 +101,77 @@ def test_tile_bounds_of_wide_positions_are_computed_in_int64(tmp_path):
     assert bounds and all("tl.int64" in ln for ln in bounds), bounds
     assert "tile_empty" in text   # the tiles are classified: the bounds are used
     check_grads(scaled_causal, {"q": q, "k": k, "v": v})
+
+
+def chunked(q, k, v):
+    """Llama 4's chunked attention: causal within chunks of 32 positions."""
+    i, j = torch.arange(q.shape[-2])[:, None], torch.arange(k.shape[-2])[None, :]
+    keep = (i // 32 == j // 32) & (j <= i)
+    return torch.softmax((q @ k.mT / 4).masked_fill(~keep, float("-inf")), -1) @ v
+
+
+def test_chunked_attention_fuses_skips_tiles_and_trains(tmp_path):
+    """`i // 32 == j // 32`: floor division of positions (never negative) is Triton's `//`; the tiles of
+    other chunks are skipped (bounded by the quotients of the tile's first and last positions) and tiles
+    inside a chunk below the diagonal drop the mask, with the eager result in the forward and backward."""
+    q, k, v = (torch.randn(2, 2, 100, 16, requires_grad=True) for _ in range(3))
+    text = kernel_text(tmp_path, chunked, {"q": q, "k": k, "v": v}, backward=True)
+    assert "// 32" in text and "tile_empty" in text and "mask dropped: the tile is kept whole" in text
+    report = flashlight.explain(chunked, q, k, v)
+    assert "classified by index arithmetic" in str(report), str(report)
+    check_grads(chunked, {"q": q, "k": k, "v": v})
+    for sparse in (True, False):   # the same values with every tile computed
+        torch._dynamo.reset()
+        out = flashlight.compile(chunked, inductor=False, block_sparse=sparse)(q, k, v)
+        assert rel_err(out, chunked(q.double(), k.double(), v.double())) < TOL
+
+
+DIVISIONS = {   # a mask or a bias from a division of a difference of positions, which is negative below the diagonal
+    "remainder": lambda d: d % 3 == 0,
+    "remainder_fn": lambda d: torch.remainder(d, 5) < 2,
+    "fmod": lambda d: torch.fmod(d, 4) > -2,
+    "floor_divide": lambda d: d // 16 >= -1,
+    "trunc": lambda d: torch.div(d, 16, rounding_mode="trunc") == 0,
+    "floor_mode": lambda d: torch.div(d, 7, rounding_mode="floor") > -3,
+}
+
+
+@pytest.mark.parametrize("name", list(DIVISIONS))
+def test_divisions_of_values_that_may_be_negative_round_as_eager(name):
+    """Rounded divisions and remainders of j - i, negative on one side of the diagonal: Triton's `//` and `%`
+    round negative values as C does (and its interpreter as Python does), torch's floor_divide and remainder
+    as Python does, fmod and trunc as C does. The kernel computes them on |j - i| and puts the sign back, so
+    that eager's values come out on a GPU and in the interpreter alike; tiles are classified with the same
+    arithmetic."""
+    keep_of = DIVISIONS[name]
+
+    def f(q, k, v):
+        i, j = torch.arange(q.shape[-2])[:, None], torch.arange(k.shape[-2])[None, :]
+        return torch.softmax((q @ k.mT / 4).masked_fill(~keep_of(j - i), float("-inf")), -1) @ v
+
+    q, k, v = (torch.randn(1, 2, 100, 16) for _ in range(3))
+    out, ref, report = run_fused(f, q, k, v)
+    assert "tl.abs(" in report.regions[0].kernel_source
+    assert rel_err(out, ref) < TOL
+
+
+def test_divisions_by_tensors_or_of_floats_stay_outside_the_kernel():
+    """A division by a tensor (which may hold 0: eager raises for integers) and a rounded division of floats
+    are not computed in the kernel: Inductor computes them, and the kernel reads the result as a tensor (a
+    mask of positions and data, fused as before), or the region is left to Inductor where the scores
+    themselves are divided (explain says so)."""
+    def by_data(q, k, v, w):
+        i = torch.arange(q.shape[-2])[:, None]
+        return torch.softmax((q @ k.mT).masked_fill(i // w[None, :] > 2, float("-inf")), -1) @ v
+
+    def of_floats(q, k, v):
+        s = q @ k.mT
+        return torch.softmax(s - s // 2, -1) @ v
+
+    q, k, v = (torch.randn(1, 2, 40, 16) for _ in range(3))
+    out, ref, report = run_fused(by_data, q, k, v, torch.randint(1, 5, (40,)))
+    inputs = next(ln for ln in str(report).splitlines() if "inputs:" in ln)
+    assert "floor_divide" in inputs, str(report)   # computed outside, read as a tensor
+    assert rel_err(out, ref) < TOL
+    report = flashlight.explain(of_floats, q, k, v)
+    assert not report.fused, str(report)

@@ -53,8 +53,15 @@ ELEMENTWISE = {
     aten.add.Scalar, aten.sub.Scalar, aten.mul.Scalar, aten.div.Scalar, aten.erf.default,
     aten.log1p.default, aten.expm1.default, aten.sin.default, aten.cos.default,
     aten.sign.default, aten.square.default, prims.where.default,
+    # integer division and remainder (chunked and strided masks: i // 64 == j // 64, (i - j) % 4 == 0), fused
+    # where the values divided cannot be negative (codegen._integer_division)
+    aten.floor_divide.default, aten.div.Tensor_mode, aten.remainder.Scalar, aten.remainder.Tensor,
+    aten.fmod.Scalar, aten.fmod.Tensor,
 }
+INTEGER_DIVISIONS = {aten.floor_divide.default, aten.div.Tensor_mode}
+REMAINDERS = {aten.remainder.Scalar, aten.remainder.Tensor, aten.fmod.Scalar, aten.fmod.Tensor}
 WHERE = {aten.where.self, prims.where.default}
+CASTS = {aten._to_copy.default, prims.convert_element_type.default}
 # table[index]: a load from a tensor at a position computed per score element (bias tables indexed
 # by bucketed distance); the gathered dim gets a pseudo kernel axis "g<i>" indexed by that value
 GATHERS = {aten.index.Tensor}
@@ -177,8 +184,18 @@ def _source_of(node):
 
 
 def _is_computable(node):
+    if isinstance(node, fx.Node) and (node.target in INTEGER_DIVISIONS or node.target in REMAINDERS):
+        return _divides_integers_by_a_constant(node)
     return isinstance(node, fx.Node) and node.op == "call_function" and (
         node.target in ELEMENTWISE or node.target in REDUCTIONS or node.target in GATHERS)
+
+
+def _divides_integers_by_a_constant(node) -> bool:
+    """An integer division or remainder by a constant >= 1 (a chunk size, a stride): computed in the kernel.
+    Others (of floats, by a tensor) stay outside the region, computed by Inductor and read as a tensor."""
+    val, divisor = node.meta.get("val"), node.args[1] if len(node.args) > 1 else None
+    return val is not None and not val.dtype.is_floating_point and val.dtype != torch.bool and \
+        isinstance(divisor, int) and not isinstance(divisor, bool) and divisor >= 1
 
 
 def _feed_forward(node, src) -> bool:

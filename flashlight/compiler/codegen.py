@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from flashlight.compiler.analysis import (GATHERS, LOG2E, MATMULS, WHERE, Access, NotFusable, Region, constant_value,
-                                         literal, flat_axes, shape_of)
+from flashlight.compiler.analysis import (CASTS, GATHERS, INTEGER_DIVISIONS, LOG2E, MATMULS, REMAINDERS, WHERE, Access,
+                                         NotFusable, Region, constant_value, literal, flat_axes, shape_of)
 from flashlight.compiler.indexing import VIEW_OPS, GroupedView, apply_view, freeze_chain, split_over_axes
 from flashlight.compiler.late import output_is_pv, row_scaled_accumulator
-from flashlight.compiler.ranges import index_bits
+from flashlight.compiler.ranges import analyse, index_bits, integer_division, operand_range
 from flashlight.compiler.rewrite import OnlineProgram, build, lname, vname
 from flashlight.compiler.sparsity import emit_tile_skip
 
@@ -28,9 +28,6 @@ aten = torch.ops.aten
 
 # largest tile any config may use along m / n: shapes divisible by it need no bounds masks
 MAX_BLOCK = 128
-
-
-CASTS = {aten._to_copy.default, torch.ops.prims.convert_element_type.default}
 
 
 def _tl_dtype(dt):
@@ -134,7 +131,8 @@ class _Loads:
         self.k = 0
         self.internal = set(region.nodes)
         # integers computed from positions or converted to int64: int32 where every value fits (ranges.py)
-        self.int_bits = index_bits(region)
+        self.value_ranges = analyse(region)
+        self.int_bits = index_bits(region, self.value_ranges)
         D = {a: s for a, s in self.sizes.items() if a.startswith("d")}
         self.block = {"m": "BLOCK_M", "n": "BLOCK_N", "e": "BLOCK_E"}
         self.block.update({a: f"BLOCK_{a.upper()}" for a in D})
@@ -387,6 +385,8 @@ class _Emitter(_Loads):
                 y, c = scaled
                 return f"tl.exp2({y} * ({literal(c)} * s2_{R}) - mu2_{R})"
             return f"tl.exp2({self.float_operand(sub, 0)} * s2_{R} - mu2_{R})"
+        if t in INTEGER_DIVISIONS or t in REMAINDERS:
+            return self._integer_division(node)
         if t in UNARY:
             return UNARY[t].format(f(0))
         if t in (aten.logical_not.default, aten.bitwise_not.default):
@@ -427,6 +427,27 @@ class _Emitter(_Loads):
         if t in WHERE:
             return f"tl.where({o(0)}, {self.where_operand(node, 1)}, {self.where_operand(node, 2)})"
         raise NotFusable(f"no Triton spelling for {t}")
+
+    def _integer_division(self, node):
+        """a // b (floor_divide, div with rounding_mode floor or trunc), remainder and fmod of integers by a
+        divisor b >= 1 (ranges.py shows it). Where a >= 0 too, floor and truncation agree, as do remainder
+        and fmod: Triton's `//` and `%`. Otherwise they are computed on |a|, where they agree as well: Triton
+        rounds a negative quotient as C does (towards 0), its interpreter as Python does (down).
+        ranges.integer_division spells them."""
+        if not _int_dtype(node.meta["val"].dtype):
+            raise NotFusable(f"{node.target} of floats")
+        mode = node.kwargs.get("rounding_mode", "floor")
+        if mode not in ("floor", "trunc"):
+            raise NotFusable(f"div with rounding_mode={mode!r}")
+        a, b = (operand_range(self.r, self.value_ranges, node, i) for i in (0, 1))
+        if b is None or b.lo < 1:
+            raise NotFusable(f"{node.target} by a divisor that may be 0 or negative (only divisors >= 1 are fused)")
+        return integer_division(node.target, mode, self.operand(node, 0), self.operand(node, 1),
+                                a is not None and a.lo >= 0)
+
+
+def _int_dtype(dtype) -> bool:
+    return not dtype.is_floating_point and not dtype.is_complex and dtype != torch.bool
 
 
 def _minus_inf(a) -> bool:

@@ -10,14 +10,18 @@ Ranges are intervals, found in one pass over the region's ops. Floats carry what
 needs: bounds of their finite values, a gap (no finite value lies strictly between 0 and ±gap: integers
 converted to float, then scaled), and whether ±inf or NaN may occur. Converting ±inf or NaN to an integer is
 undefined in eager too (T5 takes log(0) = -inf at distance 0, converts it, and then selects another value
-there), so such elements only mark the result as possibly undefined; the check is on the defined values."""
+there), so such elements only mark the result as possibly undefined; the check is on the defined values.
+
+The ranges also decide how an integer division or remainder by a divisor >= 1 is spelled (integer_division):
+Triton's `//` and `%` where the dividend is never negative, the sign put back around |dividend| otherwise."""
 import math
 from dataclasses import dataclass
 
 import torch
 from torch import fx
 
-from flashlight.compiler.analysis import GATHERS, WHERE, Region, constant_value, shape_of
+from flashlight.compiler.analysis import (CASTS, GATHERS, INTEGER_DIVISIONS, REMAINDERS, WHERE, Region, constant_value,
+                                          shape_of)
 from flashlight.compiler.indexing import VIEW_OPS
 
 aten = torch.ops.aten
@@ -163,6 +167,29 @@ def _cast(a, dtype):
     return Ints(math.trunc(a.lo), math.trunc(a.hi), bool(a.specials))
 
 
+def _integer_division(t, mode, a, b):
+    """a // b (floor or truncated), remainder (the divisor's sign) or fmod (the dividend's) of integers, by
+    divisors b >= 1 only (what codegen fuses)."""
+    if not isinstance(a, Ints) or not isinstance(b, Ints) or b.lo < 1 or math.isinf(a.lo) or math.isinf(a.hi):
+        return ANY_INT
+    undefined = a.undefined or b.undefined
+    if t in INTEGER_DIVISIONS:
+        if mode == "trunc":
+            def q(x, y):
+                return -(-x // y) if x < 0 else x // y
+        else:
+            def q(x, y):
+                return x // y
+        ends = [q(x, y) for x in (a.lo, a.hi) for y in (b.lo, b.hi) if not math.isinf(y)] or [0]
+        if math.isinf(b.hi):   # an unbounded divisor takes quotients towards 0 (or -1, flooring)
+            ends += [0, -1]
+        return Ints(min(ends), max(ends), undefined)
+    biggest = b.hi - 1
+    if t in (aten.remainder.Scalar, aten.remainder.Tensor):   # the divisor's sign: 0 .. b - 1
+        return Ints(0, min(biggest, a.hi) if a.lo >= 0 else biggest, undefined)
+    return Ints(max(-biggest, a.lo) if a.lo < 0 else 0, min(biggest, a.hi) if a.hi > 0 else 0, undefined)
+
+
 def _float_unary(t, a):
     a = _floats(a)
     if t is aten.sigmoid.default:
@@ -225,7 +252,6 @@ def _dtype(x):
 
 
 def _transfer(n, args, dtype):
-    from flashlight.compiler.codegen import BINARY, CASTS   # codegen imports this module
     t = n.target
     unknown = ANY_INT if _is_int(dtype) else ANY_FLOAT
     if t in CASTS:
@@ -251,13 +277,10 @@ def _transfer(n, args, dtype):
         return _neg(args[0])
     if t is aten.abs.default:
         return _abs(args[0])
-    if t in BINARY or t in (aten.logical_not.default, aten.bitwise_not.default):
-        if dtype == torch.bool:
-            return Ints(0, 1)
-        a, b = args
-        if t is aten.bitwise_and.Tensor and a.lo >= 0 and b.lo >= 0:
-            return Ints(0, min(a.hi, b.hi), a.undefined or b.undefined)
-        return unknown
+    if dtype == torch.bool:   # comparisons, logical ops
+        return Ints(0, 1)
+    if t is aten.bitwise_and.Tensor and args[0].lo >= 0 and args[1].lo >= 0:
+        return Ints(0, min(args[0].hi, args[1].hi), args[0].undefined or args[1].undefined)
     if t in (aten.maximum.default, aten.clamp_min.default):
         return _extreme(args[0], args[1], largest=True)
     if t in (aten.minimum.default, aten.clamp_max.default):
@@ -271,6 +294,8 @@ def _transfer(n, args, dtype):
         return x
     if t in WHERE:
         return _union(args[1], args[2])
+    if (t in INTEGER_DIVISIONS or t in REMAINDERS) and _is_int(dtype):
+        return _integer_division(t, n.kwargs.get("rounding_mode", "floor"), *args)
     if t is aten.pow.Tensor_Scalar and n.args[1] == 1:
         return args[0]
     if not _is_int(dtype):
@@ -278,17 +303,21 @@ def _transfer(n, args, dtype):
     return unknown
 
 
+def operand_range(region: Region, values: dict, node, i):
+    """The range of operand i of an internal node (values: analyse(region)); None where unknown."""
+    return _value(node.args[i], region, values, node, i)
+
+
 def _fits(v: Ints) -> bool:
     return INT32[0] <= v.lo and v.hi <= INT32[1]
 
 
-def index_bits(region: Region) -> int:
+def index_bits(region: Region, values: dict | None = None) -> int:
     """32 where every integer the kernel computes from positions or converts to int64 fits int32 in all
     its defined values (the kernel then spells those conversions and positions in int32), else 64 (the
     kernel computes them in int64, as eager). Integers only read from tensors keep their own dtype: int64
     data stays int64, and mixing it in widens as in torch."""
-    from flashlight.compiler.codegen import CASTS   # codegen imports this module
-    values = analyse(region)
+    values = analyse(region) if values is None else values
     own = set()   # nodes whose bits the kernel chooses: computed from positions or from an int64 conversion
     for n in region.nodes:
         reads_iota = any(isinstance(a, fx.Node) and (acc := region.accesses.get((n, i))) is not None and
@@ -306,3 +335,18 @@ def index_bits(region: Region) -> int:
         if acc.gather and acc.source.meta["val"].numel() >= 2**31:   # index × stride in int32
             return 64
     return 32
+
+
+def integer_division(target, mode: str, x: str, y: str, nonnegative: bool) -> str:
+    """Triton code of x // y (rounding `mode`: floor or trunc), remainder or fmod, for a divisor y >= 1."""
+    division = target in INTEGER_DIVISIONS
+    if nonnegative:
+        return f"({x} {'//' if division else '%'} {y})"
+    quotient, rest = f"(tl.abs({x}) // {y})", f"(tl.abs({x}) % {y})"   # of |x|: the same in both roundings
+    if division and mode == "trunc":
+        return f"tl.where({x} < 0, -{quotient}, {quotient})"
+    if division:   # floor: one lower where x < 0 leaves a remainder
+        return f"tl.where({x} < 0, -{quotient} - tl.where({rest} != 0, 1, 0), {quotient})"
+    if target in (aten.fmod.Scalar, aten.fmod.Tensor):   # the dividend's sign
+        return f"tl.where({x} < 0, -{rest}, {rest})"
+    return f"tl.where(({x} < 0) & ({rest} != 0), {y} - {rest}, {rest})"   # remainder: the divisor's sign

@@ -34,8 +34,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from flashlight.compiler.analysis import MATMULS, WHERE, Region, constant_value, flat_axes, literal
+from flashlight.compiler.analysis import (INTEGER_DIVISIONS, MATMULS, REMAINDERS, WHERE, Region, constant_value,
+                                         flat_axes, literal)
 from flashlight.compiler.indexing import VIEW_OPS
+from flashlight.compiler.ranges import integer_division, operand_range
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -423,8 +425,32 @@ class IntervalEmitter:
         if t in (aten.logical_not.default, aten.bitwise_not.default):
             (ka, at, af), = ops
             return ("bool", af, at) if ka == "bool" else None
+        if t in INTEGER_DIVISIONS or t in REMAINDERS:
+            return self._division_interval(n, ops)
         bounds = _interval_of(n, ops)
         return None if bounds is None else self._emit(*bounds)
+
+    def _division_interval(self, n, ops):
+        """Bounds of x // c over a tile (c a constant >= 1; both roundings are non-decreasing in x: the
+        quotients of the bounds), and of x % c: within one period of c the remainders of the bounds, else
+        0 .. c - 1 (a remainder's sign is the divisor's; fmod's only where x >= 0)."""
+        (kx, lo, hi), (kc, c, _) = ops
+        value = _literal(n.args[1]) if not isinstance(n.args[1], fx.Node) else None
+        if kx != "num" or kc != "num" or not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            return None
+        x_range = operand_range(self.r, self.em.value_ranges, n, 0)
+        nonnegative = x_range is not None and x_range.lo >= 0
+        mode = n.kwargs.get("rounding_mode", "floor")
+        if n.target in INTEGER_DIVISIONS:
+            return self._emit("num", integer_division(n.target, mode, lo, c, nonnegative),
+                              integer_division(n.target, mode, hi, c, nonnegative))
+        if n.target in (aten.fmod.Scalar, aten.fmod.Tensor) and not nonnegative:
+            return None
+        floor = aten.floor_divide.default
+        same = f"({integer_division(floor, 'floor', lo, c, nonnegative)} == " \
+               f"{integer_division(floor, 'floor', hi, c, nonnegative)})"
+        return self._emit("num", f"tl.where({same}, {integer_division(n.target, mode, lo, c, nonnegative)}, 0)",
+                          f"tl.where({same}, {integer_division(n.target, mode, hi, c, nonnegative)}, {value - 1})")
 
     def _emit(self, kind, lo, hi):
         name = self.fresh()
