@@ -52,6 +52,7 @@ def test_positions_past_int32_are_computed_in_int64(tmp_path):
     q, k, v = (torch.randn(1, 2, 72, 16, requires_grad=True) for _ in range(3))
     text = kernel_text(tmp_path, product_mask, {"q": q, "k": k, "v": v}, backward=True)
     assert text.count(".to(tl.int64)") >= 3   # the forward's positions and both backward kernels'
+    assert "index math: int64" in str(flashlight.explain(product_mask, q, k, v))
     check_grads(product_mask, {"q": q, "k": k, "v": v})
 
 

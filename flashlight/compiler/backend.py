@@ -131,6 +131,9 @@ def plan(gm: fx.GraphModule, training: bool = False, dump=None, config=None, blo
                     "CUDA cores: float32 tiles at full precision (torch's default float32 matmul precision) have "
                     "no tensor-core instruction, so the kernels are far slower than with bfloat16, float16 or "
                     "TF32 (torch.set_float32_matmul_precision('high'))")
+            if ks.int_bits == 64:
+                rep.matched["index math"] = ("int64, as eager computes it: a value computed from positions may pass "
+                                             "2**31 (ranges.py; int32 where none can, which is faster)")
             if training:
                 rep.matched["training forward saves"] = training_saves(ks)
             _check_device(region)

@@ -88,6 +88,7 @@ class KernelSource:
     row_program: dict | None = None  # training: the after-the-loop lines, for late.py
     params: tuple = ()             # names of the stride arguments, in launch order
     cuda_core_dots: bool = False   # float32 tiles at IEEE precision (see cuda_core_dots): small tiles
+    int_bits: int = 32             # integers computed from positions: int32, or int64 where one may pass 2**31
 
 
 def access_layout(chain, axes, shape, stride, offset, sizes):
@@ -816,7 +817,8 @@ def _assemble(em: _Emitter, prog: OnlineProgram) -> KernelSource:
                         n_dot=sum(a.kind == "dot" for a in prog.accumulators), notes=list(prog.notes),
                         N=N, classifier=classifier, range_rows=range_rows,
                         classifier_reads=classifier_reads, tile_skipping=skipping,
-                        may_be_bias=bool(classifier and tiles.added), cuda_core_dots=cuda_core_dots(r))
+                        may_be_bias=bool(classifier and tiles.added), cuda_core_dots=cuda_core_dots(r),
+                        int_bits=em.int_bits)
 
 
 def tile_range_lines(tiles, sizes, axis: str, fixed: str, head) -> list:
