@@ -1052,3 +1052,16 @@ def test_backward_tiles_given_for_one_kernel_leave_the_others_default():
     ref = {n: t.detach().double().requires_grad_() for n, t in inputs.items()}
     (torch.softmax(ref["q"] @ ref["k"].mT * 0.25, -1) @ ref["v"]).sum().backward()
     assert all(rel_err(inputs[n].grad, ref[n].grad) < TOL for n in inputs)
+
+
+@pytest.mark.parametrize("D,Dv", [(1, 16), (16, 1), (1, 1)])
+def test_head_dims_of_size_one_get_exact_gradients(D, Dv):
+    """A head dim of size 1 is dropped from the loads' axes; the backward read such a Q, K or V tile
+    broadcast over the padded head-dim block, so every score matmul summed the one column 16 times
+    (gradients 1e10 off, with a correct forward). The padding columns are zeros now."""
+    def attn(q, k, v):
+        return torch.softmax(q @ k.mT / 4, -1) @ v
+    g = torch.Generator().manual_seed(torch.randint(0, 10**6, ()).item())
+    inputs = {"q": torch.randn(1, 2, 40, D, generator=g), "k": torch.randn(1, 2, 40, D, generator=g),
+              "v": torch.randn(1, 2, 40, Dv, generator=g)}
+    check_grads(attn, {n: x.requires_grad_() for n, x in inputs.items()})
