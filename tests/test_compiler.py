@@ -1123,3 +1123,20 @@ def test_an_input_made_on_another_device_is_copied_to_the_queries_device():
     assert leaves[0] is q
     assert leaves[1].target is torch.ops.aten._to_copy.default and leaves[1].args == (index,)
     assert leaves[1].kwargs == {"device": torch.device("meta")}
+
+
+def test_an_empty_batch_is_left_to_inductor_with_its_reason():
+    """A batch of size 0 (eager returns an empty output): nothing to fuse. It failed inside code generation
+    (a modulo by zero) with a warning about a bug of ours; explain now says what it is."""
+    import warnings
+
+    def attn(q, k, v):
+        return torch.softmax(q @ k.mT / 4, -1) @ v
+    q, k, v = (torch.randn(0, 2, 40, 16) for _ in range(3))
+    report = flashlight.explain(attn, q, k, v)
+    assert not report.fused and "size 0" in report.regions[0].reason, str(report)
+    torch._dynamo.reset()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert flashlight.compile(attn)(q, k, v).shape == (0, 2, 40, 16)
+    assert not [w for w in caught if "flashlight" in str(w.message)], [str(w.message) for w in caught]

@@ -337,6 +337,8 @@ RANDOM = ("bernoulli", "native_dropout", "rand", "randn", "rand_like", "randn_li
 
 def analyse(gm: fx.GraphModule, pv: fx.Node) -> Region:
     """Build the Region ending at the ·V matmul `pv`, or raise NotFusable."""
+    if any(0 in shape_of(m) for m in (pv, *pv.args[:2]) if isinstance(m, fx.Node)):
+        raise NotFusable("a tensor of size 0 (an empty batch, no queries or no keys): nothing to compute")
     try:
         region = _analyse(gm, pv)
     except NotFusable as e:
