@@ -174,3 +174,16 @@ def test_forward_and_causal_backward_kernels_do_not_spill(D, gpu_launches, tmp_p
     assert any(k.startswith("flashlight_bwd_dkv") for k in kernels) and any(k.startswith("flashlight_bwd_dq") for k in kernels)
     spills = [(job["name"], job["constexprs"], job["options"], row[2:]) for job, row in compiled if row[3] or row[4]]
     assert not spills, spills
+
+
+def test_a_head_dim_of_one_compiles_for_hopper(gpu_launches, tmp_path):
+    """A head dim of size 1: Triton multiplies 16 wide at least, so the score matmuls read Q and K
+    zero-padded to the block (the 1-wide matmul did not compile for sm_90: on a GPU the region fell back
+    to Inductor at its first call), forward and backward."""
+    def attn(q, k, v):
+        return torch.softmax(q @ k.mT, -1) @ v
+    q, k, v = (torch.randn(1, 2, 80, 1, dtype=torch.float16, requires_grad=True) for _ in range(3))
+    torch._dynamo.reset()
+    out = flashlight.compile(attn, inductor=False)(q, k, v)
+    out.backward(torch.randn_like(out))
+    assert len(check_compiles(tmp_path, gpu_launches)) == 3   # forward, dQ, dK/dV

@@ -674,22 +674,8 @@ class _TileProgram:
         self.init, self.post, self.carried = [], [], []
 
     def full(self, acc, ctx, where):
-        """A Q, K or V tile at its full block shape: a size-1 query or key dim is read broadcast (its other
-        rows are masked later); a head dim of size 1 is the value in column 0 and zeros after it (broadcast,
-        the matmul would sum the column once per padding column)."""
-        em = self.em
-        name = em.access(acc, ctx, where)
-        missing = [i for i, a in enumerate(ctx) if a not in flat_axes(acc.axes)]
-        if not missing:
-            return name
-        shape = ", ".join(f"BLOCK_{a.upper()}" if a in ("m", "n") else str(em.block_size[a]) for a in ctx)
-        code = f"tl.broadcast_to({name}, [{shape}])"
-        for i in missing:
-            if ctx[i] not in ("m", "n"):
-                index = f"offs_{ctx[i]}" + ("[:, None]" if i == 0 else "[None, :]")
-                code = f"tl.where({index} == 0, {code}, 0.0)"
-        where.append(f"{name}_full = {code}")
-        return f"{name}_full"
+        """A Q, K or V tile at its full block shape (_Emitter.block_tile)."""
+        return self.em.block_tile(acc, ctx, where)
 
     def recompute(self):
         """1. The scores and the score program at their true values."""

@@ -429,6 +429,23 @@ class _Emitter(_Loads):
             return f"tl.where({o(0)}, {self.where_operand(node, 1)}, {self.where_operand(node, 2)})"
         raise NotFusable(f"no Triton spelling for {t}")
 
+    def block_tile(self, acc, ctx, where):
+        """A Q, K or V tile at its full block shape: a size-1 query or key dim is read broadcast (its other
+        rows are masked later); a head dim of size 1 is the value in column 0 and zeros after it (broadcast,
+        a matmul would sum the column once per padding column; as it is, 1 wide, Triton cannot multiply it)."""
+        name = self.access(acc, ctx, where)
+        missing = [i for i, a in enumerate(ctx) if a not in flat_axes(acc.axes)]
+        if not missing:
+            return name
+        shape = ", ".join(f"BLOCK_{a.upper()}" if a in ("m", "n") else str(self.block_size[a]) for a in ctx)
+        code = f"tl.broadcast_to({name}, [{shape}])"
+        for i in missing:
+            if ctx[i] not in ("m", "n"):
+                index = f"offs_{ctx[i]}" + ("[:, None]" if i == 0 else "[None, :]")
+                code = f"tl.where({index} == 0, {code}, 0.0)"
+        where.append(f"{name}_full = {code}")
+        return f"{name}_full"
+
     def _integer_division(self, node):
         """a // b (floor_divide, div with rounding_mode floor or trunc), remainder and fmod of integers by a
         divisor b >= 1 (ranges.py shows it). Where a >= 0 too, floor and truncation agree, as do remainder
@@ -534,9 +551,11 @@ def generate(region: Region, block_sparse: bool = True, training: bool = False,
 
     # Q tiles (hoisted) and K tiles (in the loop) of each score matmul
     for sm in r.scores:
-        q = em.access(sm.q, ("m", sm.axis), em.pre)
+        # a contraction 1 wide is padded with zeros to the block (Triton multiplies 16 wide at least)
+        tile = em.block_tile if sizes[sm.axis] == 1 else em.access
+        q = tile(sm.q, ("m", sm.axis), em.pre)
         em.loop.append(f"# scores {sm.node.name} = Q·Kᵀ  (contraction over {sm.axis}, {sizes[sm.axis]} wide)")
-        k = em.access(sm.k, (sm.axis, "n"), em.loop)
+        k = tile(sm.k, (sm.axis, "n"), em.loop)
         if sm.q.dtype != sm.k.dtype:
             q, k = f"{q}.to(tl.float32)", f"{k}.to(tl.float32)"
         em.loop.append(f"{vname(sm.node)} = {dot(q, k)}")
