@@ -1066,3 +1066,12 @@ def test_head_dims_of_size_one_get_exact_gradients(D, Dv):
     inputs = {"q": torch.randn(1, 2, 40, D, generator=g), "k": torch.randn(1, 2, 40, D, generator=g),
               "v": torch.randn(1, 2, 40, Dv, generator=g)}
     check_grads(attn, {n: x.requires_grad_() for n, x in inputs.items()})
+
+
+def test_a_softmax_written_with_logsumexp_trains_fused():
+    """`exp(s - s.logsumexp(-1, keepdim=True))` with a causal mask: its exp(s - (log(sum) + c)) is read as
+    exp(s - c) / sum, the softmax, forward and backward."""
+    def log_space(q, k, v):
+        s = (q @ k.mT / 4).masked_fill(torch.ones(40, 40, dtype=torch.bool).triu(1), float("-inf"))
+        return torch.exp(s - torch.logsumexp(s, -1, keepdim=True)) @ v
+    check_grads(log_space, {n: torch.randn(2, 2, 40, 16, requires_grad=True) for n in "qkv"})

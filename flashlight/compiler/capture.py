@@ -32,6 +32,7 @@ _DECOMPOSE = [
     aten._softmax, aten._safe_softmax, aten.softmax, aten._log_softmax, aten.masked_fill,
     aten.tril, aten.triu, aten.repeat_interleave.self_int, aten.rsub, aten.baddbmm, aten.addcmul,
     aten.hardtanh, aten.softplus, aten.where.ScalarOther, aten.where.ScalarSelf, aten.where.Scalar,
+    aten.logsumexp,
 ]
 
 
@@ -163,7 +164,9 @@ def _natural_exponentials(gm: fx.GraphModule) -> None:
     - ``base ** x`` (pow.Scalar, a positive constant base; exp2) is ``exp(x * ln(base))``;
     - ``exp(a - log(b))`` is ``exp(a) / b``: ``log_softmax(x).exp()`` becomes the ordinary softmax, and
       the exp(a) the log-sum-exp already computed is reused (through the cast a 16-bit log_softmax ends
-      with: the exp of the rounded log-probability becomes the rounded probability)."""
+      with: the exp of the rounded log-probability becomes the rounded probability);
+    - ``exp(a - (log(b) + c))`` is ``exp((a - c) - log(b))``, then as above: ``(x - x.logsumexp(-1,
+      keepdim=True)).exp()``, whose log-sum-exp is log(sum(exp(x - c))) + c."""
     import math
 
     g = gm.graph
@@ -193,6 +196,20 @@ def _natural_exponentials(gm: fx.GraphModule) -> None:
         node.replace_all_uses_with(new)
         g.erase_node(node)
     casts = (aten._to_copy.default, torch.ops.prims.convert_element_type.default)
+    for node in list(g.nodes):   # exp(a - (log b + c)) is exp((a - c) - log b): torch.logsumexp's form
+        sub = node.args[0] if node.op == "call_function" and node.target is aten.exp.default else None
+        if not (isinstance(sub, fx.Node) and sub.target is aten.sub.Tensor and len(sub.args) == 2 and not sub.kwargs
+                and isinstance(sub.args[1], fx.Node) and sub.args[1].target is aten.add.Tensor
+                and not sub.args[1].kwargs and isinstance(sub.args[0], fx.Node)):
+            continue
+        a, (u, w) = sub.args[0], sub.args[1].args
+        logs = [i for i, t in enumerate((u, w)) if isinstance(t, fx.Node) and t.target is aten.log.default]
+        if len(logs) != 1:
+            continue
+        log, c = (u, w) if logs[0] == 0 else (w, u)
+        shifted = next((x for x in a.users if x.target is aten.sub.Tensor and x.args == (a, c) and not x.kwargs
+                        and x in _ancestors_upto(node)), None) or _emit(g, sub, aten.sub.Tensor, [a, c])
+        node.replace_input_with(sub, _emit(g, node, aten.sub.Tensor, [shifted, log]))
     for node in list(g.nodes):
         if node.op != "call_function" or node.target is not aten.exp.default:
             continue
