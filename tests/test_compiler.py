@@ -177,6 +177,11 @@ def sm_logsumexp(q, k, v):
     return (s - s.logsumexp(-1, keepdim=True)).exp() @ v
 
 
+def sm_logsumexp_unsqueezed(q, k, v):
+    s = q @ k.mT * 0.3
+    return torch.exp(s - torch.logsumexp(s, dim=-1)[..., None]) @ v
+
+
 _softmax_module = torch.nn.Softmax(dim=-1)
 _dropout_module = torch.nn.Dropout(0.1).eval()
 
@@ -217,7 +222,8 @@ def sm_in_place(q, k, v):
 
 @pytest.mark.parametrize("fn", [sm_in_place, sm_einsum, sm_bmm3d, sm_handwritten, sm_no_max, sigmoid_attn, relu_norm,
                                 gqa_expand, sinks_free_gate, sm_pow2, sm_exp2, sm_two_starstar,
-                                sm_pow10_no_max, sm_softmax_dtype, sm_log_softmax_exp, sm_logsumexp, sm_nn_softmax,
+                                sm_pow10_no_max, sm_softmax_dtype, sm_log_softmax_exp, sm_logsumexp,
+                                sm_logsumexp_unsqueezed, sm_nn_softmax,
                                 sm_baddbmm, sm_einsum_scaled_q, sm_dropout_zero, sm_nn_dropout_eval])
 def test_spellings(fn):
     B, H, Sq, Sk, D, Dv = 2, 4, 33, 50, 20, 12  # odd sizes, Sq != Sk, head dims not powers of two

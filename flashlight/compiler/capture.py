@@ -166,7 +166,8 @@ def _natural_exponentials(gm: fx.GraphModule) -> None:
       the exp(a) the log-sum-exp already computed is reused (through the cast a 16-bit log_softmax ends
       with: the exp of the rounded log-probability becomes the rounded probability);
     - ``exp(a - (log(b) + c))`` is ``exp((a - c) - log(b))``, then as above: ``(x - x.logsumexp(-1,
-      keepdim=True)).exp()``, whose log-sum-exp is log(sum(exp(x - c))) + c."""
+      keepdim=True)).exp()``, whose log-sum-exp is log(sum(exp(x - c))) + c; unsqueezed after it
+      (``logsumexp(x, -1)[..., None]``), c is squeezed in it and b is unsqueezed in the division."""
     import math
 
     g = gm.graph
@@ -199,14 +200,21 @@ def _natural_exponentials(gm: fx.GraphModule) -> None:
     for node in list(g.nodes):   # exp(a - (log b + c)) is exp((a - c) - log b): torch.logsumexp's form
         sub = node.args[0] if node.op == "call_function" and node.target is aten.exp.default else None
         if not (isinstance(sub, fx.Node) and sub.target is aten.sub.Tensor and len(sub.args) == 2 and not sub.kwargs
-                and isinstance(sub.args[1], fx.Node) and sub.args[1].target is aten.add.Tensor
-                and not sub.args[1].kwargs and isinstance(sub.args[0], fx.Node)):
+                and isinstance(sub.args[0], fx.Node) and isinstance(sub.args[1], fx.Node)):
             continue
-        a, (u, w) = sub.args[0], sub.args[1].args
-        logs = [i for i, t in enumerate((u, w)) if isinstance(t, fx.Node) and t.target is aten.log.default]
+        a, lse, view = sub.args[0], sub.args[1], None
+        if lse.target is aten.unsqueeze.default:   # logsumexp(s, -1)[..., None]: its keepdim=False form
+            view, lse = lse, lse.args[0]
+        if lse.target is not aten.add.Tensor or lse.kwargs:
+            continue
+        logs = [t for t in lse.args if isinstance(t, fx.Node) and t.target is aten.log.default]
         if len(logs) != 1:
             continue
-        log, c = (u, w) if logs[0] == 0 else (w, u)
+        log, c = logs[0], next(t for t in lse.args if t is not logs[0])
+        if view is not None:   # c is then the squeezed row value; log b is unsqueezed back
+            if not (isinstance(c, fx.Node) and c.target in (aten.squeeze.dims, aten.squeeze.dim)):
+                continue
+            c, log = c.args[0], _emit(g, node, aten.unsqueeze.default, [log, *view.args[1:]])
         shifted = next((x for x in a.users if x.target is aten.sub.Tensor and x.args == (a, c) and not x.kwargs
                         and x in _ancestors_upto(node)), None) or _emit(g, sub, aten.sub.Tensor, [a, c])
         node.replace_input_with(sub, _emit(g, node, aten.sub.Tensor, [shifted, log]))
@@ -218,9 +226,16 @@ def _natural_exponentials(gm: fx.GraphModule) -> None:
             # 16-bit log_softmax runs in float32 and casts its result back: exp(cast(a - log b))
             cast, sub = sub, sub.args[0]
         if not (isinstance(sub, fx.Node) and sub.target is aten.sub.Tensor and len(sub.args) == 2 and
-                not sub.kwargs and isinstance(sub.args[1], fx.Node) and sub.args[1].target is aten.log.default):
+                not sub.kwargs and isinstance(sub.args[1], fx.Node)):
             continue
-        a, b = sub.args[0], sub.args[1].args[0]
+        log, view = sub.args[1], None
+        if log.target is aten.unsqueeze.default and isinstance(log.args[0], fx.Node):
+            view, log = log, log.args[0]
+        if log.target is not aten.log.default:
+            continue
+        a, b = sub.args[0], log.args[0]
+        if view is not None:   # exp(a - log(b)[..., None]) is exp(a) / b[..., None]
+            b = _emit(g, node, aten.unsqueeze.default, [b, *view.args[1:]])
         if not isinstance(a, fx.Node):
             continue
         exp_a = next((u for u in a.users if u.target is aten.exp.default and u is not node), None)
