@@ -1152,3 +1152,16 @@ def test_an_empty_batch_is_left_to_inductor_with_its_reason():
         warnings.simplefilter("always")
         assert flashlight.compile(attn)(q, k, v).shape == (0, 2, 40, 16)
     assert not [w for w in caught if "flashlight" in str(w.message)], [str(w.message) for w in caught]
+
+
+def test_exp_of_a_difference_with_the_log_of_a_tensor_keeps_eagers_nan():
+    """exp(s - log(w)) is exp(s) / w only where w cannot be negative: with a negative w eager's log is NaN,
+    and the rewrite gave finite values instead. It applies to sums of exponentials only (log_softmax's and
+    logsumexp's own), so this program keeps eager's NaN."""
+    def f(q, k, v, w):
+        return torch.exp(q @ k.mT / 4 - torch.log(w)) @ v
+    q, k, v = (torch.randn(1, 2, 40, 16) for _ in range(3))
+    w = -torch.rand(1, 2, 40, 1) - 0.5
+    torch._dynamo.reset()
+    out = flashlight.compile(f, inductor=False)(q, k, v, w)
+    assert torch.isnan(f(q, k, v, w)).all() and torch.isnan(out).all()

@@ -162,7 +162,8 @@ def _natural_exponentials(gm: fx.GraphModule) -> None:
     """Every exponential in base e, so the matcher knows one softmax:
 
     - ``base ** x`` (pow.Scalar, a positive constant base; exp2) is ``exp(x * ln(base))``;
-    - ``exp(a - log(b))`` is ``exp(a) / b``: ``log_softmax(x).exp()`` becomes the ordinary softmax, and
+    - ``exp(a - log(b))`` is ``exp(a) / b`` where b is a sum of exponentials (never negative: a negative b's
+      log is NaN in eager): ``log_softmax(x).exp()`` becomes the ordinary softmax, and
       the exp(a) the log-sum-exp already computed is reused (through the cast a 16-bit log_softmax ends
       with: the exp of the rounded log-probability becomes the rounded probability);
     - ``exp(a - (log(b) + c))`` is ``exp((a - c) - log(b))``, then as above: ``(x - x.logsumexp(-1,
@@ -231,8 +232,8 @@ def _natural_exponentials(gm: fx.GraphModule) -> None:
         log, view = sub.args[1], None
         if log.target is aten.unsqueeze.default and isinstance(log.args[0], fx.Node):
             view, log = log, log.args[0]
-        if log.target is not aten.log.default:
-            continue
+        if log.target is not aten.log.default or not _sum_of_exponentials(log.args[0]):
+            continue   # exp(a - log(b)) is exp(a) / b only where b >= 0 (eager's log of a negative b is NaN)
         a, b = sub.args[0], log.args[0]
         if view is not None:   # exp(a - log(b)[..., None]) is exp(a) / b[..., None]
             b = _emit(g, node, aten.unsqueeze.default, [b, *view.args[1:]])
@@ -248,6 +249,19 @@ def _natural_exponentials(gm: fx.GraphModule) -> None:
         g.erase_node(node)
     g.eliminate_dead_code()
     gm.recompile()
+
+
+def _sum_of_exponentials(b) -> bool:
+    """Is b a sum of exponentials (through casts: a 16-bit log_softmax sums in float32), never negative?"""
+    casts = (aten._to_copy.default, torch.ops.prims.convert_element_type.default)
+    while isinstance(b, fx.Node) and b.target in casts:
+        b = b.args[0]
+    if not (isinstance(b, fx.Node) and b.target is aten.sum.dim_IntList):
+        return False
+    e = b.args[0]
+    while isinstance(e, fx.Node) and e.target in casts:
+        e = e.args[0]
+    return isinstance(e, fx.Node) and e.target is aten.exp.default
 
 
 def _ancestors_upto(node):
