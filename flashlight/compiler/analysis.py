@@ -54,7 +54,7 @@ ELEMENTWISE = {
     aten.log1p.default, aten.expm1.default, aten.sin.default, aten.cos.default,
     aten.sign.default, aten.square.default, prims.where.default,
     # integer division and remainder (chunked and strided masks: i // 64 == j // 64, (i - j) % 4 == 0), fused
-    # where the values divided cannot be negative (codegen._integer_division)
+    # by a constant divisor >= 1 (_divides_integers_by_a_constant; codegen._integer_division spells them)
     aten.floor_divide.default, aten.div.Tensor_mode, aten.remainder.Scalar, aten.remainder.Tensor,
     aten.fmod.Scalar, aten.fmod.Tensor,
 }

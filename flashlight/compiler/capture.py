@@ -26,6 +26,8 @@ from torch._guards import detect_fake_mode
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.fx.experimental.proxy_tensor import make_fx
 
+from flashlight.compiler.analysis import CASTS, ELEMENTWISE
+
 aten = torch.ops.aten
 
 _DECOMPOSE = [
@@ -197,7 +199,6 @@ def _natural_exponentials(gm: fx.GraphModule) -> None:
         new.meta = {**node.meta, **{"val": new.meta["val"]}}
         node.replace_all_uses_with(new)
         g.erase_node(node)
-    casts = (aten._to_copy.default, torch.ops.prims.convert_element_type.default)
     for node in list(g.nodes):   # exp(a - (log b + c)) is exp((a - c) - log b): torch.logsumexp's form
         sub = node.args[0] if node.op == "call_function" and node.target is aten.exp.default else None
         if not (isinstance(sub, fx.Node) and sub.target is aten.sub.Tensor and len(sub.args) == 2 and not sub.kwargs
@@ -223,7 +224,7 @@ def _natural_exponentials(gm: fx.GraphModule) -> None:
         if node.op != "call_function" or node.target is not aten.exp.default:
             continue
         sub, cast = node.args[0], None
-        if isinstance(sub, fx.Node) and sub.target in casts and isinstance(sub.args[0], fx.Node):
+        if isinstance(sub, fx.Node) and sub.target in CASTS and isinstance(sub.args[0], fx.Node):
             # 16-bit log_softmax runs in float32 and casts its result back: exp(cast(a - log b))
             cast, sub = sub, sub.args[0]
         if not (isinstance(sub, fx.Node) and sub.target is aten.sub.Tensor and len(sub.args) == 2 and
@@ -253,13 +254,12 @@ def _natural_exponentials(gm: fx.GraphModule) -> None:
 
 def _sum_of_exponentials(b) -> bool:
     """Is b a sum of exponentials (through casts: a 16-bit log_softmax sums in float32), never negative?"""
-    casts = (aten._to_copy.default, torch.ops.prims.convert_element_type.default)
-    while isinstance(b, fx.Node) and b.target in casts:
+    while isinstance(b, fx.Node) and b.target in CASTS:
         b = b.args[0]
     if not (isinstance(b, fx.Node) and b.target is aten.sum.dim_IntList):
         return False
     e = b.args[0]
-    while isinstance(e, fx.Node) and e.target in casts:
+    while isinstance(e, fx.Node) and e.target in CASTS:
         e = e.args[0]
     return isinstance(e, fx.Node) and e.target is aten.exp.default
 
@@ -297,8 +297,6 @@ def _emit(g, before, target, args, kwargs=None):
 
 def _split_one_use(g, cat, use):
     """Rewrite one user of `cat` over its pieces; returns False when it cannot (left as it is)."""
-    from flashlight.compiler.analysis import ELEMENTWISE
-
     pieces, dim = cat.args[0], cat.args[1] if len(cat.args) > 1 else 0
     rank = len(cat.meta["val"].shape)
     neg = _dim_of(cat, dim) - rank                      # the cat dim, counted from the right
@@ -308,8 +306,7 @@ def _split_one_use(g, cat, use):
     starts = [sum(widths[:i]) for i in range(len(widths))]
     total = sum(widths)
     t = use.target
-    casts = (aten._to_copy.default, torch.ops.prims.convert_element_type.default)  # bf16 softmax upcasts
-    if (t in ELEMENTWISE or t in casts) and rank == len(use.meta["val"].shape):
+    if (t in ELEMENTWISE or t in CASTS) and rank == len(use.meta["val"].shape):   # casts: bf16 softmax upcasts
         parts = []
         for piece, start, width in zip(pieces, starts, widths):
             args = []

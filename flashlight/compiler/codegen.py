@@ -228,9 +228,9 @@ class _Loads:
             if off:
                 expr = f"{off} + {expr}"
             rhs = f"{literal(start)} + {literal(step)} * ({expr})" if (start, step) != (0, 1) else expr
-            wide = ".to(tl.int64)" if self.int_bits == 64 else ""   # int32 would overflow where eager's does not
-            where.append(f"{name} = ({rhs}){wide}  # {acc.source.name}: positions" if wide else
-                         f"{name} = {rhs}  # {acc.source.name}: positions")
+            # in int64 where int32 would overflow and eager's int64 does not (ranges.index_bits)
+            code = f"({rhs}).to(tl.int64)" if self.int_bits == 64 else rhs
+            where.append(f"{name} = {code}  # {acc.source.name}: positions")
             self.iota_code[name] = rhs
         else:
             offs, params, used_axes = self.address(acc, ctx, name)
